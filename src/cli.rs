@@ -1,0 +1,721 @@
+//! The `fleet` command line: argument parsing and one function per command.
+//!
+//! Replica commands (`join`, `up`) run a node; every other command is a client that finds the
+//! cluster from `--peers`, the `FLEET_PEERS` environment variable, or `[client] peers` in the
+//! config file, in that order. Every command that prints data takes `--output json`.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::client::Client;
+use crate::config::{parse_peer_list, Config};
+use crate::rpc::{ClusterStatus, ReadMode, SubmitTask, Submitted};
+use crate::server::Replica;
+use crate::state::{RequestId, TaskFilter, TaskId, TaskSpec, TaskState, DEFAULT_QUEUE};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleet",
+    version,
+    about = "A distributed worker fleet with a Raft-replicated scheduler"
+)]
+pub struct Cli {
+    /// Config file (TOML). Default: /etc/fleet/fleet.toml when it exists.
+    #[arg(long, global = true, env = "FLEET_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a scheduler replica: form a new cluster or join a running one.
+    Join(JoinArgs),
+    /// Run a local 3-replica cluster on loopback (for trying fleet out).
+    Up(UpArgs),
+    /// Submit a task: `fleet submit [options] -- CMD ARGS...`, or many with --file.
+    Submit(SubmitArgs),
+    /// Inspect tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Inspect and change the cluster's membership.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Measure write throughput against a running cluster.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// Other replicas (any subset), comma-separated host:port.
+    #[arg(long, value_name = "ADDRS")]
+    pub peers: Option<String>,
+    /// Form a new cluster once this many replicas see each other.
+    #[arg(long, value_name = "N")]
+    pub bootstrap_expect: Option<usize>,
+    /// This node's id (unique for the cluster's lifetime). Default: kept in the data directory,
+    /// or drawn at random for a new node.
+    #[arg(long, value_name = "N")]
+    pub node_id: Option<u64>,
+    /// Address to listen on for peers and clients.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Address other nodes use to reach this one. Default: --listen.
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// Data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Cluster name; nodes of differently named clusters refuse to talk.
+    #[arg(long)]
+    pub cluster_name: Option<String>,
+    /// Scale all Raft timing (heartbeat, election timeout) by this factor.
+    #[arg(long, value_name = "X")]
+    pub raft_timing_multiplier: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Number of replicas.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// Port of the first replica; the others use the following ports.
+    #[arg(long, default_value_t = 7101)]
+    pub base_port: u16,
+    /// Where the replicas keep their data and logs.
+    #[arg(long, default_value = "fleet-data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Replicas to contact (any subset), comma-separated host:port.
+    #[arg(long, env = "FLEET_PEERS", value_name = "ADDRS")]
+    pub peers: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// How long to keep retrying through elections, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The queue for the task.
+    #[arg(long, default_value = DEFAULT_QUEUE)]
+    pub queue: String,
+    /// Submit many tasks from a JSON-lines file (`{"command": [...], "queue": "..."}` per
+    /// line; `-` reads standard input).
+    #[arg(long, value_name = "FILE", conflicts_with = "command")]
+    pub file: Option<PathBuf>,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TaskCommand {
+    /// List tasks (linearizable unless --stale).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only tasks in this state (queued).
+        #[arg(long)]
+        state: Option<TaskState>,
+        /// Only tasks of this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// At most this many tasks (1 to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Only tasks with a greater id (for paging).
+        #[arg(long)]
+        after: Option<u64>,
+        /// Read from the contacted replica without confirming with the leader (may be stale).
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Show one task.
+    Show {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The task id.
+        id: u64,
+        /// Read from the contacted replica without confirming with the leader (may be stale).
+        #[arg(long)]
+        stale: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Leader, term, and each member's role, address, match index and last contact.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a node from the cluster.
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The node id to remove.
+        node: u64,
+    },
+    /// Ask the node at --peers (exactly one address) to leave the cluster and stop. A leader
+    /// hands off leadership first.
+    Leave {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Concurrency levels to measure, comma-separated (each client has its own connection).
+    #[arg(long, default_value = "1,64")]
+    pub clients: String,
+    /// Seconds to run each level.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = load_config(cli.config.as_deref())?;
+    match cli.command {
+        Command::Join(args) => join(config, args).await,
+        Command::Up(args) => up(args).await,
+        Command::Submit(args) => submit(&config, args).await,
+        Command::Task(TaskCommand::List {
+            client,
+            state,
+            queue,
+            limit,
+            after,
+            stale,
+        }) => {
+            if !(1..=10_000).contains(&limit) {
+                bail!("--limit {limit} is not valid: use 1 to 10000");
+            }
+            if let Some(q) = &queue {
+                crate::state::validate_queue_name(q)?;
+            }
+            let mut c = connect(&config, &client)?;
+            let filter = TaskFilter {
+                state,
+                queue,
+                after: after.map(TaskId),
+                limit,
+            };
+            let mode = if stale {
+                ReadMode::Local
+            } else {
+                ReadMode::Linearizable
+            };
+            let reply = c
+                .call(|cl, ctx| {
+                    let f = filter.clone();
+                    async move { cl.list_tasks(ctx, f, mode, 0).await }
+                })
+                .await?;
+            if client.output == Output::Json {
+                print_json(&reply)
+            } else {
+                if !reply.linearizable {
+                    eprintln!(
+                        "(served locally by node {} at applied index {}; may be stale)",
+                        reply.served_by, reply.applied_index
+                    );
+                }
+                println!(
+                    "{:<10} {:<10} {:<16} {:<24} COMMAND",
+                    "ID", "STATE", "QUEUE", "SUBMITTED"
+                );
+                for t in &reply.value {
+                    println!(
+                        "{:<10} {:<10} {:<16} {:<24} {}",
+                        t.id,
+                        t.state.as_str(),
+                        t.spec.queue,
+                        format_time_ms(t.submitted_at_ms),
+                        shell_words(&t.spec.command)
+                    );
+                }
+                Ok(())
+            }
+        }
+        Command::Task(TaskCommand::Show { client, id, stale }) => {
+            let mut c = connect(&config, &client)?;
+            let mode = if stale {
+                ReadMode::Local
+            } else {
+                ReadMode::Linearizable
+            };
+            let reply = c
+                .call(|cl, ctx| async move { cl.get_task(ctx, TaskId(id), mode, 0).await })
+                .await?;
+            let Some(task) = &reply.value else {
+                bail!("task {id} not found");
+            };
+            if client.output == Output::Json {
+                print_json(&reply)
+            } else {
+                if !reply.linearizable {
+                    eprintln!("(served locally by node {}; may be stale)", reply.served_by);
+                }
+                println!("id:         {}", task.id);
+                println!("state:      {}", task.state.as_str());
+                println!("queue:      {}", task.spec.queue);
+                println!("command:    {}", shell_words(&task.spec.command));
+                println!("submitted:  {}", format_time_ms(task.submitted_at_ms));
+                println!("log index:  {}", task.created_index);
+                Ok(())
+            }
+        }
+        Command::Cluster(ClusterCommand::Status { client }) => {
+            let mut c = connect(&config, &client)?;
+            let status = c
+                .call(|cl, ctx| async move { cl.cluster_status(ctx, 0).await })
+                .await?;
+            if client.output == Output::Json {
+                print_json(&status)
+            } else {
+                print_status(&status);
+                Ok(())
+            }
+        }
+        Command::Cluster(ClusterCommand::Remove { client, node }) => {
+            let mut c = connect(&config, &client)?;
+            c.call(|cl, ctx| async move { cl.remove_member(ctx, node, 0).await })
+                .await?;
+            report(
+                &client,
+                &serde_json::json!({"removed": node}),
+                &format!("node {node} removed"),
+            )
+        }
+        Command::Cluster(ClusterCommand::Leave { client }) => {
+            let peers = client_peers(&config, &client)?;
+            if peers.len() != 1 {
+                bail!(
+                    "cluster leave needs exactly one address in --peers (the node that leaves); got {}",
+                    peers.join(",")
+                );
+            }
+            let mut c = connect(&config, &client)?;
+            c.call(|cl, ctx| async move { cl.leave(ctx).await }).await?;
+            report(
+                &client,
+                &serde_json::json!({"left": peers[0]}),
+                &format!("node at {} left the cluster", peers[0]),
+            )
+        }
+        Command::Bench(args) => crate::bench::run(&config, args).await,
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    let default = std::path::Path::new("/etc/fleet/fleet.toml");
+    let config = match path {
+        Some(p) => Config::load(p)?,
+        None if default.exists() => Config::load(default)?,
+        None => Config::default(),
+    };
+    Ok(config)
+}
+
+pub(crate) fn client_peers(config: &Config, args: &ClientArgs) -> anyhow::Result<Vec<String>> {
+    match &args.peers {
+        Some(p) => parse_peer_list("--peers", p),
+        None => Ok(config.client.peers.clone()),
+    }
+}
+
+pub(crate) fn connect(config: &Config, args: &ClientArgs) -> anyhow::Result<Client> {
+    config.validate()?;
+    let timeout = Duration::from_millis(args.timeout_ms.unwrap_or(config.client.timeout_ms));
+    if timeout.is_zero() {
+        bail!("--timeout-ms 0 is not valid: use at least 1");
+    }
+    Client::new(
+        client_peers(config, args)?,
+        &config.node.cluster_name,
+        timeout,
+    )
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn report(args: &ClientArgs, json: &serde_json::Value, text: &str) -> anyhow::Result<()> {
+    if args.output == Output::Json {
+        print_json(json)
+    } else {
+        println!("{text}");
+        Ok(())
+    }
+}
+
+fn print_status(s: &ClusterStatus) {
+    let leader = match (s.leader_id, &s.leader_addr) {
+        (Some(id), Some(a)) => format!("node {id} at {a}"),
+        _ => "none (election in progress or no quorum)".into(),
+    };
+    println!(
+        "cluster:  {} ({})",
+        s.cluster_name,
+        s.cluster_id.as_deref().unwrap_or("not formed")
+    );
+    println!("leader:   {leader}");
+    println!("term:     {}", s.term);
+    println!(
+        "log:      last {}  committed {}  applied {}  snapshot {}  purged {}",
+        opt(s.last_log_index),
+        opt(s.commit_index),
+        opt(s.applied_index),
+        opt(s.snapshot_index),
+        opt(s.purged_index)
+    );
+    if !s.leader_view {
+        println!(
+            "(reported by node {} without a reachable leader: match index and contact unknown)",
+            s.reported_by
+        );
+    }
+    println!();
+    println!(
+        "{:<6} {:<22} {:<9} {:<6} {:>12} {:>14}",
+        "NODE", "ADDRESS", "ROLE", "VOTER", "MATCH INDEX", "LAST CONTACT"
+    );
+    for m in &s.members {
+        println!(
+            "{:<6} {:<22} {:<9} {:<6} {:>12} {:>14}",
+            m.id,
+            m.addr,
+            m.role,
+            if m.voter { "yes" } else { "no" },
+            opt(m.match_index),
+            m.last_contact_ms
+                .map(|ms| format!("{ms} ms ago"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn shell_words(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| {
+            if !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+            {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn format_time_ms(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+async fn join(mut config: Config, args: JoinArgs) -> anyhow::Result<()> {
+    if let Some(p) = &args.peers {
+        config.node.peers = parse_peer_list("--peers", p)?;
+    }
+    if args.bootstrap_expect.is_some() {
+        config.node.bootstrap_expect = args.bootstrap_expect;
+    }
+    if args.node_id.is_some() {
+        config.node.id = args.node_id;
+    }
+    if let Some(l) = args.listen {
+        config.node.listen = l;
+    }
+    if args.advertise.is_some() {
+        config.node.advertise = args.advertise;
+    }
+    if let Some(d) = args.data_dir {
+        config.node.data_dir = d;
+    }
+    if let Some(n) = args.cluster_name {
+        config.node.cluster_name = n;
+    }
+    if let Some(m) = args.raft_timing_multiplier {
+        config.raft.timing_multiplier = m;
+    }
+    config.validate()?;
+    let replica = Replica::start(config).await?;
+    let mut stop = replica.stop.subscribe();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; stopping"); Ok(()) }
+        _ = term.recv() => { tracing::info!("SIGTERM; stopping"); Ok(()) }
+        r = stop.wait_for(|s| s.is_some()) => match r.ok().and_then(|s| s.clone()) {
+            Some(reason) if !reason.is_empty() => Err(anyhow::anyhow!(reason)),
+            _ => Ok(()),
+        },
+    };
+    replica.shutdown().await;
+    outcome
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    if !(1..=9).contains(&args.replicas) {
+        bail!("--replicas {} is not valid: use 1 to 9", args.replicas);
+    }
+    let exe = std::env::current_exe()?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let addrs: Vec<String> = (0..args.replicas)
+        .map(|i| format!("127.0.0.1:{}", args.base_port as usize + i))
+        .collect();
+    let mut children = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let id = i + 1;
+        let log_path = args.data_dir.join(format!("node-{id}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let child = tokio::process::Command::new(&exe)
+            .args([
+                "join",
+                "--node-id",
+                &id.to_string(),
+                "--listen",
+                addr,
+                "--peers",
+                &addrs.join(","),
+            ])
+            .args(["--bootstrap-expect", &args.replicas.to_string()])
+            .arg("--data-dir")
+            .arg(args.data_dir.join(format!("node-{id}")))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start a replica process")?;
+        println!(
+            "started replica {id} at {addr} (log: {})",
+            log_path.display()
+        );
+        children.push(child);
+    }
+    let mut client = Client::new(addrs.clone(), "fleet", Duration::from_secs(30))?;
+    let started = Instant::now();
+    let status = client
+        .call(|c, ctx| async move { c.cluster_status(ctx, 0).await })
+        .await;
+    match status {
+        Ok(s) if s.leader_id.is_some() => {
+            println!(
+                "cluster ready in {:.1}s: leader is node {}",
+                started.elapsed().as_secs_f64(),
+                s.leader_id.unwrap_or(0)
+            );
+        }
+        Ok(_) => println!("cluster started; the leader election is still under way"),
+        Err(e) => println!("cluster did not answer yet: {e}"),
+    }
+    println!();
+    println!("try, in another terminal:");
+    println!("  export FLEET_PEERS={}", addrs.join(","));
+    println!("  fleet submit -- echo hello");
+    println!("  fleet task list");
+    println!("  fleet cluster status");
+    println!();
+    println!(
+        "Ctrl-C stops the cluster (data stays in {}).",
+        args.data_dir.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let exited = async {
+        let (r, i, _) =
+            futures::future::select_all(children.iter_mut().map(|c| Box::pin(c.wait()))).await;
+        (i, r)
+    };
+    let outcome = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        (i, r) = exited => Err(anyhow::anyhow!(
+            "replica {} exited ({}); see {}",
+            i + 1,
+            r.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+            args.data_dir.join(format!("node-{}.log", i + 1)).display()
+        )),
+    };
+    println!("stopping the cluster");
+    for c in &children {
+        if let Some(pid) = c.id() {
+            // SAFETY: sending a signal to our own child process.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+    for c in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+    }
+    outcome
+}
+
+/// One line of a `submit --file` file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskLine {
+    command: Vec<String>,
+    #[serde(default)]
+    queue: Option<String>,
+}
+
+/// Tasks per `submit` call when reading a file.
+const SUBMIT_FILE_BATCH: usize = 1000;
+
+async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
+    crate::state::validate_queue_name(&args.queue)?;
+    let specs: Vec<TaskSpec> = match &args.file {
+        Some(path) => read_task_file(path, &args.queue)?,
+        None => {
+            if args.command.is_empty() {
+                bail!(
+                    "no command given: use `fleet submit [options] -- CMD ARGS...` or --file FILE"
+                );
+            }
+            vec![TaskSpec {
+                command: args.command.clone(),
+                queue: args.queue.clone(),
+            }]
+        }
+    };
+    for (i, s) in specs.iter().enumerate() {
+        s.validate()
+            .map_err(|e| anyhow::anyhow!("task {}: {e}", i + 1))?;
+    }
+    let mut client = connect(config, &args.client)?;
+    let mut results: Vec<Submitted> = Vec::with_capacity(specs.len());
+    for chunk in specs.chunks(SUBMIT_FILE_BATCH) {
+        let tasks: Vec<SubmitTask> = chunk
+            .iter()
+            .map(|spec| SubmitTask {
+                request_id: RequestId(rand::random()),
+                spec: spec.clone(),
+            })
+            .collect();
+        let out = client
+            .call(|c, ctx| {
+                let t = tasks.clone();
+                async move { c.submit(ctx, t, 0).await }
+            })
+            .await?;
+        for (i, r) in out.into_iter().enumerate() {
+            results.push(r.map_err(|e| anyhow::anyhow!("task {}: {e}", results.len() + i + 1))?);
+        }
+    }
+    if args.client.output == Output::Json {
+        if args.file.is_none() {
+            print_json(&results[0])
+        } else {
+            print_json(&results)
+        }
+    } else {
+        for r in &results {
+            println!("{}", r.id);
+        }
+        Ok(())
+    }
+}
+
+fn read_task_file(path: &std::path::Path, default_queue: &str) -> anyhow::Result<Vec<TaskSpec>> {
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+        ))
+    };
+    let mut specs = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let t: TaskLine = serde_json::from_str(&line).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}: {e}; expected a JSON object like {{\"command\": [\"echo\", \"hi\"], \"queue\": \"default\"}}",
+                path.display(),
+                n + 1
+            )
+        })?;
+        specs.push(TaskSpec {
+            command: t.command,
+            queue: t.queue.unwrap_or_else(|| default_queue.into()),
+        });
+    }
+    if specs.is_empty() {
+        bail!("{} contains no tasks", path.display());
+    }
+    Ok(specs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(format_time_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time_ms(1_700_000_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn quotes_shell_words() {
+        let w = vec!["echo".to_string(), "a b".to_string(), "it's".to_string()];
+        assert_eq!(shell_words(&w), "echo 'a b' 'it'\\''s'");
+    }
+}

@@ -1,0 +1,159 @@
+//! The client side: finds a replica among `--peers` and retries through elections.
+//!
+//! [`Client::call`] runs one RPC and retries it, until the client's deadline, when the replica
+//! says it is not the leader (going to the leader it names), when the cluster is unavailable
+//! (an election), or when the connection fails (trying the next address). Errors that a retry
+//! cannot fix (a bad argument, not found) return at once. If no address answers at all within
+//! [`NOTHING_REACHABLE_GIVE_UP`], the call fails with each address's reason instead of waiting
+//! out the whole deadline.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+
+use crate::error::Error;
+use crate::rpc::peer::{dial, is_transport_failure, LocalIdentity};
+use crate::rpc::{context_with_timeout, FleetServiceClient, Role};
+
+/// How long to keep trying when no address has answered even once.
+pub const NOTHING_REACHABLE_GIVE_UP: Duration = Duration::from_secs(3);
+const RETRY_PAUSE_MIN: Duration = Duration::from_millis(50);
+const RETRY_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+pub struct Client {
+    peers: Vec<String>,
+    timeout: Duration,
+    identity: Arc<LocalIdentity>,
+    current: Option<(String, FleetServiceClient)>,
+    next_peer: usize,
+}
+
+impl Client {
+    pub fn new(
+        peers: Vec<String>,
+        cluster_name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Client> {
+        if peers.is_empty() {
+            anyhow::bail!(
+                "no replica address given: use --peers host:port[,host:port...], set FLEET_PEERS, \
+                 or set [client] peers in the config file"
+            );
+        }
+        Ok(Client {
+            peers,
+            timeout,
+            identity: Arc::new(LocalIdentity::new(
+                Role::Client,
+                None,
+                cluster_name.into(),
+                None,
+            )),
+            current: None,
+            next_peer: 0,
+        })
+    }
+
+    /// The address of the replica this client talks to now, if connected.
+    pub fn connected_to(&self) -> Option<&str> {
+        self.current.as_ref().map(|(a, _)| a.as_str())
+    }
+
+    async fn connect(
+        &mut self,
+        prefer: Option<&str>,
+        errors: &mut Vec<String>,
+    ) -> Option<FleetServiceClient> {
+        if let Some((_, c)) = &self.current {
+            return Some(c.clone());
+        }
+        let mut order: Vec<String> = Vec::new();
+        if let Some(p) = prefer {
+            order.push(p.to_string());
+        }
+        for i in 0..self.peers.len() {
+            order.push(self.peers[(self.next_peer + i) % self.peers.len()].clone());
+        }
+        for addr in order {
+            match dial(&addr, &self.identity, None).await {
+                Ok(c) => {
+                    self.current = Some((addr, c.client.clone()));
+                    return Some(c.client);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        None
+    }
+
+    /// Runs `f` against a replica, retrying as the module docs describe.
+    pub async fn call<T, F, Fut>(&mut self, f: F) -> anyhow::Result<T>
+    where
+        F: Fn(FleetServiceClient, tarpc::context::Context) -> Fut,
+        Fut: Future<Output = Result<Result<T, Error>, tarpc::client::RpcError>>,
+    {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let mut prefer: Option<String> = None;
+        let mut ever_connected = false;
+        let mut last_error: String;
+        let mut pause = RETRY_PAUSE_MIN;
+        loop {
+            let mut dial_errors = Vec::new();
+            match self.connect(prefer.as_deref(), &mut dial_errors).await {
+                None => {
+                    dial_errors.dedup();
+                    last_error = format!("no fleet replica reachable ({})", dial_errors.join("; "));
+                    if !ever_connected && started.elapsed() >= NOTHING_REACHABLE_GIVE_UP {
+                        return Err(anyhow!("{last_error}"));
+                    }
+                }
+                Some(client) => {
+                    ever_connected = true;
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match f(
+                        client,
+                        context_with_timeout(remaining.max(Duration::from_millis(1))),
+                    )
+                    .await
+                    {
+                        Ok(Ok(v)) => return Ok(v),
+                        Ok(Err(e)) if e.is_retryable() => {
+                            if let Error::NotLeader {
+                                leader_addr: Some(addr),
+                                ..
+                            } = &e
+                            {
+                                if self.connected_to() != Some(addr) {
+                                    prefer = Some(addr.clone());
+                                    self.current = None;
+                                }
+                            }
+                            last_error = e.to_string();
+                        }
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(e) => {
+                            let addr = self.connected_to().unwrap_or("?").to_string();
+                            last_error = format!("{addr}: {e}");
+                            if is_transport_failure(&e) {
+                                self.current = None;
+                                self.next_peer = (self.next_peer + 1) % self.peers.len();
+                            }
+                        }
+                    }
+                }
+            }
+            if Instant::now() + pause >= deadline {
+                return Err(anyhow!(
+                    "gave up after {:.1}s: {last_error}",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            // A retry pause after a failure (an election, a dead replica), not synchronization.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! fleet: a distributed worker fleet with a Raft-replicated, highly available scheduler.
+//!
+//! A map of the crate (ARCHITECTURE.md has the long version):
+//! - [`state`]: the replicated scheduler state, a pure deterministic state machine.
+//! - [`raft`]: the openraft glue: sled log store, state machine store, network adapter.
+//! - [`rpc`]: the tarpc service, the handshake, the bincode transport, reconnecting peers.
+//! - [`server`]: a replica: Raft + listener + formation + request handlers + write batching.
+//! - [`client`]: finding the cluster and retrying through elections (used by the CLI).
+//! - [`cli`]: the `fleet` command line; [`bench`]: the built-in write benchmark.
+//! - [`config`]: the one documented configuration; [`error`]: the wire error type.
+
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod raft;
+pub mod rpc;
+pub mod server;
+pub mod state;

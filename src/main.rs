@@ -1,0 +1,30 @@
+//! The `fleet` binary: parse arguments, start logging, run the command, report the error.
+
+use clap::Parser;
+
+fn main() {
+    let cli = fleet::cli::Cli::parse();
+    // Replicas log at info; client commands only at warn so their output stays clean.
+    let default_level = match cli.command {
+        fleet::cli::Command::Join(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime");
+    let result = runtime.block_on(fleet::cli::run(cli));
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

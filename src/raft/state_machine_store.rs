@@ -1,0 +1,246 @@
+//! openraft's `RaftStateMachine` around the pure [`State`], with snapshot files.
+//!
+//! The state lives in memory and is rebuilt on start from the last snapshot file plus the log
+//! entries after it (openraft re-applies them up to the saved `committed` marker). A snapshot
+//! file is written atomically: temporary file, fsync, rename, fsync of the directory, so a
+//! crash leaves either the old snapshot or the new one, never half of one.
+//!
+//! Snapshot file layout (`snapshot.bin` in the data directory):
+//! `b"FLEETSNP"` | format `u32` LE | CRC-32 of the body `u32` LE | body length `u64` LE | body,
+//! where the body is bincode of ([`SnapshotMeta`], state bytes) and the state bytes are a
+//! format byte plus bincode of [`State`]. The state bytes are exactly what travels to a
+//! follower in snapshot chunks.
+
+use std::io::{self, Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use tokio::sync::RwLock;
+
+use super::log_store::{decode, encode};
+use super::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::state::{Response, State};
+
+type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"FLEETSNP";
+const SNAPSHOT_FILE_FORMAT: u32 = 1;
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+struct Inner {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+    state: State,
+    current: Option<(SnapshotMeta, Arc<Vec<u8>>)>,
+}
+
+/// The state machine store. Clones share the state.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    inner: Arc<RwLock<Inner>>,
+    dir: PathBuf,
+}
+
+impl StateMachineStore {
+    /// Opens the store in `dir`, loading the last snapshot if there is one.
+    pub fn open(dir: &Path) -> io::Result<StateMachineStore> {
+        std::fs::create_dir_all(dir)?;
+        let mut inner = Inner {
+            last_applied: None,
+            last_membership: StoredMembership::default(),
+            state: State::default(),
+            current: None,
+        };
+        if let Some((meta, data)) = read_snapshot_file(&dir.join(SNAPSHOT_FILE))? {
+            inner.state = decode("snapshot state", &data)?;
+            inner.last_applied = meta.last_log_id.clone();
+            inner.last_membership = meta.last_membership.clone();
+            inner.current = Some((meta, Arc::new(data)));
+        }
+        Ok(StateMachineStore {
+            inner: Arc::new(RwLock::new(inner)),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Runs `f` on the current state (a local read: as fresh as this replica's applied index).
+    pub async fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.inner.read().await.state)
+    }
+
+    /// The index of the last entry applied here.
+    pub async fn applied_index(&self) -> u64 {
+        self.inner
+            .read()
+            .await
+            .last_applied
+            .as_ref()
+            .map(|l| l.index())
+            .unwrap_or(0)
+    }
+
+    /// Size of the current snapshot in bytes, if any.
+    pub async fn snapshot_size(&self) -> Option<usize> {
+        self.inner
+            .read()
+            .await
+            .current
+            .as_ref()
+            .map(|(_, d)| d.len())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let (meta, data) = {
+            let inner = self.inner.read().await;
+            let meta = SnapshotMeta {
+                last_log_id: inner.last_applied.clone(),
+                last_membership: inner.last_membership.clone(),
+            };
+            (meta, encode(&inner.state)?)
+        };
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let (m, d) = (meta.clone(), data.clone());
+        tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &d))
+            .await
+            .map_err(io::Error::other)??;
+        tracing::info!(
+            last_log_id = ?meta.last_log_id,
+            bytes = data.len(),
+            "built and saved a snapshot"
+        );
+        let mut inner = self.inner.write().await;
+        inner.current = Some((meta.clone(), Arc::new(data.clone())));
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let inner = self.inner.read().await;
+        Ok((inner.last_applied.clone(), inner.last_membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut inner = self.inner.write().await;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let index = entry.log_id.index();
+            let response = match &entry.payload {
+                EntryPayload::Blank => Response::default(),
+                EntryPayload::Normal(request) => inner.state.apply(index, request),
+                EntryPayload::Membership(m) => {
+                    inner.last_membership =
+                        StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                    Response::default()
+                }
+            };
+            inner.last_applied = Some(entry.log_id.clone());
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Self::SnapshotData,
+    ) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        // Decode before touching anything: a corrupt snapshot must not replace good state.
+        let state: State = decode("received snapshot", &data)?;
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let (m, d) = (meta.clone(), data.clone());
+        tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &d))
+            .await
+            .map_err(io::Error::other)??;
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "installed a snapshot");
+        let mut inner = self.inner.write().await;
+        inner.state = state;
+        inner.last_applied = meta.last_log_id.clone();
+        inner.last_membership = meta.last_membership.clone();
+        inner.current = Some((meta.clone(), Arc::new(data)));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let inner = self.inner.read().await;
+        Ok(inner.current.as_ref().map(|(meta, data)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Cursor::new(data.as_ref().clone()),
+        }))
+    }
+}
+
+/// Writes the snapshot atomically (see the module docs for the layout).
+fn write_snapshot_file(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+    let body = bincode::serde::encode_to_vec((meta, data), bincode::config::standard())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let tmp = path.with_extension("bin.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(SNAPSHOT_MAGIC)?;
+        f.write_all(&SNAPSHOT_FILE_FORMAT.to_le_bytes())?;
+        f.write_all(&crc32fast::hash(&body).to_le_bytes())?;
+        f.write_all(&(body.len() as u64).to_le_bytes())?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("snapshot file {}: {why}", path.display()),
+        )
+    };
+    if bytes.len() < 24 || &bytes[..8] != SNAPSHOT_MAGIC {
+        return Err(bad("not a fleet snapshot (bad magic)"));
+    }
+    let format = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    if format != SNAPSHOT_FILE_FORMAT {
+        return Err(bad(&format!(
+            "format {format} is not understood (this fleet reads format {SNAPSHOT_FILE_FORMAT})"
+        )));
+    }
+    let crc = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
+    let len = u64::from_le_bytes(bytes[16..24].try_into().unwrap()) as usize;
+    let body = bytes.get(24..24 + len).ok_or_else(|| bad("truncated"))?;
+    if crc32fast::hash(body) != crc {
+        return Err(bad("checksum mismatch (corrupt)"));
+    }
+    let ((meta, data), _): ((SnapshotMeta, Vec<u8>), usize) =
+        bincode::serde::decode_from_slice(body, bincode::config::standard())
+            .map_err(|e| bad(&e.to_string()))?;
+    Ok(Some((meta, data)))
+}

@@ -1,0 +1,183 @@
+//! The RPC layer: one tarpc service over TCP with a bincode 2 transport.
+//!
+//! Every connection starts with a handshake ([`handshake`]) that names the protocol version,
+//! the cluster, the caller's role and, for replica-to-replica links, the node the caller meant
+//! to reach. Only then does tarpc framing start ([`codec`]): length-delimited frames of at most
+//! [`MAX_FRAME_BYTES`], each a bincode value. Anything else (another cluster, another protocol
+//! version, garbage bytes) is refused with a logged reason and the connection is closed.
+//!
+//! [`FleetService`] has two groups of calls: `raft_*` and `discover` for replicas (refused from
+//! connections that did not identify as a replica) and the client calls the CLI uses. Clients
+//! may call any replica; the replica forwards writes and linearizable reads to the leader
+//! (`hop` counts forwards so a request is never bounced twice).
+//!
+//! [`peer::Peer`] is a reconnecting client: tarpc never reconnects a broken transport, so a
+//! failed call drops the connection and the next call re-dials, with exponential backoff.
+
+pub mod codec;
+pub mod handshake;
+pub mod peer;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::raft::{NodeId, TypeConfig};
+use crate::state::{RequestId, Task, TaskFilter, TaskId, TaskSpec};
+
+/// The largest frame either side accepts. Raft entries are batches of at most
+/// `server::proposer::MAX_BATCH_BYTES` and an AppendEntries carries at most 16 of them;
+/// snapshots travel in chunks of [`SNAPSHOT_CHUNK_BYTES`].
+pub const MAX_FRAME_BYTES: usize = 32 << 20;
+/// The size of one snapshot chunk.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+type AppendReq = openraft::raft::AppendEntriesRequest<TypeConfig>;
+type AppendResp = openraft::raft::AppendEntriesResponse<TypeConfig>;
+type VoteReq = openraft::raft::VoteRequest<TypeConfig>;
+type VoteResp = openraft::raft::VoteResponse<TypeConfig>;
+type TransferReq = openraft::raft::TransferLeaderRequest<TypeConfig>;
+type TransferResp = openraft::raft::TransferLeaderResponse<TypeConfig>;
+type SnapshotResp = openraft::raft::SnapshotResponse<TypeConfig>;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Another scheduler replica.
+    Replica,
+    /// A CLI or program using the client calls.
+    Client,
+}
+
+/// One piece of a snapshot on its way from the leader to a follower.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// Chosen by the sender for one transfer; a chunk of another transfer restarts reception.
+    pub transfer_id: u64,
+    pub vote: crate::raft::Vote,
+    pub meta: crate::raft::SnapshotMeta,
+    pub total_len: u64,
+    pub offset: u64,
+    pub data: Vec<u8>,
+    pub done: bool,
+}
+
+/// A replica's answer to `discover`: what cluster formation needs to know about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_id: NodeId,
+    pub addr: String,
+    pub cluster_name: String,
+    pub cluster_id: Option<u128>,
+    pub bootstrap_expect: Option<usize>,
+    /// Whether this node has Raft state (it belongs to a cluster already).
+    pub initialized: bool,
+    pub leader_id: Option<NodeId>,
+    pub leader_addr: Option<String>,
+}
+
+/// One task to submit. The request id makes a retried submission return the first result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitTask {
+    pub request_id: RequestId,
+    pub spec: TaskSpec,
+}
+
+/// The outcome of one submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub id: TaskId,
+    /// True when this request id had been applied before (a retry).
+    pub duplicate: bool,
+}
+
+/// How current a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadMode {
+    /// Confirmed with a quorum by the leader: sees every write acknowledged before it started.
+    Linearizable,
+    /// Served from the contacted replica's state: may miss recent writes.
+    Local,
+}
+
+/// A read result with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadReply<T> {
+    pub value: T,
+    pub served_by: NodeId,
+    pub applied_index: u64,
+    pub linearizable: bool,
+}
+
+/// The cluster as one replica sees it (the leader's view when one is reachable).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_name: String,
+    pub cluster_id: Option<String>,
+    pub reported_by: NodeId,
+    /// True when the reporter is the leader (match index and last contact are known only then).
+    pub leader_view: bool,
+    pub leader_id: Option<NodeId>,
+    pub leader_addr: Option<String>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub commit_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub members: Vec<MemberStatus>,
+}
+
+/// One member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: NodeId,
+    pub addr: String,
+    /// `leader`, `follower` or `learner`.
+    pub role: String,
+    pub voter: bool,
+    /// The highest log index known to be replicated to it (leader view only).
+    pub match_index: Option<u64>,
+    /// Milliseconds since the leader last heard from it (leader view only).
+    pub last_contact_ms: Option<u64>,
+}
+
+#[tarpc::service]
+pub trait FleetService {
+    // --- replica-to-replica calls (refused unless the handshake said Role::Replica) ---
+    async fn raft_append(req: AppendReq) -> Result<AppendResp, Error>;
+    async fn raft_vote(req: VoteReq) -> Result<VoteResp, Error>;
+    async fn raft_pre_vote(req: VoteReq) -> Result<VoteResp, Error>;
+    async fn raft_snapshot_chunk(chunk: SnapshotChunk) -> Result<Option<SnapshotResp>, Error>;
+    async fn raft_transfer_leader(req: TransferReq) -> Result<TransferResp, Error>;
+    async fn discover() -> NodeInfo;
+
+    // --- client calls (any replica; forwarded to the leader where needed) ---
+    async fn submit(
+        tasks: Vec<SubmitTask>,
+        hop: u8,
+    ) -> Result<Vec<Result<Submitted, Error>>, Error>;
+    async fn get_task(
+        id: TaskId,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Option<Task>>, Error>;
+    async fn list_tasks(
+        filter: TaskFilter,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Vec<Task>>, Error>;
+    async fn cluster_status(hop: u8) -> Result<ClusterStatus, Error>;
+    /// Adds a node: as a learner, waits for it to catch up, then makes it a voter.
+    async fn add_member(node_id: NodeId, addr: String, hop: u8) -> Result<(), Error>;
+    /// Removes a node from the membership.
+    async fn remove_member(node_id: NodeId, hop: u8) -> Result<(), Error>;
+    /// Asks the contacted node to leave the cluster and stop (a leader hands off first).
+    async fn leave() -> Result<(), Error>;
+}
+
+/// A tarpc context whose deadline is `timeout` from now.
+pub fn context_with_timeout(timeout: std::time::Duration) -> tarpc::context::Context {
+    let mut ctx = tarpc::context::current();
+    ctx.deadline = std::time::Instant::now() + timeout;
+    ctx
+}

@@ -1,0 +1,358 @@
+//! A scheduler replica: storage, Raft, the RPC listener and cluster formation, wired together.
+//!
+//! [`Replica::start`] opens the data directory (checking that it belongs to this node and
+//! cluster), starts Raft on the sled stores, binds the listener, and spawns cluster formation
+//! ([`formation`]). Connections are accepted by [`Replica::serve`], which runs the handshake and
+//! then serves [`crate::rpc::FleetService`] ([`service`]). Writes go through the [`proposer`].
+//!
+//! Shutdown ([`Replica::shutdown`]): a leader first hands leadership to the most up-to-date
+//! voter, then Raft is shut down and the database flushed.
+//!
+//! Bounds: at most [`MAX_CONNECTIONS`] connections are served at once (more wait in the
+//! kernel's accept queue); each connection runs at most [`MAX_REQUESTS_PER_CONNECTION`]
+//! requests concurrently.
+
+pub mod formation;
+pub mod proposer;
+pub mod service;
+
+use openraft::async_runtime::WatchReceiver;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Config;
+use crate::raft::log_store::{Identity, LogStore};
+use crate::raft::network::NetworkFactory;
+use crate::raft::state_machine_store::StateMachineStore;
+use crate::raft::{flusher::Flusher, NodeId, Raft};
+use crate::rpc::handshake::{self, Hello, HelloReply};
+use crate::rpc::peer::{LocalIdentity, PeerPool};
+use crate::rpc::{FleetService, Role};
+
+pub const MAX_CONNECTIONS: usize = 1024;
+pub const MAX_REQUESTS_PER_CONNECTION: usize = 256;
+
+/// A snapshot being received in chunks.
+pub(crate) struct IncomingSnapshot {
+    transfer_id: u64,
+    buf: Vec<u8>,
+}
+
+/// One running replica.
+pub struct Replica {
+    pub id: NodeId,
+    pub addr: String,
+    pub config: Config,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub log: LogStore,
+    pub identity: Arc<LocalIdentity>,
+    pub pool: PeerPool,
+    pub(crate) proposer: proposer::Proposer,
+    pub(crate) incoming_snapshot: tokio::sync::Mutex<Option<IncomingSnapshot>>,
+    /// Set to true to stop the process (after `leave`, or on a fatal formation error).
+    pub stop: watch::Sender<Option<String>>,
+    started_at: Instant,
+    shutting_down: Mutex<bool>,
+}
+
+impl Replica {
+    /// Opens the data directory, starts Raft and the listener, and begins cluster formation.
+    pub async fn start(config: Config) -> anyhow::Result<Arc<Replica>> {
+        config.validate()?;
+        let data_dir = config.node.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        let db = sled::Config::new()
+            .path(data_dir.join("db"))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    anyhow::anyhow!(
+                        "data directory {} is in use by another fleet process ({io})",
+                        data_dir.display()
+                    )
+                }
+                other => anyhow::anyhow!(
+                    "cannot open the database in {}: {other}",
+                    data_dir.display()
+                ),
+            })?;
+        let flusher = Flusher::start(db.clone());
+        let log = LogStore::open(db, flusher)?;
+
+        let identity = match log.identity()? {
+            Some(stored) => {
+                if let Some(id) = config.node.id {
+                    if id != stored.node_id {
+                        anyhow::bail!(
+                            "data directory {} belongs to node {}, but node id {id} was given; \
+                             use --node-id {} or an empty data directory",
+                            data_dir.display(),
+                            stored.node_id,
+                            stored.node_id
+                        );
+                    }
+                }
+                if stored.cluster_name != config.node.cluster_name {
+                    anyhow::bail!(
+                        "data directory {} belongs to cluster {:?}, but cluster name {:?} was \
+                         given; use an empty data directory for a new cluster",
+                        data_dir.display(),
+                        stored.cluster_name,
+                        config.node.cluster_name
+                    );
+                }
+                stored
+            }
+            None => {
+                // Ids up to 2^53 survive JSON tools that read numbers as doubles.
+                let node_id = config
+                    .node
+                    .id
+                    .unwrap_or_else(|| rand::random_range(1..(1u64 << 53)));
+                let fresh = Identity {
+                    node_id,
+                    cluster_name: config.node.cluster_name.clone(),
+                    cluster_id: None,
+                };
+                log.save_identity(&fresh).await?;
+                fresh
+            }
+        };
+        let id = identity.node_id;
+        let addr = config.advertise_addr();
+        let local = Arc::new(LocalIdentity::new(
+            Role::Replica,
+            Some(id),
+            identity.cluster_name.clone(),
+            identity.cluster_id,
+        ));
+        let pool = PeerPool::new(local.clone());
+
+        let listener = TcpListener::bind(&config.node.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.node.listen))?;
+
+        let sm = StateMachineStore::open(&data_dir)?;
+        let raft_config = crate::raft::openraft_config(&identity.cluster_name, &config.raft)?;
+        let network = NetworkFactory::new(
+            pool.clone(),
+            Duration::from_millis(config.raft.snapshot_chunk_timeout_ms),
+        );
+        let raft = Raft::new(id, raft_config, network, log.clone(), sm.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot start raft: {e}"))?;
+        let proposer = proposer::Proposer::start(raft.clone());
+        let (stop, _) = watch::channel(None);
+
+        let replica = Arc::new(Replica {
+            id,
+            addr,
+            config,
+            raft,
+            sm,
+            log,
+            identity: local,
+            pool,
+            proposer,
+            incoming_snapshot: tokio::sync::Mutex::new(None),
+            stop,
+            started_at: Instant::now(),
+            shutting_down: Mutex::new(false),
+        });
+        tracing::info!(
+            node_id = id,
+            listen = %replica.config.node.listen,
+            advertise = %replica.addr,
+            data_dir = %data_dir.display(),
+            "replica started"
+        );
+        tokio::spawn(replica.clone().serve(listener));
+        let r = replica.clone();
+        tokio::spawn(async move {
+            if let Err(e) = formation::run(r.clone()).await {
+                let _ = r.stop.send(Some(format!("{e:#}")));
+            }
+        });
+        Ok(replica)
+    }
+
+    /// Accepts connections until the process exits.
+    async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let permit = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
+            let (stream, remote) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                me.serve_connection(stream, remote).await;
+            });
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, mut stream: TcpStream, remote: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let hello: Hello = match handshake::read_frame(&mut stream).await {
+            Ok(h) => h,
+            Err(handshake::HandshakeError::Version(v)) => {
+                tracing::warn!(%remote, version = v, "refused connection: incompatible protocol version");
+                let reason = format!(
+                    "this node speaks fleet protocol version {}, the caller {v}",
+                    handshake::PROTOCOL_VERSION
+                );
+                let _ = handshake::write_frame(&mut stream, &HelloReply::Rejected { reason }).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "refused connection: bad handshake");
+                return;
+            }
+        };
+        let reply = match self.accept_hello(&hello).await {
+            Ok(()) => HelloReply::Accepted {
+                node_id: self.id,
+                cluster_id: self.identity.cluster_id(),
+            },
+            Err(reason) => {
+                tracing::warn!(%remote, ?hello.from_node, %reason, "refused connection");
+                HelloReply::Rejected { reason }
+            }
+        };
+        let accepted = matches!(reply, HelloReply::Accepted { .. });
+        if handshake::write_frame(&mut stream, &reply).await.is_err() || !accepted {
+            return;
+        }
+        let transport = crate::rpc::codec::transport(stream, remote.to_string());
+        let conn = service::Connection {
+            replica: self.clone(),
+            role: hello.role,
+            remote,
+        };
+        BaseChannel::with_defaults(transport)
+            .max_concurrent_requests(MAX_REQUESTS_PER_CONNECTION)
+            .execute(conn.serve())
+            .for_each_concurrent(None, |response| response)
+            .await;
+    }
+
+    /// Decides whether to talk to the caller. Adopts the caller's cluster id when this node
+    /// has none yet (it is new, and the caller is a member of the cluster it is joining).
+    async fn accept_hello(&self, hello: &Hello) -> Result<(), String> {
+        if hello.cluster_name != self.identity.cluster_name {
+            return Err(format!(
+                "the caller belongs to cluster {:?}, this node (node {}) to cluster {:?}",
+                hello.cluster_name, self.id, self.identity.cluster_name
+            ));
+        }
+        if let Some(expect) = hello.expect_node {
+            if expect != self.id {
+                return Err(format!("this is node {}, not node {expect}", self.id));
+            }
+        }
+        match (hello.cluster_id, self.identity.cluster_id()) {
+            (Some(theirs), Some(ours)) if theirs != ours => Err(format!(
+                "cluster id mismatch: the caller (node {:?}) belongs to cluster {theirs:032x}, \
+                 this node (node {}) to cluster {ours:032x}; a data directory from another \
+                 cluster?",
+                hello.from_node, self.id
+            )),
+            (Some(theirs), None) if hello.role == Role::Replica => self
+                .adopt_cluster_id(theirs)
+                .await
+                .map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records the cluster this node now belongs to.
+    pub async fn adopt_cluster_id(&self, cluster_id: u128) -> std::io::Result<()> {
+        if self.identity.cluster_id().is_some() {
+            return Ok(());
+        }
+        let identity = Identity {
+            node_id: self.id,
+            cluster_name: self.identity.cluster_name.clone(),
+            cluster_id: Some(cluster_id),
+        };
+        self.log.save_identity(&identity).await?;
+        self.identity.set_cluster_id(cluster_id);
+        tracing::info!(cluster_id = %format!("{cluster_id:032x}"), "joined cluster");
+        Ok(())
+    }
+
+    /// Stops the replica gracefully: a leader hands over leadership first.
+    pub async fn shutdown(&self) {
+        {
+            let mut s = self.shutting_down.lock().expect("shutdown lock");
+            if *s {
+                return;
+            }
+            *s = true;
+        }
+        if self.raft.is_leader() {
+            self.hand_over_leadership(Duration::from_secs(3)).await;
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        tracing::info!(
+            uptime_s = self.started_at.elapsed().as_secs(),
+            "replica stopped"
+        );
+    }
+
+    /// Transfers leadership to the voter with the highest match index and waits (bounded) for
+    /// another node to lead. Returns whether leadership moved.
+    pub async fn hand_over_leadership(&self, wait: Duration) -> bool {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let replication = metrics.replication.clone().unwrap_or_default();
+        let target = membership
+            .voter_ids()
+            .filter(|v| *v != self.id)
+            .max_by_key(|v| replication.get(v).cloned().flatten().map(|l| l.index()));
+        let Some(target) = target else {
+            return false;
+        };
+        tracing::info!(to = target, "handing over leadership");
+        if self.raft.trigger().transfer_leader(target).await.is_err() {
+            return false;
+        }
+        let deadline = Instant::now() + wait;
+        let mut rx = self.raft.metrics();
+        loop {
+            let leader = rx.borrow_watched().current_leader;
+            if leader.is_some() && leader != Some(self.id) {
+                tracing::info!(to = ?leader, "leadership handed over");
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
+                tracing::warn!("leadership did not move before the deadline");
+                return false;
+            }
+        }
+    }
+}

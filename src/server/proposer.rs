@@ -1,0 +1,137 @@
+//! Write batching on the leader: many concurrent client commands share one Raft entry.
+//!
+//! Handlers hand a [`Command`] to the [`Proposer`] and await its result. The proposer task takes
+//! the first waiting command, waits for an in-flight slot, then drains every command that queued
+//! meanwhile (up to [`MAX_BATCH_COMMANDS`] / [`MAX_BATCH_BYTES`]) into one [`Request`], stamps
+//! the leader's clock into it, and proposes it. While all [`MAX_BATCHES_IN_FLIGHT`] slots are
+//! busy, commands accumulate, so batches grow with load: one entry, one replication round and
+//! one fsync per replica serve a whole batch. A result is returned only after Raft committed
+//! the entry (on a quorum of fsynced logs) and applied it.
+//!
+//! Bound: [`PROPOSE_QUEUE_CAPACITY`] commands wait at most; beyond that, callers wait for room.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::errors::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::error::Error;
+use crate::raft::{Raft, TypeConfig};
+use crate::state::{Command, CommandOutput, Request};
+
+pub const PROPOSE_QUEUE_CAPACITY: usize = 16_384;
+pub const MAX_BATCH_COMMANDS: usize = 1024;
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
+pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
+
+struct Proposal {
+    command: Command,
+    bytes: usize,
+    reply: oneshot::Sender<Result<CommandOutput, Error>>,
+}
+
+/// The handle handlers use to propose commands.
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Proposal>,
+}
+
+impl Proposer {
+    pub fn start(raft: Raft) -> Proposer {
+        let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_CAPACITY);
+        tokio::spawn(run(raft, rx));
+        Proposer { tx }
+    }
+
+    /// Proposes one command and waits until it is committed and applied.
+    pub async fn propose(&self, command: Command) -> Result<CommandOutput, Error> {
+        let bytes = estimate_bytes(&command);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Proposal {
+                command,
+                bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Unavailable("the replica is shutting down".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("the replica is shutting down".into()))?
+    }
+}
+
+fn estimate_bytes(c: &Command) -> usize {
+    match c {
+        Command::SubmitTask { spec, .. } => {
+            64 + spec.queue.len() + spec.command.iter().map(|a| a.len() + 2).sum::<usize>()
+        }
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
+    let slots = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.bytes;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (commands, replies): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let request = Request {
+                proposed_at_ms: now_ms(),
+                commands,
+            };
+            match raft.client_write(request).await {
+                Ok(resp) => {
+                    let results = resp.data.results;
+                    assert_eq!(results.len(), replies.len(), "one result per command");
+                    for (reply, r) in replies.into_iter().zip(results) {
+                        let _ = reply.send(r.map_err(|e| Error::InvalidArgument(e.to_string())));
+                    }
+                }
+                Err(e) => {
+                    let err = write_error(e);
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Maps openraft's write error to fleet's.
+pub fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Error {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f))
+        | RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => Error::NotLeader {
+            leader_id: f.leader_id,
+            leader_addr: f.leader_node.map(|n| n.addr),
+        },
+        RaftError::APIError(other) => Error::Unavailable(other.to_string()),
+        RaftError::Fatal(f) => Error::Unavailable(format!("raft has stopped on this replica: {f}")),
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

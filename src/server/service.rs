@@ -1,0 +1,580 @@
+//! The handlers of [`FleetService`]: Raft RPCs from peers, and client calls.
+//!
+//! Client writes, linearizable reads and membership changes must run on the leader. A handler
+//! on a follower forwards the call to the leader once (`hop` goes from 0 to 1); a forwarded call
+//! that again lands on a non-leader (leadership just moved) returns [`Error::NotLeader`] with the
+//! leader's address, and the client retries. Forwarded calls keep the caller's deadline.
+
+use openraft::async_runtime::WatchReceiver;
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::Instant as _;
+use openraft::{ChangeMembers, ReadPolicy};
+use tarpc::context::Context;
+
+use super::{IncomingSnapshot, Replica};
+use crate::error::Error;
+use crate::raft::{Node, NodeId, TypeConfig};
+use crate::rpc::peer::is_transport_failure;
+use crate::rpc::{
+    ClusterStatus, FleetService, FleetServiceClient, MemberStatus, NodeInfo, ReadMode, ReadReply,
+    Role, SnapshotChunk, SubmitTask, Submitted,
+};
+use crate::state::{Command, CommandOutput, Task, TaskFilter, TaskId};
+
+/// Most tasks one `submit` call may carry; the CLI splits larger files into batches.
+pub const MAX_SUBMIT_BATCH: usize = 10_000;
+/// Most tasks one `list_tasks` call returns.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+
+type AppendReq = openraft::raft::AppendEntriesRequest<TypeConfig>;
+type AppendResp = openraft::raft::AppendEntriesResponse<TypeConfig>;
+type VoteReq = openraft::raft::VoteRequest<TypeConfig>;
+type VoteResp = openraft::raft::VoteResponse<TypeConfig>;
+type TransferReq = openraft::raft::TransferLeaderRequest<TypeConfig>;
+type TransferResp = openraft::raft::TransferLeaderResponse<TypeConfig>;
+type SnapshotResp = openraft::raft::SnapshotResponse<TypeConfig>;
+
+/// One accepted connection: the replica plus who is calling.
+#[derive(Clone)]
+pub struct Connection {
+    pub replica: Arc<Replica>,
+    pub role: Role,
+    pub remote: SocketAddr,
+}
+
+impl Connection {
+    fn require_replica(&self, call: &str) -> Result<(), Error> {
+        if self.role == Role::Replica {
+            Ok(())
+        } else {
+            tracing::warn!(remote = %self.remote, call, "refused a replica-only call from a client");
+            Err(Error::Rejected(format!(
+                "{call} is only accepted from replicas"
+            )))
+        }
+    }
+}
+
+fn fatal(e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("raft has stopped on this replica: {e}"))
+}
+
+impl FleetService for Connection {
+    async fn raft_append(self, _: Context, req: AppendReq) -> Result<AppendResp, Error> {
+        self.require_replica("raft_append")?;
+        self.replica.raft.append_entries(req).await.map_err(fatal)
+    }
+
+    async fn raft_vote(self, _: Context, req: VoteReq) -> Result<VoteResp, Error> {
+        self.require_replica("raft_vote")?;
+        self.replica.raft.vote(req).await.map_err(fatal)
+    }
+
+    async fn raft_pre_vote(self, _: Context, req: VoteReq) -> Result<VoteResp, Error> {
+        self.require_replica("raft_pre_vote")?;
+        self.replica.raft.pre_vote(req).await.map_err(fatal)
+    }
+
+    async fn raft_snapshot_chunk(
+        self,
+        _: Context,
+        chunk: SnapshotChunk,
+    ) -> Result<Option<SnapshotResp>, Error> {
+        self.require_replica("raft_snapshot_chunk")?;
+        self.replica.receive_snapshot_chunk(chunk).await
+    }
+
+    async fn raft_transfer_leader(
+        self,
+        _: Context,
+        req: TransferReq,
+    ) -> Result<TransferResp, Error> {
+        self.require_replica("raft_transfer_leader")?;
+        self.replica
+            .raft
+            .handle_transfer_leader(req)
+            .await
+            .map_err(fatal)
+    }
+
+    async fn discover(self, _: Context) -> NodeInfo {
+        self.replica.node_info()
+    }
+
+    async fn submit(
+        self,
+        ctx: Context,
+        tasks: Vec<SubmitTask>,
+        hop: u8,
+    ) -> Result<Vec<Result<Submitted, Error>>, Error> {
+        self.replica.submit(ctx, tasks, hop).await
+    }
+
+    async fn get_task(
+        self,
+        ctx: Context,
+        id: TaskId,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Option<Task>>, Error> {
+        let r = self.replica.clone();
+        r.read(
+            ctx,
+            mode,
+            hop,
+            move |s| s.task(id).cloned(),
+            move |c, ctx| async move { c.get_task(ctx, id, mode, hop + 1).await },
+        )
+        .await
+    }
+
+    async fn list_tasks(
+        self,
+        ctx: Context,
+        mut filter: TaskFilter,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Vec<Task>>, Error> {
+        if filter.limit == 0 || filter.limit > MAX_LIST_LIMIT {
+            filter.limit = MAX_LIST_LIMIT;
+        }
+        let r = self.replica.clone();
+        let f2 = filter.clone();
+        r.read(
+            ctx,
+            mode,
+            hop,
+            move |s| s.tasks(&filter),
+            move |c, ctx| async move { c.list_tasks(ctx, f2, mode, hop + 1).await },
+        )
+        .await
+    }
+
+    async fn cluster_status(self, ctx: Context, hop: u8) -> Result<ClusterStatus, Error> {
+        let r = &self.replica;
+        if r.raft.is_leader() || hop > 0 {
+            return Ok(r.local_status());
+        }
+        match r
+            .forward(
+                ctx,
+                hop,
+                |c, ctx| async move { c.cluster_status(ctx, 1).await },
+            )
+            .await
+        {
+            Ok(status) => Ok(status),
+            // No leader reachable: say what this replica sees, marked as a local view.
+            Err(_) => Ok(r.local_status()),
+        }
+    }
+
+    async fn add_member(
+        self,
+        ctx: Context,
+        node_id: NodeId,
+        addr: String,
+        hop: u8,
+    ) -> Result<(), Error> {
+        self.replica.add_member(ctx, node_id, addr, hop).await
+    }
+
+    async fn remove_member(self, ctx: Context, node_id: NodeId, hop: u8) -> Result<(), Error> {
+        self.replica.remove_member(ctx, node_id, hop).await
+    }
+
+    async fn leave(self, ctx: Context) -> Result<(), Error> {
+        self.replica.clone().leave(ctx).await
+    }
+}
+
+impl Replica {
+    pub fn node_info(&self) -> NodeInfo {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leader_addr = m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+        });
+        NodeInfo {
+            node_id: self.id,
+            addr: self.addr.clone(),
+            cluster_name: self.identity.cluster_name.clone(),
+            cluster_id: self.identity.cluster_id(),
+            bootstrap_expect: self.config.node.bootstrap_expect,
+            initialized: self.log.has_raft_state().unwrap_or(false)
+                || m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .next()
+                    .is_some(),
+            leader_id: m.current_leader,
+            leader_addr,
+        }
+    }
+
+    fn not_leader(&self) -> Error {
+        let info = self.node_info();
+        Error::NotLeader {
+            leader_id: info.leader_id,
+            leader_addr: info.leader_addr,
+        }
+    }
+
+    /// Calls the leader with `f`, once. Fails with `NotLeader` if this call was already
+    /// forwarded or no leader is known.
+    pub(crate) async fn forward<T, F, Fut>(&self, ctx: Context, hop: u8, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(FleetServiceClient, Context) -> Fut,
+        Fut: Future<Output = Result<Result<T, Error>, tarpc::client::RpcError>>,
+    {
+        let info = self.node_info();
+        let (Some(leader), Some(addr)) = (info.leader_id, info.leader_addr.clone()) else {
+            return Err(self.not_leader());
+        };
+        if hop > 0 || leader == self.id {
+            return Err(self.not_leader());
+        }
+        let peer = self.pool.get(Some(leader), &addr);
+        let client = peer.client().await.map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot reach the leader (node {leader} at {addr}): {e}"
+            ))
+        })?;
+        let mut fwd = tarpc::context::current();
+        fwd.deadline = ctx.deadline;
+        match f(client, fwd).await {
+            Ok(r) => r,
+            Err(e) => {
+                if is_transport_failure(&e) {
+                    peer.reset().await;
+                }
+                Err(Error::Unavailable(format!(
+                    "forwarding to the leader (node {leader} at {addr}) failed: {e}"
+                )))
+            }
+        }
+    }
+
+    async fn submit(
+        &self,
+        ctx: Context,
+        tasks: Vec<SubmitTask>,
+        hop: u8,
+    ) -> Result<Vec<Result<Submitted, Error>>, Error> {
+        if tasks.len() > MAX_SUBMIT_BATCH {
+            return Err(Error::InvalidArgument(format!(
+                "{} tasks in one call; at most {MAX_SUBMIT_BATCH} are accepted",
+                tasks.len()
+            )));
+        }
+        if !self.raft.is_leader() {
+            return self
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.submit(ctx, tasks, hop + 1).await
+                })
+                .await;
+        }
+        let proposals = tasks.into_iter().map(|t| {
+            let p = self.proposer.clone();
+            async move {
+                t.spec
+                    .validate()
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                let out = p
+                    .propose(Command::SubmitTask {
+                        request_id: t.request_id,
+                        spec: t.spec,
+                    })
+                    .await?;
+                match out {
+                    CommandOutput::TaskSubmitted { id, duplicate } => {
+                        Ok(Submitted { id, duplicate })
+                    }
+                }
+            }
+        });
+        Ok(futures::future::join_all(proposals).await)
+    }
+
+    /// Serves a read: locally, or confirmed by the leader (forwarding when not the leader).
+    async fn read<T, L, F, Fut>(
+        &self,
+        ctx: Context,
+        mode: ReadMode,
+        hop: u8,
+        local: L,
+        remote: F,
+    ) -> Result<ReadReply<T>, Error>
+    where
+        L: FnOnce(&crate::state::State) -> T,
+        F: FnOnce(FleetServiceClient, Context) -> Fut,
+        Fut: Future<Output = Result<Result<ReadReply<T>, Error>, tarpc::client::RpcError>>,
+    {
+        let linearizable = match mode {
+            ReadMode::Local => false,
+            ReadMode::Linearizable if self.raft.is_leader() => {
+                self.raft
+                    .ensure_linearizable(ReadPolicy::ReadIndex)
+                    .await
+                    .map_err(|e| match e.forward_to_leader() {
+                        Some(_) => self.not_leader(),
+                        None => Error::Unavailable(format!("cannot confirm leadership: {e}")),
+                    })?;
+                true
+            }
+            ReadMode::Linearizable => return self.forward(ctx, hop, remote).await,
+        };
+        let value = self.sm.read(local).await;
+        Ok(ReadReply {
+            value,
+            served_by: self.id,
+            applied_index: self.sm.applied_index().await,
+            linearizable,
+        })
+    }
+
+    /// The cluster as this replica sees it; complete (match index, contact) on the leader.
+    pub fn local_status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let leader_view = m.current_leader == Some(self.id);
+        let members = membership
+            .nodes()
+            .map(|(id, node)| {
+                let role = if Some(*id) == m.current_leader {
+                    "leader"
+                } else if voters.contains(id) {
+                    "follower"
+                } else {
+                    "learner"
+                };
+                let match_index = if *id == self.id {
+                    m.last_log_index
+                } else {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(id).cloned().flatten())
+                        .map(|l| l.index())
+                };
+                let last_contact_ms = if *id == self.id && leader_view {
+                    Some(0)
+                } else {
+                    m.heartbeat
+                        .as_ref()
+                        .and_then(|h| h.get(id).cloned().flatten())
+                        .map(|at| at.elapsed().as_millis() as u64)
+                };
+                MemberStatus {
+                    id: *id,
+                    addr: node.addr.clone(),
+                    role: role.into(),
+                    voter: voters.contains(id),
+                    match_index,
+                    last_contact_ms,
+                }
+            })
+            .collect();
+        ClusterStatus {
+            cluster_name: self.identity.cluster_name.clone(),
+            cluster_id: self.identity.cluster_id().map(|c| format!("{c:032x}")),
+            reported_by: self.id,
+            leader_view,
+            leader_id: m.current_leader,
+            leader_addr: m
+                .current_leader
+                .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone())),
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            commit_index: m.local_committed.as_ref().map(|l| l.index()),
+            applied_index: m.last_applied.as_ref().map(|l| l.index()),
+            snapshot_index: m.snapshot.as_ref().map(|l| l.index()),
+            purged_index: m.purged.as_ref().map(|l| l.index()),
+            members,
+        }
+    }
+
+    async fn add_member(
+        &self,
+        ctx: Context,
+        node_id: NodeId,
+        addr: String,
+        hop: u8,
+    ) -> Result<(), Error> {
+        crate::config::parse_addr("addr", &addr)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        if node_id == 0 {
+            return Err(Error::InvalidArgument(
+                "node id 0 is not valid: node ids start at 1".into(),
+            ));
+        }
+        if !self.raft.is_leader() {
+            return self
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.add_member(ctx, node_id, addr, hop + 1).await
+                })
+                .await;
+        }
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership().clone();
+        for (id, node) in membership.nodes() {
+            if *id == node_id && node.addr != addr {
+                return Err(Error::InvalidArgument(format!(
+                    "node id {node_id} is already a member at {}; another node cannot claim it \
+                     (give the new node another --node-id, or remove node {node_id} first)",
+                    node.addr
+                )));
+            }
+            if *id != node_id && node.addr == addr {
+                return Err(Error::InvalidArgument(format!(
+                    "address {addr} already belongs to node {id}; remove node {id} first \
+                     (fleet cluster remove {id})"
+                )));
+            }
+        }
+        if membership.voter_ids().any(|v| v == node_id) {
+            return Ok(());
+        }
+        tracing::info!(node_id, %addr, "adding a node: learner first, voter once caught up");
+        self.raft
+            .add_learner(node_id, Node { addr: addr.clone() }, true)
+            .await
+            .map_err(proposer_error)?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
+            .await
+            .map_err(proposer_error)?;
+        tracing::info!(node_id, %addr, "node is now a voter");
+        Ok(())
+    }
+
+    async fn remove_member(&self, ctx: Context, node_id: NodeId, hop: u8) -> Result<(), Error> {
+        if !self.raft.is_leader() {
+            return self
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.remove_member(ctx, node_id, hop + 1).await
+                })
+                .await;
+        }
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership().clone();
+        if membership.get_node(&node_id).is_none() {
+            let members: Vec<String> = membership.nodes().map(|(id, _)| id.to_string()).collect();
+            return Err(Error::NotFound(format!(
+                "node {node_id} is not a member; members are {}",
+                members.join(", ")
+            )));
+        }
+        let change = if membership.voter_ids().any(|v| v == node_id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
+        };
+        tracing::info!(node_id, "removing a node");
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(proposer_error)?;
+        Ok(())
+    }
+
+    async fn leave(self: Arc<Self>, ctx: Context) -> Result<(), Error> {
+        if self.raft.is_leader() {
+            let wait = self.config.raft.election_timeout_max() * 3;
+            if !self.hand_over_leadership(wait).await {
+                return Err(Error::Unavailable(
+                    "could not hand over leadership before leaving; try again".into(),
+                ));
+            }
+        }
+        let mut removed = Err(self.not_leader());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            removed = self.remove_member(ctx, self.id, 0).await;
+            match &removed {
+                Err(e) if e.is_retryable() => {
+                    // Wait for the new leader to be known, bounded by the deadline.
+                    let mut rx = self.raft.metrics();
+                    let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+                }
+                _ => break,
+            }
+        }
+        removed?;
+        tracing::info!("left the cluster; stopping");
+        let _ = self.stop.send(Some(String::new()));
+        Ok(())
+    }
+
+    async fn receive_snapshot_chunk(
+        &self,
+        chunk: SnapshotChunk,
+    ) -> Result<Option<SnapshotResp>, Error> {
+        let max = self.config.raft.max_snapshot_bytes;
+        if chunk.total_len > max {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot of {} bytes exceeds raft.max_snapshot_bytes = {max}",
+                chunk.total_len
+            )));
+        }
+        let mut incoming = self.incoming_snapshot.lock().await;
+        if chunk.offset == 0 {
+            *incoming = Some(IncomingSnapshot {
+                transfer_id: chunk.transfer_id,
+                buf: Vec::with_capacity(chunk.total_len as usize),
+            });
+        }
+        let Some(inc) = incoming.as_mut() else {
+            return Err(Error::InvalidArgument(
+                "snapshot chunk without a start; resend from offset 0".into(),
+            ));
+        };
+        if inc.transfer_id != chunk.transfer_id || inc.buf.len() as u64 != chunk.offset {
+            *incoming = None;
+            return Err(Error::InvalidArgument(
+                "snapshot chunk out of order; resend from offset 0".into(),
+            ));
+        }
+        if inc.buf.len() as u64 + chunk.data.len() as u64 > chunk.total_len {
+            *incoming = None;
+            return Err(Error::InvalidArgument(
+                "snapshot chunk beyond the announced length".into(),
+            ));
+        }
+        inc.buf.extend_from_slice(&chunk.data);
+        if !chunk.done {
+            return Ok(None);
+        }
+        let inc = incoming.take().expect("checked above");
+        if inc.buf.len() as u64 != chunk.total_len {
+            return Err(Error::InvalidArgument(
+                "snapshot shorter than announced".into(),
+            ));
+        }
+        let snapshot = openraft::type_config::alias::SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
+            meta: chunk.meta,
+            snapshot: Cursor::new(inc.buf),
+        };
+        let resp = self
+            .raft
+            .install_full_snapshot(chunk.vote, snapshot)
+            .await
+            .map_err(fatal)?;
+        Ok(Some(resp))
+    }
+}
+
+/// Maps membership-change errors: a NotLeader stays retryable, the rest are explained.
+fn proposer_error(
+    e: openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>,
+) -> Error {
+    super::proposer::write_error(e)
+}
