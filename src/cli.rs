@@ -167,6 +167,9 @@ pub enum ClusterCommand {
     Status {
         #[command(flatten)]
         client: ClientArgs,
+        /// Show the contacted replica's own view instead of the leader's.
+        #[arg(long)]
+        local: bool,
     },
     /// Remove a node from the cluster.
     Remove {
@@ -288,10 +291,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Command::Cluster(ClusterCommand::Status { client }) => {
+        Command::Cluster(ClusterCommand::Status { client, local }) => {
             let mut c = connect(&config, &client)?;
+            // hop = 1 makes the replica answer with its own view instead of asking the leader.
+            let hop = u8::from(local);
             let status = c
-                .call(|cl, ctx| async move { cl.cluster_status(ctx, 0).await })
+                .call(|cl, ctx| async move { cl.cluster_status(ctx, hop).await })
                 .await?;
             if client.output == Output::Json {
                 print_json(&status)

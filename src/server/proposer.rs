@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::errors::{ClientWriteError, RaftError};
+use openraft::impls::ProgressResponder;
+use openraft::raft::ClientWriteResult;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::Error;
@@ -46,18 +48,39 @@ impl Proposer {
 
     /// Proposes one command and waits until it is committed and applied.
     pub async fn propose(&self, command: Command) -> Result<CommandOutput, Error> {
-        let bytes = estimate_bytes(&command);
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Proposal {
-                command,
-                bytes,
-                reply,
-            })
+        self.propose_many(vec![command])
             .await
-            .map_err(|_| Error::Unavailable("the replica is shutting down".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("the replica is shutting down".into()))?
+            .pop()
+            .expect("one result per command")
+    }
+
+    /// Proposes commands in the given order (they are applied in that order, possibly across
+    /// several batches) and returns one result per command.
+    pub async fn propose_many(&self, commands: Vec<Command>) -> Vec<Result<CommandOutput, Error>> {
+        let shutting_down = || Error::Unavailable("the replica is shutting down".into());
+        let mut waiting = Vec::with_capacity(commands.len());
+        for command in commands {
+            let bytes = estimate_bytes(&command);
+            let (reply, rx) = oneshot::channel();
+            // Sent one after another on one channel: the proposer sees them in this order.
+            let sent = self
+                .tx
+                .send(Proposal {
+                    command,
+                    bytes,
+                    reply,
+                })
+                .await;
+            waiting.push(sent.ok().map(|_| rx));
+        }
+        let mut results = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            results.push(match rx {
+                Some(rx) => rx.await.unwrap_or_else(|_| Err(shutting_down())),
+                None => Err(shutting_down()),
+            });
+        }
+        results
     }
 }
 
@@ -88,25 +111,41 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
+        let (commands, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+        let request = Request {
+            proposed_at_ms: now_ms(),
+            commands,
+        };
+        // Handing the entry to Raft happens here, in order, so batches are appended in the
+        // order their commands arrived; only waiting for the outcome runs concurrently.
+        let (responder, outcome) =
+            ProgressResponder::<TypeConfig, ClientWriteResult<TypeConfig>>::complete_only();
+        if let Err(fatal) = raft.client_write_ff(request, Some(responder)).await {
+            let err = write_error(RaftError::Fatal(fatal));
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+            continue;
+        }
         tokio::spawn(async move {
             let _permit = permit;
-            let (commands, replies): (Vec<_>, Vec<_>) =
-                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-            let request = Request {
-                proposed_at_ms: now_ms(),
-                commands,
-            };
-            match raft.client_write(request).await {
-                Ok(resp) => {
+            match outcome.await {
+                Ok(Ok(resp)) => {
                     let results = resp.data.results;
                     assert_eq!(results.len(), replies.len(), "one result per command");
                     for (reply, r) in replies.into_iter().zip(results) {
                         let _ = reply.send(r.map_err(|e| Error::InvalidArgument(e.to_string())));
                     }
                 }
-                Err(e) => {
-                    let err = write_error(e);
+                Ok(Err(e)) => {
+                    let err = write_error(RaftError::APIError(e));
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+                Err(_) => {
+                    let err = Error::Unavailable("raft dropped the write (shutting down)".into());
                     for reply in replies {
                         let _ = reply.send(Err(err.clone()));
                     }

@@ -282,26 +282,35 @@ impl Replica {
                 })
                 .await;
         }
-        let proposals = tasks.into_iter().map(|t| {
-            let p = self.proposer.clone();
-            async move {
-                t.spec
-                    .validate()
-                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-                let out = p
-                    .propose(Command::SubmitTask {
+        // Invalid specs are answered here; the valid ones are proposed in their given order.
+        let mut results: Vec<Option<Result<Submitted, Error>>> = Vec::with_capacity(tasks.len());
+        let mut commands = Vec::new();
+        for t in tasks {
+            match t.spec.validate() {
+                Ok(()) => {
+                    results.push(None);
+                    commands.push(Command::SubmitTask {
                         request_id: t.request_id,
                         spec: t.spec,
-                    })
-                    .await?;
-                match out {
-                    CommandOutput::TaskSubmitted { id, duplicate } => {
-                        Ok(Submitted { id, duplicate })
-                    }
+                    });
                 }
+                Err(e) => results.push(Some(Err(Error::InvalidArgument(e.to_string())))),
             }
-        });
-        Ok(futures::future::join_all(proposals).await)
+        }
+        let mut outputs = self.proposer.propose_many(commands).await.into_iter();
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    let out = outputs.next().expect("one output per proposed command")?;
+                    match out {
+                        CommandOutput::TaskSubmitted { id, duplicate } => {
+                            Ok(Submitted { id, duplicate })
+                        }
+                    }
+                })
+            })
+            .collect())
     }
 
     /// Serves a read: locally, or confirmed by the leader (forwarding when not the leader).

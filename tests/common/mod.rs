@@ -1,0 +1,292 @@
+//! Test harness: real `fleet` processes on loopback, driven through the real CLI.
+//!
+//! Nothing here sleeps to synchronize: [`wait_until`] polls a condition until a deadline and
+//! fails with the last observation. Randomized choices come from one seed, printed at the start
+//! and settable with `FLEET_TEST_SEED`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+pub fn fleet_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fleet")
+}
+
+/// A seeded RNG; the seed is printed so a failure can be rerun with `FLEET_TEST_SEED=N`.
+pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
+    let seed: u64 = std::env::var("FLEET_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("{test}: seed={seed} (rerun with FLEET_TEST_SEED={seed})");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Loopback ports that were free a moment ago.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Polls `check` until it returns `Ok`, or fails after `timeout` with the last error.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last observation: {e}")
+            }
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Runs the CLI and returns its output.
+pub fn fleet(args: &[&str]) -> Output {
+    Command::new(fleet_bin())
+        .args(args)
+        .env_remove("FLEET_PEERS")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run fleet")
+}
+
+/// Runs the CLI with `--output json` and parses stdout, or returns stderr as the error.
+pub fn fleet_json(args: &[&str]) -> Result<Value, String> {
+    // Options go before a `--`: what follows it is the task's command.
+    let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+    let mut all: Vec<&str> = args[..split].to_vec();
+    all.extend(["--output", "json"]);
+    all.extend(&args[split..]);
+    let out = fleet(&all);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("bad json: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+pub struct TestNode {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub args: Vec<String>,
+    pub child: Option<Child>,
+    starts: u32,
+}
+
+impl TestNode {
+    pub fn new(dir: &Path, id: u64, port: u16, args: Vec<String>) -> TestNode {
+        TestNode {
+            id,
+            addr: format!("127.0.0.1:{port}"),
+            data_dir: dir.join(format!("node-{id}")),
+            log: dir.join(format!("node-{id}")),
+            args,
+            child: None,
+            starts: 0,
+        }
+    }
+
+    /// Starts `fleet join` with this node's flags; each start logs to its own file.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        self.starts += 1;
+        let log_path = self.data_dir.with_extension(format!("{}.log", self.starts));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(fleet_bin())
+            .arg("join")
+            .args(["--node-id", &self.id.to_string(), "--listen", &self.addr])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start fleet join");
+        self.log = log_path;
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// Waits for the process to exit on its own; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let code = wait_until(
+            &format!("node {} to exit", self.id),
+            timeout,
+            || match child.try_wait() {
+                Ok(Some(status)) => Ok(status.code()),
+                Ok(None) => Err("still running".into()),
+                Err(e) => Err(e.to_string()),
+            },
+        );
+        self.child = None;
+        code
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A set of nodes sharing one peer list.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<TestNode>,
+}
+
+impl TestCluster {
+    /// Prepares (does not start) `n` nodes that bootstrap together, with extra `join` flags.
+    pub fn new(n: usize, extra: &[&str]) -> TestCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports = free_ports(n);
+        let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut args = vec![
+            "--peers".to_string(),
+            peers.join(","),
+            "--bootstrap-expect".into(),
+            n.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let nodes = (0..n)
+            .map(|i| TestNode::new(dir.path(), i as u64 + 1, ports[i], args.clone()))
+            .collect();
+        TestCluster { dir, nodes }
+    }
+
+    pub fn peers(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut TestNode {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("node")
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .expect("node")
+            .addr
+            .clone()
+    }
+
+    /// Waits until the cluster reports a leader and `voters` voters; returns the status.
+    pub fn wait_for_leader(&self, peers: &str, voters: usize, timeout: Duration) -> Value {
+        wait_until("a leader and all voters", timeout, || {
+            let s = fleet_json(&[
+                "cluster",
+                "status",
+                "--peers",
+                peers,
+                "--timeout-ms",
+                "2000",
+            ])?;
+            let n = s["members"]
+                .as_array()
+                .map(|m| m.iter().filter(|m| m["voter"] == true).count())
+                .unwrap_or(0);
+            if s["leader_id"].is_u64() && s["leader_view"] == true && n == voters {
+                Ok(s)
+            } else {
+                Err(format!("{s}"))
+            }
+        })
+    }
+
+    /// All logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            out.push_str(&format!(
+                "===== node {} ({}) =====\n{}\n",
+                n.id,
+                n.log.display(),
+                tail(&n.log_text(), 40)
+            ));
+        }
+        out
+    }
+}
+
+pub fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The task ids a replica holds locally (a stale read from exactly that replica).
+pub fn local_task_ids(addr: &str) -> Result<Vec<u64>, String> {
+    let r = fleet_json(&[
+        "task",
+        "list",
+        "--stale",
+        "--limit",
+        "10000",
+        "--peers",
+        addr,
+        "--timeout-ms",
+        "2000",
+    ])?;
+    Ok(r["value"]
+        .as_array()
+        .ok_or("no value")?
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect())
+}
+
+/// A JSON-lines file of `n` tasks.
+pub fn task_file(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let path = dir.join(name);
+    let lines: Vec<String> = (0..n)
+        .map(|i| format!("{{\"command\": [\"echo\", \"{name}-{i}\"]}}"))
+        .collect();
+    std::fs::write(&path, lines.join("\n")).expect("write task file");
+    path
+}
