@@ -292,12 +292,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Cluster(ClusterCommand::Status { client, local }) => {
-            let mut c = connect(&config, &client)?;
-            // hop = 1 makes the replica answer with its own view instead of asking the leader.
-            let hop = u8::from(local);
-            let status = c
-                .call(|cl, ctx| async move { cl.cluster_status(ctx, hop).await })
-                .await?;
+            let status = cluster_status(&config, &client, local).await?;
             if client.output == Output::Json {
                 print_json(&status)
             } else {
@@ -333,6 +328,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => crate::bench::run(&config, args).await,
     }
+}
+
+/// The leader's view of the cluster from the first listed replica that can give it; without
+/// one (no quorum, or every listed replica cut off), the first replica's own view.
+async fn cluster_status(
+    config: &Config,
+    args: &ClientArgs,
+    local: bool,
+) -> anyhow::Result<ClusterStatus> {
+    // hop = 1 makes a replica answer with its own view instead of asking the leader.
+    let hop = u8::from(local);
+    let peers = client_peers(config, args)?;
+    let mut fallback: Option<anyhow::Result<ClusterStatus>> = None;
+    for peer in &peers {
+        let one = ClientArgs {
+            peers: Some(peer.clone()),
+            ..args.clone()
+        };
+        let mut c = connect(config, &one)?;
+        let r = c
+            .call(|cl, ctx| async move { cl.cluster_status(ctx, hop).await })
+            .await;
+        match r {
+            Ok(s) if s.leader_view || local => return Ok(s),
+            other => {
+                if fallback.as_ref().is_none_or(|f| f.is_err()) {
+                    fallback = Some(other);
+                }
+            }
+        }
+    }
+    fallback.unwrap_or_else(|| Err(anyhow::anyhow!("no replica address given")))
 }
 
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
