@@ -163,6 +163,20 @@ impl Config {
                 );
             }
         }
+        if let Some(e) = n.bootstrap_expect {
+            let mut named: Vec<&str> = n.peers.iter().map(String::as_str).collect();
+            let me = self.advertise_addr();
+            named.push(&me);
+            named.sort();
+            named.dedup();
+            if named.len() < e {
+                anyhow::bail!(
+                    "node.bootstrap_expect = {e}, but node.peers names only {} node(s) including \
+                     this one; list every node of the first set in --peers",
+                    named.len()
+                );
+            }
+        }
         if n.cluster_name.is_empty() || n.cluster_name.len() > 64 {
             anyhow::bail!(
                 "node.cluster_name = {:?} is not valid: use 1 to 64 characters",

@@ -1,0 +1,317 @@
+//! Bad input gets a clear error naming the bad value, never a panic or a hang.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn cli_pointed_at_nothing_fails_fast_with_the_reason() {
+    let port = free_ports(1)[0];
+    let addr = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    let out = fleet(&["submit", "--peers", &addr, "--", "true"]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.contains(&addr) && err.contains("unreachable"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let out = fleet(&["task", "list"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("no replica address given"),
+        "{}",
+        stderr_of(&out)
+    );
+}
+
+#[test]
+fn malformed_addresses_and_values_are_named() {
+    for (args, needle) in [
+        (
+            vec!["submit", "--peers", "localhost", "--", "true"],
+            "\"localhost\"",
+        ),
+        (
+            vec!["submit", "--peers", "127.0.0.1:99999", "--", "true"],
+            "99999",
+        ),
+        (
+            vec!["join", "--peers", "nohost:", "--data-dir", "/tmp/x"],
+            "\"nohost:\"",
+        ),
+        (
+            vec![
+                "join",
+                "--listen",
+                "bad",
+                "--bootstrap-expect",
+                "1",
+                "--data-dir",
+                "/tmp/x",
+            ],
+            "\"bad\"",
+        ),
+        (
+            vec![
+                "join",
+                "--bootstrap-expect",
+                "0",
+                "--peers",
+                "127.0.0.1:1",
+                "--data-dir",
+                "/tmp/x",
+            ],
+            "bootstrap_expect = 0",
+        ),
+        (
+            vec![
+                "join",
+                "--node-id",
+                "0",
+                "--bootstrap-expect",
+                "1",
+                "--data-dir",
+                "/tmp/x",
+            ],
+            "node.id = 0",
+        ),
+        (
+            vec![
+                "join",
+                "--raft-timing-multiplier",
+                "0",
+                "--bootstrap-expect",
+                "1",
+                "--data-dir",
+                "/tmp/x",
+            ],
+            "timing_multiplier = 0",
+        ),
+        (
+            vec![
+                "submit",
+                "--queue",
+                "has space",
+                "--peers",
+                "127.0.0.1:1",
+                "--",
+                "true",
+            ],
+            "\"has space\"",
+        ),
+        (vec!["submit", "--peers", "127.0.0.1:1"], "no command given"),
+        (
+            vec!["task", "list", "--limit", "0", "--peers", "127.0.0.1:1"],
+            "--limit 0",
+        ),
+    ] {
+        let out = fleet(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr_of(&out);
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
+
+#[test]
+fn config_file_typos_and_bad_values_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "[raft]\nheartbeat_intervl_ms = 100\n").unwrap();
+    let out = fleet(&[
+        "--config",
+        typo.to_str().unwrap(),
+        "cluster",
+        "status",
+        "--peers",
+        "127.0.0.1:1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("heartbeat_intervl_ms"),
+        "{}",
+        stderr_of(&out)
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[raft]\nelection_timeout_min_ms = 100\n").unwrap();
+    let out = fleet(&[
+        "--config",
+        bad.to_str().unwrap(),
+        "cluster",
+        "status",
+        "--peers",
+        "127.0.0.1:1",
+    ]);
+    assert!(
+        stderr_of(&out).contains("raft.election_timeout_min_ms = 100"),
+        "{}",
+        stderr_of(&out)
+    );
+}
+
+#[test]
+fn two_nodes_claiming_one_id_both_stop_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let peers = format!("127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]);
+    let args = vec![
+        "--peers".to_string(),
+        peers,
+        "--bootstrap-expect".into(),
+        "2".into(),
+    ];
+    let mut a = TestNode::new(dir.path(), 1, ports[0], args.clone());
+    let mut b = TestNode::new(&dir.path().join("b"), 1, ports[1], args);
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    a.start();
+    b.start();
+    for n in [&mut a, &mut b] {
+        let code = n.wait_exit(Duration::from_secs(20));
+        assert_eq!(code, Some(1));
+        let log = n.log_text();
+        assert!(log.contains("node id 1 is claimed by both"), "{log}");
+    }
+}
+
+#[test]
+fn disagreeing_bootstrap_expect_stops_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(3);
+    let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let args = |expect: &str| {
+        vec![
+            "--peers".to_string(),
+            peers.join(","),
+            "--bootstrap-expect".into(),
+            expect.into(),
+        ]
+    };
+    let mut nodes = vec![
+        TestNode::new(dir.path(), 1, ports[0], args("3")),
+        TestNode::new(dir.path(), 2, ports[1], args("3")),
+        TestNode::new(dir.path(), 3, ports[2], args("2")),
+    ];
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    // The odd one out sees the others' value and stops with both values named.
+    assert_eq!(nodes[2].wait_exit(Duration::from_secs(20)), Some(1));
+    let log = nodes[2].log_text();
+    assert!(
+        log.contains("--bootstrap-expect disagrees") && log.contains("has 3, this node has 2"),
+        "{log}"
+    );
+    // The others either saw it too and stopped with the same reason, or are still waiting for a
+    // third node; none formed a cluster.
+    for n in nodes.iter_mut().take(2) {
+        n.kill9();
+        let log = n.log_text();
+        assert!(!log.contains("initializing the cluster"), "{log}");
+    }
+    // Too few peers for the expected count is refused at start.
+    let out = fleet(&[
+        "join",
+        "--peers",
+        &peers[0],
+        "--listen",
+        &peers[1],
+        "--bootstrap-expect",
+        "3",
+        "--data-dir",
+        "/tmp/unused",
+    ]);
+    assert!(
+        stderr_of(&out).contains("names only 2 node(s)"),
+        "{}",
+        stderr_of(&out)
+    );
+}
+
+#[test]
+fn a_data_directory_from_another_cluster_is_refused() {
+    // Cluster A: one node with id 3. Cluster B: three nodes with ids 1, 2, 3.
+    let mut a = TestCluster::new(1, &[]);
+    a.nodes[0].id = 3;
+    a.nodes[0].start();
+    a.wait_for_leader(&a.peers(), 1, Duration::from_secs(20));
+    a.nodes[0].signal(libc::SIGTERM);
+    assert_eq!(a.nodes[0].wait_exit(Duration::from_secs(20)), Some(0));
+
+    let mut b = TestCluster::new(3, &[]);
+    let peers = b.peers();
+    for id in 1..=3 {
+        b.node(id).start();
+    }
+    b.wait_for_leader(&peers, 3, Duration::from_secs(30));
+    b.node(3).kill9();
+
+    // Node 3 of B restarts on A's data directory.
+    let foreign = a.nodes[0].data_dir.clone();
+    std::fs::remove_dir_all(&b.node(3).data_dir).unwrap();
+    std::fs::rename(&foreign, &b.node(3).data_dir).unwrap();
+    b.node(3).start();
+    let code = b.node(3).wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(1));
+    let log = b.node(3).log_text();
+    assert!(
+        log.contains("belongs to another cluster") && log.contains("cluster id mismatch"),
+        "{log}"
+    );
+    // The rest of B is unharmed.
+    fleet_json(&["submit", "--peers", &peers, "--", "true"]).expect("cluster B still writable");
+}
+
+#[test]
+fn garbage_and_wrong_protocol_versions_are_refused_and_logged() {
+    let mut c = TestCluster::new(1, &[]);
+    c.nodes[0].start();
+    let peers = c.peers();
+    c.wait_for_leader(&peers, 1, Duration::from_secs(20));
+
+    // Garbage bytes: refused, logged, and the node keeps serving.
+    let mut s = std::net::TcpStream::connect(&c.nodes[0].addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf); // the node closes the connection
+                                     // A fleet frame header with protocol version 99: refused with the reason in words.
+    let mut s = std::net::TcpStream::connect(&c.nodes[0].addr).unwrap();
+    let mut frame = b"FLEET\0".to_vec();
+    frame.extend_from_slice(&99u16.to_be_bytes());
+    frame.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&frame).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert!(
+        String::from_utf8_lossy(&reply).contains("protocol version"),
+        "reply: {reply:?}"
+    );
+
+    wait_until("the refusals in the log", Duration::from_secs(10), || {
+        let log = c.nodes[0].log_text();
+        if log.contains("refused connection: bad handshake")
+            && log.contains("incompatible protocol version")
+        {
+            Ok(())
+        } else {
+            Err(tail(&log, 10))
+        }
+    });
+    fleet_json(&["submit", "--peers", &peers, "--", "true"]).expect("still serving");
+    assert!(!c.nodes[0].log_text().contains("panicked"));
+}
