@@ -311,10 +311,46 @@ mod tests {
 
     #[test]
     fn multiplier_scales_all_timing() {
-        let mut r = RaftConfig::default();
-        r.timing_multiplier = 2.0;
+        let r = RaftConfig {
+            timing_multiplier: 2.0,
+            ..Default::default()
+        };
         assert_eq!(r.heartbeat_interval(), Duration::from_millis(200));
         assert_eq!(r.election_timeout_min(), Duration::from_millis(1000));
         assert_eq!(r.election_timeout_max(), Duration::from_millis(2000));
+    }
+}
+
+#[cfg(test)]
+mod example_file_tests {
+    use super::*;
+
+    /// config/fleet.example.toml must parse (no stale keys) and mention every key of
+    /// [`Config`] (no undocumented ones).
+    #[test]
+    fn example_config_documents_every_key() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/fleet.example.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let parsed: Config = toml::from_str(&text).expect("example config parses");
+        parsed.validate().expect("example config is valid");
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        for (section, table) in defaults.as_table().unwrap() {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "section [{section}] missing"
+            );
+            for key in table.as_table().unwrap().keys() {
+                assert!(
+                    text.contains(&format!("{key} =")),
+                    "{section}.{key} missing from the example"
+                );
+            }
+        }
+        for key in ["id", "advertise", "bootstrap_expect"] {
+            assert!(
+                text.contains(&format!("# {key} =")),
+                "optional node.{key} missing"
+            );
+        }
     }
 }

@@ -200,7 +200,7 @@ fn disagreeing_bootstrap_expect_stops_with_the_reason() {
             expect.into(),
         ]
     };
-    let mut nodes = vec![
+    let mut nodes = [
         TestNode::new(dir.path(), 1, ports[0], args("3")),
         TestNode::new(dir.path(), 2, ports[1], args("3")),
         TestNode::new(dir.path(), 3, ports[2], args("2")),

@@ -208,9 +208,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => None,
         };
         let last = match (last, &last_purged) {
-            (Some(l), Some(p)) if l.index() <= p.index() => Some(p.clone()),
+            (Some(l), Some(p)) if l.index() <= p.index() => Some(*p),
             (Some(l), _) => Some(l),
-            (None, p) => p.clone(),
+            (None, p) => *p,
         };
         Ok(LogState {
             last_purged_log_id: last_purged,

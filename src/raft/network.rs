@@ -161,7 +161,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             let end = (offset + SNAPSHOT_CHUNK_BYTES).min(data.len());
             let chunk = SnapshotChunk {
                 transfer_id,
-                vote: vote.clone(),
+                vote,
                 meta: snapshot.meta.clone(),
                 total_len,
                 offset: offset as u64,

@@ -56,7 +56,7 @@ impl StateMachineStore {
         };
         if let Some((meta, data)) = read_snapshot_file(&dir.join(SNAPSHOT_FILE))? {
             inner.state = decode("snapshot state", &data)?;
-            inner.last_applied = meta.last_log_id.clone();
+            inner.last_applied = meta.last_log_id;
             inner.last_membership = meta.last_membership.clone();
             inner.current = Some((meta, Arc::new(data)));
         }
@@ -100,7 +100,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let (meta, data) = {
             let inner = self.inner.read().await;
             let meta = SnapshotMeta {
-                last_log_id: inner.last_applied.clone(),
+                last_log_id: inner.last_applied,
                 last_membership: inner.last_membership.clone(),
             };
             (meta, encode(&inner.state)?)
@@ -130,7 +130,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         let inner = self.inner.read().await;
-        Ok((inner.last_applied.clone(), inner.last_membership.clone()))
+        Ok((inner.last_applied, inner.last_membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -144,12 +144,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => Response::default(),
                 EntryPayload::Normal(request) => inner.state.apply(index, request),
                 EntryPayload::Membership(m) => {
-                    inner.last_membership =
-                        StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                    inner.last_membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     Response::default()
                 }
             };
-            inner.last_applied = Some(entry.log_id.clone());
+            inner.last_applied = Some(entry.log_id);
             if let Some(responder) = responder {
                 responder.send(response);
             }
@@ -177,7 +176,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "installed a snapshot");
         let mut inner = self.inner.write().await;
         inner.state = state;
-        inner.last_applied = meta.last_log_id.clone();
+        inner.last_applied = meta.last_log_id;
         inner.last_membership = meta.last_membership.clone();
         inner.current = Some((meta.clone(), Arc::new(data)));
         Ok(())

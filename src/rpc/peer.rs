@@ -220,12 +220,15 @@ impl Peer {
     }
 }
 
+/// A peer's expected node id (none for a client-style dial) and address.
+type PeerKey = (Option<NodeId>, String);
+
 /// Shared peers, keyed by (expected node id, address), so every Raft replication stream and
 /// every forwarded request to one node reuses one connection.
 #[derive(Clone)]
 pub struct PeerPool {
     me: Arc<LocalIdentity>,
-    peers: Arc<Mutex<HashMap<(Option<NodeId>, String), Arc<Peer>>>>,
+    peers: Arc<Mutex<HashMap<PeerKey, Arc<Peer>>>>,
 }
 
 impl PeerPool {

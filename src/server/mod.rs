@@ -179,6 +179,7 @@ impl Replica {
             "replica started"
         );
         tokio::spawn(replica.clone().serve(listener));
+        tokio::spawn(replica.clone().watch_for_fatal());
         let r = replica.clone();
         tokio::spawn(async move {
             if let Err(e) = formation::run(r.clone()).await {
@@ -186,6 +187,27 @@ impl Replica {
             }
         });
         Ok(replica)
+    }
+
+    /// A `Fatal` error means the Raft core stopped and will not recover: take the node out of
+    /// service (the process exits non-zero; systemd restarts it from its data directory).
+    async fn watch_for_fatal(self: Arc<Self>) {
+        let mut rx = self.raft.metrics();
+        loop {
+            let fatal = rx.borrow_watched().running_state.clone().err();
+            if let Some(f) = fatal {
+                if !*self.shutting_down.lock().expect("shutdown lock") {
+                    tracing::error!(error = %f, "raft stopped with a fatal error; stopping the replica");
+                    let _ = self
+                        .stop
+                        .send(Some(format!("raft stopped with a fatal error: {f}")));
+                }
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Accepts connections until the process exits.
