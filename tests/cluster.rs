@@ -51,19 +51,7 @@ fn three_nodes_form_replicate_fail_over_and_restart() {
     let expected: Vec<u64> = (1..=200).collect();
     assert_eq!(ids, expected, "ids are assigned in submission order");
     for id in 1..=3 {
-        let addr = c.addr(id);
-        wait_until(
-            &format!("200 tasks on node {id}"),
-            Duration::from_secs(10),
-            || {
-                let got = local_task_ids(&addr)?;
-                if got == expected {
-                    Ok(())
-                } else {
-                    Err(format!("{} tasks", got.len()))
-                }
-            },
-        );
+        wait_for_tasks(&c.addr(id), &expected, Duration::from_secs(10));
     }
 
     tracing_line("--- kill -9 the leader: a new leader is elected, nothing is lost, writes work");
@@ -116,19 +104,7 @@ fn three_nodes_form_replicate_fail_over_and_restart() {
     tracing_line("--- the killed node restarts with the same flags and catches up");
     c.node(leader).start();
     let expected: Vec<u64> = (1..=201).collect();
-    let addr = c.addr(leader);
-    wait_until(
-        "the restarted node to catch up",
-        Duration::from_secs(20),
-        || {
-            let got = local_task_ids(&addr)?;
-            if got == expected {
-                Ok(())
-            } else {
-                Err(format!("{} tasks", got.len()))
-            }
-        },
-    );
+    wait_for_tasks(&c.addr(leader), &expected, Duration::from_secs(20));
     c.wait_for_leader(&peers, 3, Duration::from_secs(20));
 
     tracing_line("--- kill -9 all three at once, restart: every acknowledged task is there");

@@ -93,14 +93,7 @@ fn join_remove_leave_and_snapshot_catch_up() {
         "the advertised address is in the membership"
     );
     let expected: Vec<u64> = (1..=45).collect();
-    wait_until("node 4 to hold every task", Duration::from_secs(20), || {
-        let got = local_task_ids(&n4.addr)?;
-        if got == expected {
-            Ok(())
-        } else {
-            Err(format!("{} tasks", got.len()))
-        }
-    });
+    wait_for_tasks(&n4.addr, &expected, Duration::from_secs(20));
     let local = fleet_json(&["cluster", "status", "--local", "--peers", &n4.addr]).unwrap();
     assert_eq!(local["reported_by"], 4);
     assert!(

@@ -31,13 +31,14 @@ pub const MAX_FRAME_BYTES: usize = 32 << 20;
 /// The size of one snapshot chunk.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 
-type AppendReq = openraft::raft::AppendEntriesRequest<TypeConfig>;
-type AppendResp = openraft::raft::AppendEntriesResponse<TypeConfig>;
-type VoteReq = openraft::raft::VoteRequest<TypeConfig>;
-type VoteResp = openraft::raft::VoteResponse<TypeConfig>;
-type TransferReq = openraft::raft::TransferLeaderRequest<TypeConfig>;
-type TransferResp = openraft::raft::TransferLeaderResponse<TypeConfig>;
-type SnapshotResp = openraft::raft::SnapshotResponse<TypeConfig>;
+/// openraft's message types, named once for the service and its handlers.
+pub type AppendReq = openraft::raft::AppendEntriesRequest<TypeConfig>;
+pub type AppendResp = openraft::raft::AppendEntriesResponse<TypeConfig>;
+pub type VoteReq = openraft::raft::VoteRequest<TypeConfig>;
+pub type VoteResp = openraft::raft::VoteResponse<TypeConfig>;
+pub type TransferReq = openraft::raft::TransferLeaderRequest<TypeConfig>;
+pub type TransferResp = openraft::raft::TransferLeaderResponse<TypeConfig>;
+pub type SnapshotResp = openraft::raft::SnapshotResponse<TypeConfig>;
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

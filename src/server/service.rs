@@ -22,8 +22,9 @@ use crate::error::Error;
 use crate::raft::{Node, NodeId, TypeConfig};
 use crate::rpc::peer::is_transport_failure;
 use crate::rpc::{
-    ClusterStatus, FleetService, FleetServiceClient, MemberStatus, NodeInfo, ReadMode, ReadReply,
-    Role, SnapshotChunk, SubmitTask, Submitted,
+    AppendReq, AppendResp, ClusterStatus, FleetService, FleetServiceClient, MemberStatus, NodeInfo,
+    ReadMode, ReadReply, Role, SnapshotChunk, SnapshotResp, SubmitTask, Submitted, TransferReq,
+    TransferResp, VoteReq, VoteResp,
 };
 use crate::state::{Command, CommandOutput, Task, TaskFilter, TaskId};
 
@@ -31,14 +32,6 @@ use crate::state::{Command, CommandOutput, Task, TaskFilter, TaskId};
 pub const MAX_SUBMIT_BATCH: usize = 10_000;
 /// Most tasks one `list_tasks` call returns.
 pub const MAX_LIST_LIMIT: usize = 10_000;
-
-type AppendReq = openraft::raft::AppendEntriesRequest<TypeConfig>;
-type AppendResp = openraft::raft::AppendEntriesResponse<TypeConfig>;
-type VoteReq = openraft::raft::VoteRequest<TypeConfig>;
-type VoteResp = openraft::raft::VoteResponse<TypeConfig>;
-type TransferReq = openraft::raft::TransferLeaderRequest<TypeConfig>;
-type TransferResp = openraft::raft::TransferLeaderResponse<TypeConfig>;
-type SnapshotResp = openraft::raft::SnapshotResponse<TypeConfig>;
 
 /// One accepted connection: the replica plus who is calling.
 #[derive(Clone)]

@@ -290,3 +290,23 @@ pub fn task_file(dir: &Path, name: &str, n: usize) -> PathBuf {
     std::fs::write(&path, lines.join("\n")).expect("write task file");
     path
 }
+
+/// Waits until the replica at `addr` holds exactly the tasks `expected` (a local read there).
+pub fn wait_for_tasks(addr: &str, expected: &[u64], timeout: Duration) {
+    wait_until(
+        &format!(
+            "tasks {}..={} on {addr}",
+            expected.first().unwrap_or(&0),
+            expected.last().unwrap_or(&0)
+        ),
+        timeout,
+        || {
+            let got = local_task_ids(addr)?;
+            if got == expected {
+                Ok(())
+            } else {
+                Err(format!("{} tasks", got.len()))
+            }
+        },
+    );
+}
