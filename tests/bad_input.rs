@@ -180,7 +180,7 @@ fn two_nodes_claiming_one_id_both_stop_with_the_reason() {
     a.start();
     b.start();
     for n in [&mut a, &mut b] {
-        let code = n.wait_exit(Duration::from_secs(20));
+        let code = n.wait_exit(Duration::from_secs(30));
         assert_eq!(code, Some(1));
         let log = n.log_text();
         assert!(log.contains("node id 1 is claimed by both"), "{log}");
@@ -208,20 +208,20 @@ fn disagreeing_bootstrap_expect_stops_with_the_reason() {
     for n in nodes.iter_mut() {
         n.start();
     }
-    // The odd one out sees the others' value and stops with both values named.
-    assert_eq!(nodes[2].wait_exit(Duration::from_secs(20)), Some(1));
-    let log = nodes[2].log_text();
-    assert!(
-        log.contains("--bootstrap-expect disagrees") && log.contains("has 3, this node has 2"),
-        "{log}"
-    );
-    // The others either saw it too and stopped with the same reason, or are still waiting for a
-    // third node; none formed a cluster.
-    for n in nodes.iter_mut().take(2) {
-        n.kill9();
+    // Every node sees the disagreement (a node that finds it stays reachable for a few seconds
+    // so the others find it too) and stops with both values named; none forms a cluster.
+    for n in nodes.iter_mut() {
+        assert_eq!(
+            n.wait_exit(Duration::from_secs(30)),
+            Some(1),
+            "node {}",
+            n.id
+        );
         let log = n.log_text();
+        assert!(log.contains("--bootstrap-expect disagrees"), "{log}");
         assert!(!log.contains("initializing the cluster"), "{log}");
     }
+    assert!(nodes[2].log_text().contains("has 3, this node has 2"));
     // Too few peers for the expected count is refused at start.
     let out = fleet(&[
         "join",
@@ -314,4 +314,43 @@ fn garbage_and_wrong_protocol_versions_are_refused_and_logged() {
     });
     fleet_json(&["submit", "--peers", &peers, "--", "true"]).expect("still serving");
     assert!(!c.nodes[0].log_text().contains("panicked"));
+}
+
+#[test]
+fn a_raft_connection_reaching_the_wrong_node_is_refused() {
+    let mut c = TestCluster::new(1, &[]);
+    c.nodes[0].start();
+    c.wait_for_leader(&c.peers(), 1, Duration::from_secs(20));
+    let addr = c.nodes[0].addr.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let me = fleet::rpc::peer::LocalIdentity::new(
+        fleet::rpc::Role::Replica,
+        Some(7),
+        "fleet".into(),
+        None,
+    );
+    // Node 1 listens at `addr`; a peer that believes node 99 lives there must be refused.
+    let err = rt
+        .block_on(fleet::rpc::peer::dial(&addr, &me, Some(99)))
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("this is node 1, not node 99"),
+        "{err}"
+    );
+    // Another cluster name is refused too.
+    let other =
+        fleet::rpc::peer::LocalIdentity::new(fleet::rpc::Role::Client, None, "other".into(), None);
+    let err = rt
+        .block_on(fleet::rpc::peer::dial(&addr, &other, None))
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("belongs to cluster \"other\""),
+        "{err}"
+    );
+    // The node it was meant for is accepted.
+    assert!(rt
+        .block_on(fleet::rpc::peer::dial(&addr, &me, Some(1)))
+        .is_ok());
 }

@@ -36,6 +36,18 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 const DISCOVER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one join call may take: the leader waits for the new node to catch up.
 const JOIN_CALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a node that found a formation conflict (duplicate id, disagreeing
+/// `--bootstrap-expect`) stays reachable before stopping, so that the other party, which retries
+/// discovery at least every `RETRY_MAX`, sees the same conflict instead of waiting for a peer
+/// that is gone.
+const CONFLICT_LINGER: Duration = Duration::from_secs(5);
+
+/// Reports a formation conflict, lingers (see [`CONFLICT_LINGER`]), then fails.
+async fn conflict(message: String) -> anyhow::Result<()> {
+    tracing::error!(%message, "cluster formation conflict; stopping in {CONFLICT_LINGER:?}");
+    tokio::time::sleep(CONFLICT_LINGER).await;
+    Err(anyhow::anyhow!(message))
+}
 
 pub async fn run(r: Arc<Replica>) -> anyhow::Result<()> {
     let peers: Vec<String> = r
@@ -132,12 +144,11 @@ async fn bootstrap(r: &Replica, peers: &[String], expect: usize) -> anyhow::Resu
                 Ok(info) => {
                     if let Some(other) = ids.get(&info.node_id) {
                         if *other != info.addr {
-                            bail!(
+                            return conflict(format!(
                                 "node id {} is claimed by both {} and {}; give every node its own --node-id",
-                                info.node_id,
-                                other,
-                                info.addr
-                            );
+                                info.node_id, other, info.addr
+                            ))
+                            .await;
                         }
                         continue; // ourselves, listed under another spelling
                     }
@@ -147,12 +158,13 @@ async fn bootstrap(r: &Replica, peers: &[String], expect: usize) -> anyhow::Resu
                         return join(r, peers).await;
                     }
                     if info.bootstrap_expect != Some(expect) {
-                        bail!(
+                        return conflict(format!(
                             "--bootstrap-expect disagrees: node {} at {addr} has {}, this node has {expect}; \
                              give every node of the first set the same value",
                             info.node_id,
                             info.bootstrap_expect.map(|n| n.to_string()).unwrap_or_else(|| "none".into())
-                        );
+                        ))
+                        .await;
                     }
                     found.insert(info.node_id, info.addr);
                 }
