@@ -62,10 +62,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
                 while started.elapsed() < duration {
                     let task = SubmitTask {
                         request_id: RequestId(rand::random()),
-                        spec: TaskSpec {
-                            command: vec!["true".into()],
-                            queue: DEFAULT_QUEUE.into(),
-                        },
+                        spec: TaskSpec::new(vec!["true".into()], DEFAULT_QUEUE),
                     };
                     let t0 = Instant::now();
                     let r = client

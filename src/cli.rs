@@ -659,10 +659,7 @@ async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
                     "no command given: use `fleet submit [options] -- CMD ARGS...` or --file FILE"
                 );
             }
-            vec![TaskSpec {
-                command: args.command.clone(),
-                queue: args.queue.clone(),
-            }]
+            vec![TaskSpec::new(args.command.clone(), args.queue.clone())]
         }
     };
     for (i, s) in specs.iter().enumerate() {
@@ -724,10 +721,10 @@ fn read_task_file(path: &std::path::Path, default_queue: &str) -> anyhow::Result
                 n + 1
             )
         })?;
-        specs.push(TaskSpec {
-            command: t.command,
-            queue: t.queue.unwrap_or_else(|| default_queue.into()),
-        });
+        specs.push(TaskSpec::new(
+            t.command,
+            t.queue.unwrap_or_else(|| default_queue.into()),
+        ));
     }
     if specs.is_empty() {
         bail!("{} contains no tasks", path.display());

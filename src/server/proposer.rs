@@ -87,8 +87,18 @@ impl Proposer {
 fn estimate_bytes(c: &Command) -> usize {
     match c {
         Command::SubmitTask { spec, .. } => {
-            64 + spec.queue.len() + spec.command.iter().map(|a| a.len() + 2).sum::<usize>()
+            128 + spec.queue.len()
+                + spec.command.iter().map(|a| a.len() + 2).sum::<usize>()
+                + spec
+                    .env
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 4)
+                    .sum::<usize>()
         }
+        Command::Complete { output_tail, .. } => 128 + output_tail.len(),
+        Command::GrantLeases { tasks, .. } => 32 + 10 * tasks.len(),
+        Command::ExpireLease { reason, .. } => 64 + reason.len(),
+        Command::Cancel { .. } | Command::Retry { .. } | Command::PurgeFinished { .. } => 32,
     }
 }
 

@@ -300,6 +300,9 @@ impl Replica {
                         CommandOutput::TaskSubmitted { id, duplicate } => {
                             Ok(Submitted { id, duplicate })
                         }
+                        other => Err(Error::Internal(format!(
+                            "unexpected output for a submit: {other:?}"
+                        ))),
                     }
                 })
             })

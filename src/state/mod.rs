@@ -19,9 +19,14 @@
 //! `raft::state_machine_store`). Its size is the number of retained tasks; retention and purge
 //! of finished tasks arrive with the task lifecycle.
 
-use std::collections::{BTreeMap, VecDeque};
+pub mod task;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
+
+pub use task::{Attempt, AttemptOutcome, Lease, LeaseGrant, RetryPolicy, WorkerId};
 
 /// Identifies one task for the lifetime of the cluster. Assigned by the state machine in
 /// submission order, starting at 1.
@@ -50,18 +55,105 @@ pub const MAX_QUEUE_NAME_LEN: usize = 64;
 /// The queue a task goes to when the client names none.
 pub const DEFAULT_QUEUE: &str = "default";
 
-/// What a client asks to run.
+/// Longest visibility or execution timeout, in milliseconds (one week).
+pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Most environment variables a task may set.
+pub const MAX_ENV_VARS: usize = 256;
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+/// What a client asks to run, and how.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSpec {
     /// The program and its arguments; `command[0]` is the program.
     pub command: Vec<String>,
     /// The queue the task belongs to.
     pub queue: String,
+    /// Higher runs first; FIFO within one priority.
+    pub priority: i32,
+    /// Extra environment variables for the process.
+    pub env: Vec<(String, String)>,
+    pub retry: RetryPolicy,
+    /// How long one attempt may run in total; `None` for no limit.
+    pub execution_timeout_ms: Option<u64>,
+    /// How long a lease stays valid without a heartbeat.
+    pub visibility_timeout_ms: u64,
+    /// Not to run before this time (ms since the epoch, leader's clock).
+    pub not_before_ms: Option<u64>,
+    /// A second submission with the same key, while the first task is retained, returns the
+    /// first task's id.
+    pub idempotency_key: Option<String>,
 }
 
 impl TaskSpec {
+    /// A spec with the default policy: 3 attempts, 1 s backoff doubling to 5 min, 30 s
+    /// visibility timeout, no execution timeout.
+    pub fn new(command: Vec<String>, queue: impl Into<String>) -> TaskSpec {
+        TaskSpec {
+            command,
+            queue: queue.into(),
+            priority: 0,
+            env: Vec::new(),
+            retry: RetryPolicy::default(),
+            execution_timeout_ms: None,
+            visibility_timeout_ms: 30_000,
+            not_before_ms: None,
+            idempotency_key: None,
+        }
+    }
+
     /// Checks the spec; the error names the bad value and what would be accepted.
     pub fn validate(&self) -> Result<(), CommandError> {
+        self.retry.validate()?;
+        if !(100..=MAX_TIMEOUT_MS).contains(&self.visibility_timeout_ms) {
+            return Err(CommandError::Invalid(format!(
+                "visibility timeout {} ms is not valid: use 100 ms to {MAX_TIMEOUT_MS} ms",
+                self.visibility_timeout_ms
+            )));
+        }
+        if let Some(t) = self.execution_timeout_ms {
+            if !(1..=MAX_TIMEOUT_MS).contains(&t) {
+                return Err(CommandError::Invalid(format!(
+                    "execution timeout {t} ms is not valid: use 1 ms to {MAX_TIMEOUT_MS} ms"
+                )));
+            }
+        }
+        if self.env.len() > MAX_ENV_VARS {
+            return Err(CommandError::Invalid(format!(
+                "{} environment variables; at most {MAX_ENV_VARS} are accepted",
+                self.env.len()
+            )));
+        }
+        for (k, _) in &self.env {
+            let ok = !k.is_empty()
+                && !k.starts_with(|c: char| c.is_ascii_digit())
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(CommandError::Invalid(format!(
+                    "environment variable name {k:?} is not valid: use letters, digits and '_', \
+                     not starting with a digit"
+                )));
+            }
+            if k.starts_with("FLEET_") {
+                return Err(CommandError::Invalid(format!(
+                    "environment variable {k} is reserved: fleet sets FLEET_* variables itself"
+                )));
+            }
+        }
+        if let Some(key) = &self.idempotency_key {
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+                return Err(CommandError::Invalid(format!(
+                    "idempotency key of {} bytes is not valid: use 1 to {MAX_IDEMPOTENCY_KEY_LEN}",
+                    key.len()
+                )));
+            }
+        }
+        let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if env_bytes > MAX_COMMAND_BYTES {
+            return Err(CommandError::Invalid(format!(
+                "the environment is {env_bytes} bytes long; at most {MAX_COMMAND_BYTES} are accepted"
+            )));
+        }
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err(CommandError::Invalid(
                 "the task command is empty: give a program and its arguments after `--`".into(),
@@ -100,29 +192,64 @@ pub fn validate_queue_name(queue: &str) -> Result<(), CommandError> {
     }
 }
 
-/// Where a task is in its lifecycle. Only `Queued` exists until workers arrive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a task is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
-    /// Accepted and waiting for a worker.
+    /// Waiting for a worker (ready, or delayed until `ready_at_ms`).
     Queued,
+    /// Leased to a worker.
+    Running,
+    /// An attempt failed; waiting for its retry time.
+    Failed,
+    /// An attempt succeeded. Final.
+    Succeeded,
+    /// Every attempt failed (the dead-letter state). Final until `task retry`.
+    Dead,
+    /// Cancelled by a client. Final.
+    Cancelled,
 }
 
 impl TaskState {
+    pub const ALL: [TaskState; 6] = [
+        TaskState::Queued,
+        TaskState::Running,
+        TaskState::Failed,
+        TaskState::Succeeded,
+        TaskState::Dead,
+        TaskState::Cancelled,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Failed => "failed",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Dead => "dead",
+            TaskState::Cancelled => "cancelled",
         }
+    }
+
+    /// Succeeded, dead or cancelled.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Dead | TaskState::Cancelled
+        )
     }
 }
 
 impl std::str::FromStr for TaskState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "queued" => Ok(TaskState::Queued),
-            other => Err(format!("unknown task state {other:?}; accepted: queued")),
-        }
+        TaskState::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = TaskState::ALL.iter().map(|t| t.as_str()).collect();
+                format!("unknown task state {s:?}; accepted: {}", names.join(", "))
+            })
     }
 }
 
@@ -137,9 +264,30 @@ pub struct Task {
     pub submitted_at_ms: u64,
     /// The Raft log index of the entry that created the task.
     pub created_index: u64,
+    /// When the task becomes visible to workers (queued or failed tasks).
+    pub ready_at_ms: u64,
+    /// Every attempt so far, in order.
+    pub attempts: Vec<Attempt>,
+    /// The current lease while running.
+    pub lease: Option<Lease>,
+    /// Attempts made before the last manual `retry` (they do not count against the budget).
+    pub attempts_before_retry: u32,
+    /// When the task reached a final state.
+    pub finished_at_ms: Option<u64>,
+    /// Order of arrival in the ready queue (FIFO within a priority).
+    seq: u64,
 }
 
-/// One operation on the state.
+impl Task {
+    /// Attempts counted against `retry.max_attempts`.
+    pub fn attempts_used(&self) -> u32 {
+        self.attempts.len() as u32 - self.attempts_before_retry
+    }
+}
+
+/// One operation on the state. Decisions that need a clock or randomness were made by the
+/// leader and are carried here; the state machine re-checks each one against the current state
+/// so a stale decision is rejected, never applied twice.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Record a new task.
@@ -147,13 +295,47 @@ pub enum Command {
         request_id: RequestId,
         spec: TaskSpec,
     },
+    /// Lease the given ready tasks to a worker (chosen by the leader with
+    /// [`State::pick_ready`]); tasks no longer ready are skipped.
+    GrantLeases {
+        worker: WorkerId,
+        tasks: Vec<TaskId>,
+    },
+    /// A worker reports how an attempt ended. `retry_jitter_permille` was drawn by the leader.
+    Complete {
+        task: TaskId,
+        fencing_token: u64,
+        outcome: AttemptOutcome,
+        output_tail: String,
+        retry_jitter_permille: u32,
+    },
+    /// The leader decided a lease is lost (no heartbeat in time, or its worker is lost).
+    ExpireLease {
+        task: TaskId,
+        fencing_token: u64,
+        reason: String,
+        retry_jitter_permille: u32,
+    },
+    /// Cancel a task; a running attempt is killed by its worker at the next heartbeat.
+    Cancel { task: TaskId },
+    /// Re-queue a dead or failed task with a fresh attempt budget.
+    Retry { task: TaskId },
+    /// Forget finished tasks that reached a final state at or before `finished_before_ms`
+    /// (at most `max` of them), and their idempotency keys.
+    PurgeFinished { finished_before_ms: u64, max: u32 },
 }
 
 /// What one command produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutput {
-    /// The task id, new or (for a retried request id) the one recorded the first time.
+    /// The task id, new or (for a retried request id or a known idempotency key) the existing one.
     TaskSubmitted { id: TaskId, duplicate: bool },
+    /// The leases granted (possibly fewer than asked for).
+    LeasesGranted { grants: Vec<LeaseGrant> },
+    /// The task's state after the command.
+    TaskUpdated { id: TaskId, state: TaskState },
+    /// How many finished tasks were forgotten.
+    Purged { count: u32 },
 }
 
 /// A deterministic rejection: every replica reaches the same one for the same command.
@@ -161,6 +343,22 @@ pub enum CommandOutput {
 pub enum CommandError {
     #[error("{0}")]
     Invalid(String),
+    #[error("task {0} not found")]
+    NotFound(TaskId),
+    /// A call with an old fencing token: the caller's lease was lost and given to someone else.
+    #[error("stale fencing token {given} for task {task} (current: {})", .current.map(|c| c.to_string()).unwrap_or_else(|| "none".into()))]
+    StaleToken {
+        task: TaskId,
+        given: u64,
+        current: Option<u64>,
+    },
+    #[error("task {id} is {}; {action} needs {expected}", .state.as_str())]
+    WrongState {
+        id: TaskId,
+        state: TaskState,
+        action: String,
+        expected: String,
+    },
 }
 
 /// The Raft log payload: a batch of commands that share one entry (and so one fsync and one
@@ -168,7 +366,8 @@ pub enum CommandError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     /// The leader's wall clock when it proposed the batch, in milliseconds since the Unix
-    /// epoch. The state machine uses this instead of reading a clock.
+    /// epoch. The state machine uses this instead of reading a clock (never going backwards:
+    /// see [`State::clock_ms`]).
     pub proposed_at_ms: u64,
     pub commands: Vec<Command>,
 }
@@ -196,62 +395,402 @@ pub struct TaskFilter {
     pub limit: usize,
 }
 
+/// Per-queue counts for `fleet queue stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    pub ready: u64,
+    pub delayed: u64,
+    pub running: u64,
+    pub failed: u64,
+    pub dead: u64,
+    /// When the oldest ready task became ready (ms since the epoch).
+    pub oldest_ready_since_ms: Option<u64>,
+}
+
+/// Most candidates [`State::pick_ready`] considers: a bound on the leader's work per grant.
+pub const MAX_PICK_SCAN: usize = 100_000;
+
+/// A ready-queue key: higher priority first, then arrival order.
+type ReadyKey = (Reverse<i32>, u64, TaskId);
+
 /// The scheduler state. Cloning it is how a snapshot is taken.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
+    /// The latest leader clock reading applied; never decreases (a new leader's clock may be
+    /// behind the old one's).
+    clock_ms: u64,
     next_task_id: u64,
+    next_fencing_token: u64,
+    next_seq: u64,
     tasks: BTreeMap<TaskId, Task>,
+    /// Ready tasks per queue, in the order workers get them.
+    ready: BTreeMap<String, BTreeSet<ReadyKey>>,
+    /// Queued or failed tasks that become ready at a later time.
+    waiting: BTreeSet<(u64, TaskId)>,
     /// Recent request ids and the task each created, for idempotent retries.
     requests: BTreeMap<RequestId, TaskId>,
     /// The same ids in the order they arrived, to evict the oldest at the bound.
     request_order: VecDeque<RequestId>,
+    /// Idempotency keys of retained tasks.
+    idempotency_keys: BTreeMap<String, TaskId>,
+    /// Final tasks by the time they finished, for retention.
+    finished: BTreeSet<(u64, TaskId)>,
 }
 
 impl State {
     /// Applies one committed request at log index `index`. Never fails as a whole: each
     /// command's deterministic rejection is part of the response.
     pub fn apply(&mut self, index: u64, request: &Request) -> Response {
+        self.advance_clock(request.proposed_at_ms);
         let results = request
             .commands
             .iter()
-            .map(|cmd| self.apply_command(index, request.proposed_at_ms, cmd))
+            .map(|cmd| self.apply_command(index, cmd))
             .collect();
         Response { results }
     }
 
-    fn apply_command(
-        &mut self,
-        index: u64,
-        now_ms: u64,
-        cmd: &Command,
-    ) -> Result<CommandOutput, CommandError> {
+    /// The state's notion of now: the greatest leader clock reading applied so far.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
+    fn advance_clock(&mut self, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
+        // Promote waiting tasks whose time has come.
+        while let Some(&(at, id)) = self.waiting.first() {
+            if at > self.clock_ms {
+                break;
+            }
+            self.waiting.pop_first();
+            self.make_ready(id);
+        }
+    }
+
+    fn apply_command(&mut self, index: u64, cmd: &Command) -> Result<CommandOutput, CommandError> {
+        let now = self.clock_ms;
         match cmd {
-            Command::SubmitTask { request_id, spec } => {
-                if let Some(id) = self.requests.get(request_id) {
-                    return Ok(CommandOutput::TaskSubmitted {
-                        id: *id,
-                        duplicate: true,
-                    });
+            Command::SubmitTask { request_id, spec } => self.submit(index, *request_id, spec),
+            Command::GrantLeases { worker, tasks } => {
+                let mut grants = Vec::new();
+                for id in tasks {
+                    if let Some(g) = self.grant(*worker, *id) {
+                        grants.push(g);
+                    }
                 }
-                spec.validate()?;
-                self.next_task_id += 1;
-                let id = TaskId(self.next_task_id);
-                let task = Task {
-                    id,
-                    spec: spec.clone(),
-                    state: TaskState::Queued,
-                    submitted_at_ms: now_ms,
-                    created_index: index,
-                };
-                let previous = self.tasks.insert(id, task);
-                assert!(previous.is_none(), "task id {id} assigned twice");
-                self.remember_request(*request_id, id);
-                Ok(CommandOutput::TaskSubmitted {
-                    id,
-                    duplicate: false,
+                Ok(CommandOutput::LeasesGranted { grants })
+            }
+            Command::Complete {
+                task,
+                fencing_token,
+                outcome,
+                output_tail,
+                retry_jitter_permille,
+            } => self.end_attempt(
+                *task,
+                *fencing_token,
+                outcome.clone(),
+                output_tail,
+                *retry_jitter_permille,
+            ),
+            Command::ExpireLease {
+                task,
+                fencing_token,
+                reason,
+                retry_jitter_permille,
+            } => self.end_attempt(
+                *task,
+                *fencing_token,
+                AttemptOutcome::Lost {
+                    reason: reason.clone(),
+                },
+                "",
+                *retry_jitter_permille,
+            ),
+            Command::Cancel { task } => {
+                let t = self.tasks.get(task).ok_or(CommandError::NotFound(*task))?;
+                match t.state {
+                    TaskState::Queued | TaskState::Failed => {
+                        self.unindex(*task);
+                        self.finish(*task, TaskState::Cancelled);
+                    }
+                    // The lease stays until the worker reports or the lease is lost; the
+                    // attempt then ends as cancelled.
+                    TaskState::Running => {
+                        self.tasks.get_mut(task).expect("exists").state = TaskState::Cancelled;
+                        self.finished.insert((now, *task));
+                        self.tasks.get_mut(task).expect("exists").finished_at_ms = Some(now);
+                    }
+                    state => {
+                        return Err(CommandError::WrongState {
+                            id: *task,
+                            state,
+                            action: "cancel".into(),
+                            expected: "a queued, running or failed task".into(),
+                        })
+                    }
+                }
+                Ok(CommandOutput::TaskUpdated {
+                    id: *task,
+                    state: TaskState::Cancelled,
                 })
             }
+            Command::Retry { task } => {
+                let t = self
+                    .tasks
+                    .get_mut(task)
+                    .ok_or(CommandError::NotFound(*task))?;
+                if !matches!(t.state, TaskState::Dead | TaskState::Failed) {
+                    return Err(CommandError::WrongState {
+                        id: *task,
+                        state: t.state,
+                        action: "retry".into(),
+                        expected: "a dead or failed task".into(),
+                    });
+                }
+                let was_dead = t.state == TaskState::Dead;
+                t.attempts_before_retry = t.attempts.len() as u32;
+                if was_dead {
+                    let finished_at = t.finished_at_ms.take().expect("dead tasks have finished");
+                    self.finished.remove(&(finished_at, *task));
+                } else {
+                    self.unindex(*task);
+                }
+                let t = self.tasks.get_mut(task).expect("exists");
+                t.state = TaskState::Queued;
+                t.ready_at_ms = now;
+                self.make_ready(*task);
+                Ok(CommandOutput::TaskUpdated {
+                    id: *task,
+                    state: TaskState::Queued,
+                })
+            }
+            Command::PurgeFinished {
+                finished_before_ms,
+                max,
+            } => {
+                let mut count = 0u32;
+                while count < *max {
+                    let Some(&(at, id)) = self.finished.first() else {
+                        break;
+                    };
+                    if at > *finished_before_ms {
+                        break;
+                    }
+                    // A cancelled task whose attempt still runs keeps its record until the
+                    // attempt ends, so the worker's report is not mistaken for a stranger's.
+                    if self.tasks[&id].lease.is_some() {
+                        break;
+                    }
+                    self.finished.pop_first();
+                    let t = self.tasks.remove(&id).expect("finished tasks exist");
+                    if let Some(k) = &t.spec.idempotency_key {
+                        if self.idempotency_keys.get(k) == Some(&id) {
+                            self.idempotency_keys.remove(k);
+                        }
+                    }
+                    count += 1;
+                }
+                Ok(CommandOutput::Purged { count })
+            }
         }
+    }
+
+    fn submit(
+        &mut self,
+        index: u64,
+        request_id: RequestId,
+        spec: &TaskSpec,
+    ) -> Result<CommandOutput, CommandError> {
+        if let Some(id) = self.requests.get(&request_id) {
+            return Ok(CommandOutput::TaskSubmitted {
+                id: *id,
+                duplicate: true,
+            });
+        }
+        spec.validate()?;
+        if let Some(key) = &spec.idempotency_key {
+            if let Some(id) = self.idempotency_keys.get(key) {
+                let id = *id;
+                self.remember_request(request_id, id);
+                return Ok(CommandOutput::TaskSubmitted {
+                    id,
+                    duplicate: true,
+                });
+            }
+        }
+        let now = self.clock_ms;
+        self.next_task_id += 1;
+        let id = TaskId(self.next_task_id);
+        let ready_at_ms = spec.not_before_ms.unwrap_or(now).max(now);
+        let task = Task {
+            id,
+            spec: spec.clone(),
+            state: TaskState::Queued,
+            submitted_at_ms: now,
+            created_index: index,
+            ready_at_ms,
+            attempts: Vec::new(),
+            lease: None,
+            attempts_before_retry: 0,
+            finished_at_ms: None,
+            seq: 0,
+        };
+        let previous = self.tasks.insert(id, task);
+        assert!(previous.is_none(), "task id {id} assigned twice");
+        if let Some(key) = &spec.idempotency_key {
+            self.idempotency_keys.insert(key.clone(), id);
+        }
+        self.schedule(id);
+        self.remember_request(request_id, id);
+        Ok(CommandOutput::TaskSubmitted {
+            id,
+            duplicate: false,
+        })
+    }
+
+    /// Puts a queued or failed task in the ready queue or the waiting set by its ready time.
+    fn schedule(&mut self, id: TaskId) {
+        let at = self.tasks[&id].ready_at_ms;
+        if at <= self.clock_ms {
+            self.make_ready(id);
+        } else {
+            self.waiting.insert((at, id));
+        }
+    }
+
+    fn make_ready(&mut self, id: TaskId) {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let t = self.tasks.get_mut(&id).expect("scheduled tasks exist");
+        t.seq = seq;
+        self.ready.entry(t.spec.queue.clone()).or_default().insert((
+            Reverse(t.spec.priority),
+            seq,
+            id,
+        ));
+    }
+
+    /// Removes a queued or failed task from whichever index holds it.
+    fn unindex(&mut self, id: TaskId) {
+        let t = &self.tasks[&id];
+        self.waiting.remove(&(t.ready_at_ms, id));
+        if let Some(q) = self.ready.get_mut(&t.spec.queue) {
+            q.remove(&(Reverse(t.spec.priority), t.seq, id));
+            if q.is_empty() {
+                self.ready.remove(&t.spec.queue);
+            }
+        }
+    }
+
+    fn is_ready(&self, id: TaskId) -> bool {
+        let t = &self.tasks[&id];
+        self.ready
+            .get(&t.spec.queue)
+            .is_some_and(|q| q.contains(&(Reverse(t.spec.priority), t.seq, id)))
+    }
+
+    fn grant(&mut self, worker: WorkerId, id: TaskId) -> Option<LeaseGrant> {
+        if !self.tasks.contains_key(&id) || !self.is_ready(id) {
+            return None; // leased meanwhile, cancelled, or purged: a stale decision
+        }
+        self.unindex(id);
+        self.next_fencing_token += 1;
+        let token = self.next_fencing_token;
+        let now = self.clock_ms;
+        let t = self.tasks.get_mut(&id).expect("checked");
+        let attempt = t.attempts.len() as u32 + 1;
+        t.attempts.push(Attempt {
+            number: attempt,
+            worker,
+            fencing_token: token,
+            started_at_ms: now,
+            ended_at_ms: None,
+            outcome: None,
+            output_tail: String::new(),
+        });
+        t.lease = Some(Lease {
+            worker,
+            fencing_token: token,
+            attempt,
+            granted_at_ms: now,
+        });
+        t.state = TaskState::Running;
+        Some(LeaseGrant {
+            task: id,
+            attempt,
+            fencing_token: token,
+            granted_at_ms: now,
+        })
+    }
+
+    /// Ends the current attempt (completion or expiry) if `token` is the current lease's.
+    fn end_attempt(
+        &mut self,
+        id: TaskId,
+        token: u64,
+        outcome: AttemptOutcome,
+        output_tail: &str,
+        jitter_permille: u32,
+    ) -> Result<CommandOutput, CommandError> {
+        let now = self.clock_ms;
+        let t = self.tasks.get_mut(&id).ok_or(CommandError::NotFound(id))?;
+        let current = t.lease.as_ref().map(|l| l.fencing_token);
+        if current != Some(token) {
+            return Err(task::stale_token(id, token, current));
+        }
+        let lease = t.lease.take().expect("checked");
+        let attempt = t.attempts.last_mut().expect("a lease has an attempt");
+        assert_eq!(
+            attempt.fencing_token, lease.fencing_token,
+            "the lease is the last attempt's"
+        );
+        let cancelled = t.state == TaskState::Cancelled;
+        attempt.ended_at_ms = Some(now);
+        attempt.output_tail = output_tail.to_string();
+        attempt.outcome = Some(if cancelled && !outcome.is_success() {
+            AttemptOutcome::Cancelled
+        } else {
+            outcome.clone()
+        });
+        if cancelled {
+            // Already final (and in `finished`) since the cancel.
+            return Ok(CommandOutput::TaskUpdated {
+                id,
+                state: TaskState::Cancelled,
+            });
+        }
+        if outcome.is_success() {
+            self.finish(id, TaskState::Succeeded);
+            return Ok(CommandOutput::TaskUpdated {
+                id,
+                state: TaskState::Succeeded,
+            });
+        }
+        let t = self.tasks.get_mut(&id).expect("exists");
+        let used = t.attempts_used();
+        if used >= t.spec.retry.max_attempts {
+            self.finish(id, TaskState::Dead);
+            return Ok(CommandOutput::TaskUpdated {
+                id,
+                state: TaskState::Dead,
+            });
+        }
+        t.state = TaskState::Failed;
+        t.ready_at_ms = now + t.spec.retry.delay_ms(used + 1, jitter_permille);
+        self.schedule(id);
+        Ok(CommandOutput::TaskUpdated {
+            id,
+            state: TaskState::Failed,
+        })
+    }
+
+    fn finish(&mut self, id: TaskId, state: TaskState) {
+        let now = self.clock_ms;
+        let t = self.tasks.get_mut(&id).expect("exists");
+        t.state = state;
+        t.finished_at_ms = Some(now);
+        self.finished.insert((now, id));
     }
 
     fn remember_request(&mut self, request_id: RequestId, id: TaskId) {
@@ -261,6 +800,46 @@ impl State {
             let oldest = self.request_order.pop_front().expect("non-empty");
             self.requests.remove(&oldest);
         }
+    }
+
+    /// The ready tasks a worker serving `queues` would get next if leases were granted at
+    /// `now_ms`, at most `max`: higher priority first, FIFO within a priority, across the
+    /// queues. Waiting tasks whose time has come by `now_ms` count too, in the order their
+    /// promotion will give them. Read-only: the leader proposes the result as
+    /// [`Command::GrantLeases`] in a request stamped `now_ms`.
+    pub fn pick_ready(&self, queues: &[String], max: usize, now_ms: u64) -> Vec<TaskId> {
+        let mut candidates: Vec<ReadyKey> = Vec::new();
+        for q in queues {
+            if let Some(set) = self.ready.get(q) {
+                candidates.extend(set.iter().take(max).copied());
+            }
+        }
+        // Promotion assigns sequence numbers after every ready task, in waiting order.
+        let mut seq = self.next_seq;
+        for &(at, id) in self
+            .waiting
+            .iter()
+            .take_while(|(at, _)| *at <= now_ms.max(self.clock_ms))
+        {
+            let _ = at;
+            seq += 1;
+            let t = &self.tasks[&id];
+            if queues.contains(&t.spec.queue) {
+                candidates.push((Reverse(t.spec.priority), seq, id));
+            }
+            if candidates.len() >= MAX_PICK_SCAN {
+                break;
+            }
+        }
+        candidates.sort_unstable();
+        candidates.into_iter().take(max).map(|k| k.2).collect()
+    }
+
+    /// Running tasks with their leases (for the leader's lease tracking).
+    pub fn leases(&self) -> impl Iterator<Item = (&Task, &Lease)> {
+        self.tasks
+            .values()
+            .filter_map(|t| t.lease.as_ref().map(|l| (t, l)))
     }
 
     pub fn task(&self, id: TaskId) -> Option<&Task> {
@@ -282,38 +861,149 @@ impl State {
     pub fn task_count(&self) -> usize {
         self.tasks.len()
     }
+
+    /// Counts per queue (a scan of the retained tasks).
+    pub fn queue_stats(&self) -> BTreeMap<String, QueueStats> {
+        let mut out: BTreeMap<String, QueueStats> = BTreeMap::new();
+        for t in self.tasks.values() {
+            let s = out.entry(t.spec.queue.clone()).or_default();
+            let ready_now = matches!(t.state, TaskState::Queued | TaskState::Failed)
+                && t.ready_at_ms <= self.clock_ms;
+            match t.state {
+                TaskState::Queued | TaskState::Failed if ready_now => {
+                    s.ready += 1;
+                    s.oldest_ready_since_ms = Some(
+                        s.oldest_ready_since_ms
+                            .map_or(t.ready_at_ms, |o| o.min(t.ready_at_ms)),
+                    );
+                }
+                TaskState::Queued => s.delayed += 1,
+                TaskState::Failed => s.failed += 1,
+                TaskState::Running => s.running += 1,
+                TaskState::Dead => s.dead += 1,
+                TaskState::Succeeded | TaskState::Cancelled => {}
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const W1: WorkerId = WorkerId(1);
+    const W2: WorkerId = WorkerId(2);
+
+    fn spec(cmd: &[&str]) -> TaskSpec {
+        TaskSpec::new(cmd.iter().map(|s| s.to_string()).collect(), DEFAULT_QUEUE)
+    }
+
     fn submit(rid: u128, cmd: &[&str]) -> Command {
         Command::SubmitTask {
             request_id: RequestId(rid),
-            spec: TaskSpec {
-                command: cmd.iter().map(|s| s.to_string()).collect(),
-                queue: DEFAULT_QUEUE.into(),
-            },
+            spec: spec(cmd),
         }
     }
 
-    fn req(commands: Vec<Command>) -> Request {
-        Request {
-            proposed_at_ms: 1_000,
-            commands,
+    /// A state machine driven with an explicit leader clock.
+    struct Sm {
+        state: State,
+        index: u64,
+    }
+
+    impl Sm {
+        fn new() -> Sm {
+            Sm {
+                state: State::default(),
+                index: 0,
+            }
+        }
+        fn at(
+            &mut self,
+            now_ms: u64,
+            commands: Vec<Command>,
+        ) -> Vec<Result<CommandOutput, CommandError>> {
+            self.index += 1;
+            self.state
+                .apply(
+                    self.index,
+                    &Request {
+                        proposed_at_ms: now_ms,
+                        commands,
+                    },
+                )
+                .results
+        }
+        fn one(&mut self, now_ms: u64, command: Command) -> Result<CommandOutput, CommandError> {
+            self.at(now_ms, vec![command]).pop().unwrap()
+        }
+        fn submit_spec(&mut self, now_ms: u64, rid: u128, spec: TaskSpec) -> TaskId {
+            match self.one(
+                now_ms,
+                Command::SubmitTask {
+                    request_id: RequestId(rid),
+                    spec,
+                },
+            ) {
+                Ok(CommandOutput::TaskSubmitted { id, .. }) => id,
+                other => panic!("{other:?}"),
+            }
+        }
+        fn grant(&mut self, now_ms: u64, worker: WorkerId, max: usize) -> Vec<LeaseGrant> {
+            let picks = self
+                .state
+                .pick_ready(&[DEFAULT_QUEUE.to_string()], max, now_ms);
+            match self.one(
+                now_ms,
+                Command::GrantLeases {
+                    worker,
+                    tasks: picks,
+                },
+            ) {
+                Ok(CommandOutput::LeasesGranted { grants }) => grants,
+                other => panic!("{other:?}"),
+            }
+        }
+        fn complete(
+            &mut self,
+            now_ms: u64,
+            g: &LeaseGrant,
+            outcome: AttemptOutcome,
+        ) -> Result<CommandOutput, CommandError> {
+            self.one(
+                now_ms,
+                Command::Complete {
+                    task: g.task,
+                    fencing_token: g.fencing_token,
+                    outcome,
+                    output_tail: "out".into(),
+                    retry_jitter_permille: 500,
+                },
+            )
+        }
+        fn task(&self, id: TaskId) -> &Task {
+            self.state.task(id).unwrap()
+        }
+    }
+
+    fn failed() -> AttemptOutcome {
+        AttemptOutcome::Failed {
+            exit_code: Some(1),
+            signal: None,
+            error: None,
         }
     }
 
     #[test]
     fn submit_assigns_sequential_ids_and_stamps_leader_time() {
-        let mut s = State::default();
-        let r = s.apply(
-            7,
-            &req(vec![submit(1, &["echo", "a"]), submit(2, &["echo", "b"])]),
+        let mut sm = Sm::new();
+        let r = sm.at(
+            1_000,
+            vec![submit(1, &["echo", "a"]), submit(2, &["echo", "b"])],
         );
         assert_eq!(
-            r.results,
+            r,
             vec![
                 Ok(CommandOutput::TaskSubmitted {
                     id: TaskId(1),
@@ -325,58 +1015,75 @@ mod tests {
                 }),
             ]
         );
-        let t = s.task(TaskId(2)).unwrap();
-        assert_eq!(t.submitted_at_ms, 1_000);
-        assert_eq!(t.created_index, 7);
-        assert_eq!(t.state, TaskState::Queued);
+        let t = sm.task(TaskId(2));
+        assert_eq!(
+            (t.submitted_at_ms, t.created_index, t.state),
+            (1_000, 1, TaskState::Queued)
+        );
     }
 
     #[test]
     fn retried_request_id_returns_first_result() {
-        let mut s = State::default();
-        s.apply(1, &req(vec![submit(9, &["true"])]));
-        let r = s.apply(2, &req(vec![submit(9, &["true"])]));
+        let mut sm = Sm::new();
+        sm.one(1, submit(9, &["true"])).unwrap();
+        let r = sm.one(2, submit(9, &["true"]));
         assert_eq!(
-            r.results,
-            vec![Ok(CommandOutput::TaskSubmitted {
+            r,
+            Ok(CommandOutput::TaskSubmitted {
                 id: TaskId(1),
                 duplicate: true
-            })]
+            })
         );
-        assert_eq!(s.task_count(), 1);
+        assert_eq!(sm.state.task_count(), 1);
     }
 
     #[test]
     fn invalid_commands_are_rejected_without_consuming_ids() {
-        let mut s = State::default();
-        let r = s.apply(1, &req(vec![submit(1, &[]), submit(2, &["ok"])]));
-        assert!(matches!(r.results[0], Err(CommandError::Invalid(_))));
+        let mut sm = Sm::new();
+        let r = sm.at(1, vec![submit(1, &[]), submit(2, &["ok"])]);
+        assert!(matches!(r[0], Err(CommandError::Invalid(_))));
         assert_eq!(
-            r.results[1],
+            r[1],
             Ok(CommandOutput::TaskSubmitted {
                 id: TaskId(1),
                 duplicate: false
             })
         );
-        let bad_queue = Command::SubmitTask {
-            request_id: RequestId(3),
-            spec: TaskSpec {
-                command: vec!["x".into()],
-                queue: "no spaces".into(),
+        let mut bad = spec(&["x"]);
+        bad.queue = "no spaces".into();
+        let Err(CommandError::Invalid(msg)) = sm.one(
+            2,
+            Command::SubmitTask {
+                request_id: RequestId(3),
+                spec: bad,
             },
-        };
-        let r = s.apply(2, &req(vec![bad_queue]));
-        let Err(CommandError::Invalid(msg)) = &r.results[0] else {
-            panic!("{r:?}")
+        ) else {
+            panic!()
         };
         assert!(msg.contains("\"no spaces\""), "{msg}");
+        let mut bad = spec(&["x"]);
+        bad.env = vec![("FLEET_TASK_ID".into(), "1".into())];
+        let r = sm.one(
+            3,
+            Command::SubmitTask {
+                request_id: RequestId(4),
+                spec: bad,
+            },
+        );
+        assert!(r.unwrap_err().to_string().contains("reserved"));
     }
 
     #[test]
     fn request_dedup_table_is_bounded() {
         let mut s = State::default();
         for i in 0..(REQUEST_DEDUP_CAPACITY as u128 + 10) {
-            s.apply(1, &req(vec![submit(i, &["true"])]));
+            s.apply(
+                1,
+                &Request {
+                    proposed_at_ms: 1,
+                    commands: vec![submit(i, &["true"])],
+                },
+            );
         }
         assert_eq!(s.requests.len(), REQUEST_DEDUP_CAPACITY);
         assert_eq!(s.request_order.len(), REQUEST_DEDUP_CAPACITY);
@@ -384,31 +1091,419 @@ mod tests {
     }
 
     #[test]
-    fn list_filters_and_pages() {
-        let mut s = State::default();
-        for i in 0..10 {
-            s.apply(1, &req(vec![submit(i, &["true"])]));
+    fn grant_leases_a_task_to_one_worker_with_growing_fencing_tokens() {
+        let mut sm = Sm::new();
+        sm.one(10, submit(1, &["true"])).unwrap();
+        sm.one(10, submit(2, &["true"])).unwrap();
+        let g1 = sm.grant(20, W1, 1);
+        assert_eq!(g1.len(), 1);
+        assert_eq!(
+            (g1[0].task, g1[0].attempt, g1[0].granted_at_ms),
+            (TaskId(1), 1, 20)
+        );
+        // The same decision applied again (a stale or duplicated grant) grants nothing.
+        let again = sm.one(
+            21,
+            Command::GrantLeases {
+                worker: W2,
+                tasks: vec![TaskId(1)],
+            },
+        );
+        assert_eq!(again, Ok(CommandOutput::LeasesGranted { grants: vec![] }));
+        let g2 = sm.grant(22, W2, 5);
+        assert_eq!(g2.len(), 1);
+        assert!(g2[0].fencing_token > g1[0].fencing_token);
+        let t = sm.task(TaskId(1));
+        assert_eq!(t.state, TaskState::Running);
+        assert_eq!(t.lease.as_ref().unwrap().worker, W1);
+        assert!(sm
+            .state
+            .pick_ready(&[DEFAULT_QUEUE.into()], 10, 22)
+            .is_empty());
+    }
+
+    #[test]
+    fn success_is_final_and_a_second_completion_is_rejected() {
+        let mut sm = Sm::new();
+        let id = sm.submit_spec(1, 1, spec(&["true"]));
+        let g = sm.grant(2, W1, 1).remove(0);
+        assert_eq!(
+            sm.complete(3, &g, AttemptOutcome::Succeeded),
+            Ok(CommandOutput::TaskUpdated {
+                id,
+                state: TaskState::Succeeded
+            })
+        );
+        let t = sm.task(id);
+        assert_eq!(t.finished_at_ms, Some(3));
+        assert_eq!(t.attempts[0].outcome, Some(AttemptOutcome::Succeeded));
+        assert_eq!(t.attempts[0].output_tail, "out");
+        let again = sm.complete(4, &g, AttemptOutcome::Succeeded);
+        assert_eq!(
+            again,
+            Err(CommandError::StaleToken {
+                task: id,
+                given: g.fencing_token,
+                current: None
+            })
+        );
+    }
+
+    #[test]
+    fn expiry_makes_the_task_visible_again_and_fences_the_old_worker() {
+        let mut sm = Sm::new();
+        let mut s = spec(&["true"]);
+        s.retry.backoff_initial_ms = 100;
+        let id = sm.submit_spec(1, 1, s);
+        let old = sm.grant(10, W1, 1).remove(0);
+        let r = sm.one(
+            40_000,
+            Command::ExpireLease {
+                task: id,
+                fencing_token: old.fencing_token,
+                reason: "no heartbeat".into(),
+                retry_jitter_permille: 1000,
+            },
+        );
+        assert_eq!(
+            r,
+            Ok(CommandOutput::TaskUpdated {
+                id,
+                state: TaskState::Failed
+            })
+        );
+        assert_eq!(
+            sm.task(id).attempts[0].outcome,
+            Some(AttemptOutcome::Lost {
+                reason: "no heartbeat".into()
+            })
+        );
+        // Not ready before the backoff (100 ms, jitter 1000 => the full delay).
+        assert!(sm.grant(40_099, W2, 1).is_empty());
+        let new = sm.grant(40_100, W2, 1).remove(0);
+        assert_eq!(new.attempt, 2);
+        // The stale worker's late completion is rejected with the current token named.
+        let late = sm.complete(40_200, &old, AttemptOutcome::Succeeded);
+        assert_eq!(
+            late,
+            Err(CommandError::StaleToken {
+                task: id,
+                given: old.fencing_token,
+                current: Some(new.fencing_token)
+            })
+        );
+        assert_eq!(
+            sm.complete(40_300, &new, AttemptOutcome::Succeeded)
+                .unwrap(),
+            CommandOutput::TaskUpdated {
+                id,
+                state: TaskState::Succeeded
+            }
+        );
+        let successes = sm
+            .task(id)
+            .attempts
+            .iter()
+            .filter(|a| a.outcome == Some(AttemptOutcome::Succeeded))
+            .count();
+        assert_eq!(successes, 1);
+    }
+
+    #[test]
+    fn failures_back_off_with_jitter_then_go_dead_and_retry_revives() {
+        let mut sm = Sm::new();
+        let mut s = spec(&["false"]);
+        s.retry = RetryPolicy {
+            max_attempts: 3,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 10_000,
+            backoff_multiplier_permille: 2_000,
+        };
+        let id = sm.submit_spec(0, 1, s);
+        let mut now = 0;
+        for attempt in 1..=3u32 {
+            let g = sm
+                .grant(now, W1, 1)
+                .pop()
+                .unwrap_or_else(|| panic!("attempt {attempt} not granted at {now}"));
+            assert_eq!(g.attempt, attempt);
+            let r = sm.complete(now + 5, &g, failed()).unwrap();
+            if attempt < 3 {
+                assert_eq!(
+                    r,
+                    CommandOutput::TaskUpdated {
+                        id,
+                        state: TaskState::Failed
+                    }
+                );
+                // Jitter 500 per mille: 3/4 of the base delay (1 s, then 2 s).
+                let expected = [750, 1_500][attempt as usize - 1];
+                assert_eq!(sm.task(id).ready_at_ms, now + 5 + expected);
+                now = sm.task(id).ready_at_ms;
+            } else {
+                assert_eq!(
+                    r,
+                    CommandOutput::TaskUpdated {
+                        id,
+                        state: TaskState::Dead
+                    }
+                );
+            }
         }
-        let page = s.tasks(&TaskFilter {
+        assert!(
+            sm.grant(now + 1_000_000, W1, 1).is_empty(),
+            "dead tasks are not leased"
+        );
+        assert_eq!(
+            sm.one(now + 1_000_001, Command::Retry { task: id }),
+            Ok(CommandOutput::TaskUpdated {
+                id,
+                state: TaskState::Queued
+            })
+        );
+        let g = sm.grant(now + 1_000_002, W1, 1).remove(0);
+        assert_eq!(g.attempt, 4, "attempt numbers keep counting");
+        assert_eq!(sm.task(id).attempts_used(), 1, "a fresh budget after retry");
+        let r = sm.one(now + 1_000_003, Command::Retry { task: id });
+        assert!(matches!(
+            r,
+            Err(CommandError::WrongState {
+                state: TaskState::Running,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn execution_timeout_counts_as_a_failed_attempt() {
+        let mut sm = Sm::new();
+        let mut s = spec(&["sleep", "600"]);
+        s.retry.max_attempts = 1;
+        let id = sm.submit_spec(0, 1, s);
+        let g = sm.grant(1, W1, 1).remove(0);
+        assert_eq!(
+            sm.complete(2, &g, AttemptOutcome::TimedOut).unwrap(),
+            CommandOutput::TaskUpdated {
+                id,
+                state: TaskState::Dead
+            }
+        );
+        assert_eq!(
+            sm.task(id).attempts[0].outcome,
+            Some(AttemptOutcome::TimedOut)
+        );
+    }
+
+    #[test]
+    fn cancel_queued_running_and_finished_tasks() {
+        let mut sm = Sm::new();
+        let a = sm.submit_spec(0, 1, spec(&["a"]));
+        let b = sm.submit_spec(0, 2, spec(&["b"]));
+        assert_eq!(
+            sm.one(1, Command::Cancel { task: a }),
+            Ok(CommandOutput::TaskUpdated {
+                id: a,
+                state: TaskState::Cancelled
+            })
+        );
+        let g = sm.grant(2, W1, 5);
+        assert_eq!(g.len(), 1, "a cancelled task is not leased");
+        assert_eq!(g[0].task, b);
+        sm.one(3, Command::Cancel { task: b }).unwrap();
+        assert_eq!(sm.task(b).state, TaskState::Cancelled);
+        assert!(
+            sm.task(b).lease.is_some(),
+            "the worker learns at its next heartbeat"
+        );
+        // The worker's report ends the attempt as cancelled; the task stays cancelled.
+        sm.complete(4, &g[0], failed()).unwrap();
+        assert_eq!(sm.task(b).state, TaskState::Cancelled);
+        assert_eq!(
+            sm.task(b).attempts[0].outcome,
+            Some(AttemptOutcome::Cancelled)
+        );
+        let r = sm.one(5, Command::Cancel { task: b });
+        assert!(matches!(
+            r,
+            Err(CommandError::WrongState {
+                state: TaskState::Cancelled,
+                ..
+            })
+        ));
+        assert_eq!(
+            sm.one(5, Command::Cancel { task: TaskId(99) }),
+            Err(CommandError::NotFound(TaskId(99)))
+        );
+    }
+
+    #[test]
+    fn priority_first_then_fifo_across_queues() {
+        let mut sm = Sm::new();
+        let mut ids = Vec::new();
+        for (i, (prio, queue)) in [(0, "a"), (5, "b"), (0, "b"), (5, "a"), (-1, "a")]
+            .iter()
+            .enumerate()
+        {
+            let mut s = spec(&["true"]);
+            s.priority = *prio;
+            s.queue = queue.to_string();
+            ids.push(sm.submit_spec(i as u64, i as u128, s));
+        }
+        let order = sm.state.pick_ready(&["a".into(), "b".into()], 10, 5);
+        assert_eq!(order, vec![ids[1], ids[3], ids[0], ids[2], ids[4]]);
+        assert_eq!(
+            sm.state.pick_ready(&["a".into()], 2, 5),
+            vec![ids[3], ids[0]]
+        );
+        assert!(sm.state.pick_ready(&["none".into()], 2, 5).is_empty());
+    }
+
+    #[test]
+    fn delayed_tasks_wait_for_their_time_and_the_clock_never_goes_back() {
+        let mut sm = Sm::new();
+        let mut s = spec(&["true"]);
+        s.not_before_ms = Some(5_000);
+        let id = sm.submit_spec(1_000, 1, s);
+        assert_eq!(sm.state.queue_stats()[DEFAULT_QUEUE].delayed, 1);
+        assert!(sm.grant(4_999, W1, 1).is_empty());
+        // A new leader whose clock is behind does not move time backwards.
+        sm.at(4_000, vec![]);
+        assert_eq!(sm.state.clock_ms(), 4_999);
+        assert_eq!(sm.grant(5_000, W1, 1)[0].task, id);
+    }
+
+    #[test]
+    fn idempotency_key_returns_the_first_task_while_it_is_retained() {
+        let mut sm = Sm::new();
+        let mut s = spec(&["true"]);
+        s.idempotency_key = Some("nightly-2026-11-21".into());
+        let first = sm.submit_spec(0, 1, s.clone());
+        let r = sm.one(
+            1,
+            Command::SubmitTask {
+                request_id: RequestId(2),
+                spec: s.clone(),
+            },
+        );
+        assert_eq!(
+            r,
+            Ok(CommandOutput::TaskSubmitted {
+                id: first,
+                duplicate: true
+            })
+        );
+        let g = sm.grant(2, W1, 1).remove(0);
+        sm.complete(3, &g, AttemptOutcome::Succeeded).unwrap();
+        assert_eq!(
+            sm.one(
+                10,
+                Command::PurgeFinished {
+                    finished_before_ms: 3,
+                    max: 100
+                }
+            ),
+            Ok(CommandOutput::Purged { count: 1 })
+        );
+        let again = sm.submit_spec(11, 3, s);
+        assert_ne!(again, first, "after retention the key is free again");
+    }
+
+    #[test]
+    fn retention_purges_only_old_final_tasks_in_bounded_batches() {
+        let mut sm = Sm::new();
+        for i in 0..5u64 {
+            let id = sm.submit_spec(i, i as u128, spec(&["true"]));
+            let g = sm.grant(i, W1, 1).remove(0);
+            assert_eq!(g.task, id);
+            sm.complete(i, &g, AttemptOutcome::Succeeded).unwrap();
+        }
+        let running = sm.submit_spec(10, 100, spec(&["sleep"]));
+        sm.grant(10, W1, 1);
+        assert_eq!(
+            sm.one(
+                20,
+                Command::PurgeFinished {
+                    finished_before_ms: 2,
+                    max: 2
+                }
+            ),
+            Ok(CommandOutput::Purged { count: 2 })
+        );
+        assert_eq!(
+            sm.one(
+                20,
+                Command::PurgeFinished {
+                    finished_before_ms: 2,
+                    max: 10
+                }
+            ),
+            Ok(CommandOutput::Purged { count: 1 })
+        );
+        assert_eq!(
+            sm.one(
+                20,
+                Command::PurgeFinished {
+                    finished_before_ms: 100,
+                    max: 10
+                }
+            ),
+            Ok(CommandOutput::Purged { count: 2 })
+        );
+        assert_eq!(sm.state.task_count(), 1);
+        assert_eq!(sm.task(running).state, TaskState::Running);
+    }
+
+    #[test]
+    fn list_filters_and_pages() {
+        let mut sm = Sm::new();
+        for i in 0..10 {
+            sm.one(1, submit(i, &["true"])).unwrap();
+        }
+        let page = sm.state.tasks(&TaskFilter {
             after: Some(TaskId(3)),
             limit: 4,
             ..Default::default()
         });
         let ids: Vec<u64> = page.iter().map(|t| t.id.0).collect();
         assert_eq!(ids, vec![4, 5, 6, 7]);
-        let none = s.tasks(&TaskFilter {
+        let none = sm.state.tasks(&TaskFilter {
             queue: Some("other".into()),
             limit: 100,
             ..Default::default()
         });
         assert!(none.is_empty());
+        let running = sm.state.tasks(&TaskFilter {
+            state: Some(TaskState::Running),
+            limit: 100,
+            ..Default::default()
+        });
+        assert!(running.is_empty());
     }
 
     #[test]
     fn same_requests_give_same_state_on_every_replica() {
-        let reqs: Vec<Request> = (0..50)
-            .map(|i| req(vec![submit(i % 20, &["echo", "x"]), submit(1000 + i, &[])]))
-            .collect();
+        let mut reqs: Vec<Request> = Vec::new();
+        for i in 0..50u64 {
+            let mut commands = vec![
+                submit(i as u128 % 20, &["echo", "x"]),
+                submit(1000 + i as u128, &[]),
+            ];
+            commands.push(Command::GrantLeases {
+                worker: W1,
+                tasks: vec![TaskId(i / 2 + 1)],
+            });
+            commands.push(Command::Complete {
+                task: TaskId(i / 3 + 1),
+                fencing_token: i / 2,
+                outcome: failed(),
+                output_tail: String::new(),
+                retry_jitter_permille: (i * 37 % 1000) as u32,
+            });
+            reqs.push(Request {
+                proposed_at_ms: i * 100,
+                commands,
+            });
+        }
         let mut a = State::default();
         let mut b = State::default();
         let ra: Vec<_> = reqs
