@@ -43,6 +43,9 @@ pub enum Command {
     /// Inspect tasks.
     #[command(subcommand)]
     Task(TaskCommand),
+    /// Inspect queues.
+    #[command(subcommand)]
+    Queue(QueueCommand),
     /// Inspect and change the cluster's membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -129,11 +132,25 @@ pub struct SubmitArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum TaskCommand {
+    /// Cancel a task. A running attempt is stopped by its worker.
+    Cancel {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The task id.
+        id: u64,
+    },
+    /// Re-queue a dead or failed task with a fresh attempt budget.
+    Retry {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The task id.
+        id: u64,
+    },
     /// List tasks (linearizable unless --stale).
     List {
         #[command(flatten)]
         client: ClientArgs,
-        /// Only tasks in this state (queued).
+        /// Only tasks in this state (queued, running, failed, succeeded, dead, cancelled).
         #[arg(long)]
         state: Option<TaskState>,
         /// Only tasks of this queue.
@@ -155,6 +172,18 @@ pub enum TaskCommand {
         client: ClientArgs,
         /// The task id.
         id: u64,
+        /// Read from the contacted replica without confirming with the leader (may be stale).
+        #[arg(long)]
+        stale: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Ready, delayed, running, failed and dead tasks per queue, and the oldest ready task's age.
+    Stats {
+        #[command(flatten)]
+        client: ClientArgs,
         /// Read from the contacted replica without confirming with the leader (may be stale).
         #[arg(long)]
         stale: bool,
@@ -288,8 +317,79 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("command:    {}", shell_words(&task.spec.command));
                 println!("submitted:  {}", format_time_ms(task.submitted_at_ms));
                 println!("log index:  {}", task.created_index);
+                println!("priority:   {}", task.spec.priority);
+                println!(
+                    "attempts:   {} of {}",
+                    task.attempts_used(),
+                    task.spec.retry.max_attempts
+                );
+                for a in &task.attempts {
+                    println!(
+                        "  #{} worker {} token {} started {} {}",
+                        a.number,
+                        a.worker.0,
+                        a.fencing_token,
+                        format_time_ms(a.started_at_ms),
+                        a.outcome
+                            .as_ref()
+                            .map(|o| format!("{o:?}"))
+                            .unwrap_or_else(|| "running".into())
+                    );
+                }
                 Ok(())
             }
+        }
+        Command::Task(TaskCommand::Cancel { client, id }) => {
+            let mut c = connect(&config, &client)?;
+            let state = c
+                .call(|cl, ctx| async move { cl.cancel_task(ctx, TaskId(id), 0).await })
+                .await?;
+            report(
+                &client,
+                &serde_json::json!({"id": id, "state": state}),
+                &format!("task {id} is {}", state.as_str()),
+            )
+        }
+        Command::Task(TaskCommand::Retry { client, id }) => {
+            let mut c = connect(&config, &client)?;
+            let state = c
+                .call(|cl, ctx| async move { cl.retry_task(ctx, TaskId(id), 0).await })
+                .await?;
+            report(
+                &client,
+                &serde_json::json!({"id": id, "state": state}),
+                &format!("task {id} is {}", state.as_str()),
+            )
+        }
+        Command::Queue(QueueCommand::Stats { client, stale }) => {
+            let mut c = connect(&config, &client)?;
+            let mode = if stale {
+                ReadMode::Local
+            } else {
+                ReadMode::Linearizable
+            };
+            let reply = c
+                .call(|cl, ctx| async move { cl.queue_stats(ctx, mode, 0).await })
+                .await?;
+            if client.output == Output::Json {
+                return print_json(&reply);
+            }
+            let now = crate::server::proposer::now_ms();
+            println!(
+                "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>12}",
+                "QUEUE", "READY", "DELAYED", "RUNNING", "FAILED", "DEAD", "OLDEST READY"
+            );
+            for (q, st) in &reply.value {
+                let age = st
+                    .oldest_ready_since_ms
+                    .map(|t| format!("{:.1}s", now.saturating_sub(t) as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>12}",
+                    q, st.ready, st.delayed, st.running, st.failed, st.dead, age
+                );
+            }
+            Ok(())
         }
         Command::Cluster(ClusterCommand::Status { client, local }) => {
             let status = cluster_status(&config, &client, local).await?;

@@ -30,6 +30,10 @@ pub enum Error {
     /// The peer is not part of this cluster or speaks another protocol version.
     #[error("rejected: {0}")]
     Rejected(String),
+    /// The caller's lease was lost: its fencing token is older than the task's current one.
+    /// The caller must stop the attempt.
+    #[error("fenced: {0}")]
+    StaleToken(String),
     /// A bug or a storage failure on the replica.
     #[error("internal error: {0}")]
     Internal(String),
@@ -39,6 +43,19 @@ impl Error {
     /// Whether a client should retry the request (at another replica or after a pause).
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::NotLeader { .. } | Error::Unavailable(_))
+    }
+}
+
+impl From<crate::state::CommandError> for Error {
+    fn from(e: crate::state::CommandError) -> Error {
+        use crate::state::CommandError;
+        match e {
+            CommandError::NotFound(_) => Error::NotFound(e.to_string()),
+            CommandError::StaleToken { .. } => Error::StaleToken(e.to_string()),
+            CommandError::Invalid(_) | CommandError::WrongState { .. } => {
+                Error::InvalidArgument(e.to_string())
+            }
+        }
     }
 }
 

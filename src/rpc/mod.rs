@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::raft::{NodeId, TypeConfig};
-use crate::state::{RequestId, Task, TaskFilter, TaskId, TaskSpec};
+use crate::state::{QueueStats, RequestId, Task, TaskFilter, TaskId, TaskSpec, TaskState};
 
 /// The largest frame either side accepts. Raft entries are batches of at most
 /// `server::proposer::MAX_BATCH_BYTES` and an AppendEntries carries at most 16 of them;
@@ -168,6 +168,15 @@ pub trait FleetService {
         hop: u8,
     ) -> Result<ReadReply<Vec<Task>>, Error>;
     async fn cluster_status(hop: u8) -> Result<ClusterStatus, Error>;
+    /// Cancels a task; returns its state afterwards.
+    async fn cancel_task(id: TaskId, hop: u8) -> Result<TaskState, Error>;
+    /// Re-queues a dead or failed task; returns its state afterwards.
+    async fn retry_task(id: TaskId, hop: u8) -> Result<TaskState, Error>;
+    /// Per-queue counts.
+    async fn queue_stats(
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<std::collections::BTreeMap<String, QueueStats>>, Error>;
     /// Adds a node: as a learner, waits for it to catch up, then makes it a voter.
     async fn add_member(node_id: NodeId, addr: String, hop: u8) -> Result<(), Error>;
     /// Removes a node from the membership.

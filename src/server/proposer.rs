@@ -145,7 +145,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
                     let results = resp.data.results;
                     assert_eq!(results.len(), replies.len(), "one result per command");
                     for (reply, r) in replies.into_iter().zip(results) {
-                        let _ = reply.send(r.map_err(|e| Error::InvalidArgument(e.to_string())));
+                        let _ = reply.send(r.map_err(Error::from));
                     }
                 }
                 Ok(Err(e)) => {

@@ -6,7 +6,7 @@
 //! leader's address, and the client retries. Forwarded calls keep the caller's deadline.
 
 use openraft::async_runtime::WatchReceiver;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io::Cursor;
 use std::net::SocketAddr;
@@ -26,7 +26,7 @@ use crate::rpc::{
     ReadMode, ReadReply, Role, SnapshotChunk, SnapshotResp, SubmitTask, Submitted, TransferReq,
     TransferResp, VoteReq, VoteResp,
 };
-use crate::state::{Command, CommandOutput, Task, TaskFilter, TaskId};
+use crate::state::{Command, CommandOutput, QueueStats, Task, TaskFilter, TaskId, TaskState};
 
 /// Most tasks one `submit` call may carry; the CLI splits larger files into batches.
 pub const MAX_SUBMIT_BATCH: usize = 10_000;
@@ -166,6 +166,47 @@ impl FleetService for Connection {
             // No leader reachable: say what this replica sees, marked as a local view.
             Err(_) => Ok(r.local_status()),
         }
+    }
+
+    async fn cancel_task(self, ctx: Context, id: TaskId, hop: u8) -> Result<TaskState, Error> {
+        let r = &self.replica;
+        if !r.raft.is_leader() {
+            return r
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.cancel_task(ctx, id, hop + 1).await
+                })
+                .await;
+        }
+        task_state(r.proposer.propose(Command::Cancel { task: id }).await?)
+    }
+
+    async fn retry_task(self, ctx: Context, id: TaskId, hop: u8) -> Result<TaskState, Error> {
+        let r = &self.replica;
+        if !r.raft.is_leader() {
+            return r
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.retry_task(ctx, id, hop + 1).await
+                })
+                .await;
+        }
+        task_state(r.proposer.propose(Command::Retry { task: id }).await?)
+    }
+
+    async fn queue_stats(
+        self,
+        ctx: Context,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<BTreeMap<String, QueueStats>>, Error> {
+        let r = self.replica.clone();
+        r.read(
+            ctx,
+            mode,
+            hop,
+            |s| s.queue_stats(),
+            move |c, ctx| async move { c.queue_stats(ctx, mode, hop + 1).await },
+        )
+        .await
     }
 
     async fn add_member(
@@ -574,6 +615,13 @@ impl Replica {
             .await
             .map_err(fatal)?;
         Ok(Some(resp))
+    }
+}
+
+fn task_state(out: CommandOutput) -> Result<TaskState, Error> {
+    match out {
+        CommandOutput::TaskUpdated { state, .. } => Ok(state),
+        other => Err(Error::Internal(format!("unexpected output: {other:?}"))),
     }
 }
 
