@@ -4,6 +4,7 @@
 //! - [`state`]: the replicated scheduler state, a pure deterministic state machine.
 //! - [`raft`]: the openraft glue: sled log store, state machine store, network adapter.
 //! - [`rpc`]: the tarpc service, the handshake, the bincode transport, reconnecting peers.
+//! - [`scheduler`]: the leader's decisions (lease liveness so far).
 //! - [`server`]: a replica: Raft + listener + formation + request handlers + write batching.
 //! - [`client`]: finding the cluster and retrying through elections (used by the CLI).
 //! - [`cli`]: the `fleet` command line; [`bench`]: the built-in write benchmark.
@@ -16,5 +17,6 @@ pub mod config;
 pub mod error;
 pub mod raft;
 pub mod rpc;
+pub mod scheduler;
 pub mod server;
 pub mod state;
