@@ -331,7 +331,17 @@ impl Replica {
                 Err(e) => results.push(Some(Err(Error::InvalidArgument(e.to_string())))),
             }
         }
-        let mut outputs = self.proposer.propose_many(commands).await.into_iter();
+        let outputs = self.proposer.propose_many(commands).await;
+        // A retryable failure (leadership moved mid-call) fails the whole call so the client
+        // retries it; request ids make the retry return the tasks already created instead of
+        // creating them twice.
+        if let Some(Err(e)) = outputs
+            .iter()
+            .find(|r| matches!(r, Err(e) if e.is_retryable()))
+        {
+            return Err(e.clone());
+        }
+        let mut outputs = outputs.into_iter();
         Ok(results
             .into_iter()
             .map(|r| {
