@@ -169,27 +169,19 @@ impl FleetService for Connection {
     }
 
     async fn cancel_task(self, ctx: Context, id: TaskId, hop: u8) -> Result<TaskState, Error> {
-        let r = &self.replica;
-        if !r.raft.is_leader() {
-            return r
-                .forward(ctx, hop, |c, ctx| async move {
-                    c.cancel_task(ctx, id, hop + 1).await
-                })
-                .await;
-        }
-        task_state(r.proposer.propose(Command::Cancel { task: id }).await?)
+        let forward =
+            move |c: FleetServiceClient, ctx| async move { c.cancel_task(ctx, id, hop + 1).await };
+        self.replica
+            .task_command(ctx, hop, Command::Cancel { task: id }, forward)
+            .await
     }
 
     async fn retry_task(self, ctx: Context, id: TaskId, hop: u8) -> Result<TaskState, Error> {
-        let r = &self.replica;
-        if !r.raft.is_leader() {
-            return r
-                .forward(ctx, hop, |c, ctx| async move {
-                    c.retry_task(ctx, id, hop + 1).await
-                })
-                .await;
-        }
-        task_state(r.proposer.propose(Command::Retry { task: id }).await?)
+        let forward =
+            move |c: FleetServiceClient, ctx| async move { c.retry_task(ctx, id, hop + 1).await };
+        self.replica
+            .task_command(ctx, hop, Command::Retry { task: id }, forward)
+            .await
     }
 
     async fn queue_stats(
@@ -358,6 +350,28 @@ impl Replica {
                 })
             })
             .collect())
+    }
+
+    /// Proposes a command that changes one task (on the leader; forwarded from elsewhere) and
+    /// returns the task's state afterwards.
+    async fn task_command<F, Fut>(
+        &self,
+        ctx: Context,
+        hop: u8,
+        command: Command,
+        forward: F,
+    ) -> Result<TaskState, Error>
+    where
+        F: FnOnce(FleetServiceClient, Context) -> Fut,
+        Fut: Future<Output = Result<Result<TaskState, Error>, tarpc::client::RpcError>>,
+    {
+        if !self.raft.is_leader() {
+            return self.forward(ctx, hop, forward).await;
+        }
+        match self.proposer.propose(command).await? {
+            CommandOutput::TaskUpdated { state, .. } => Ok(state),
+            other => Err(Error::Internal(format!("unexpected output: {other:?}"))),
+        }
     }
 
     /// Serves a read: locally, or confirmed by the leader (forwarding when not the leader).
@@ -625,13 +639,6 @@ impl Replica {
             .await
             .map_err(fatal)?;
         Ok(Some(resp))
-    }
-}
-
-fn task_state(out: CommandOutput) -> Result<TaskState, Error> {
-    match out {
-        CommandOutput::TaskUpdated { state, .. } => Ok(state),
-        other => Err(Error::Internal(format!("unexpected output: {other:?}"))),
     }
 }
 
