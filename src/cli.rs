@@ -340,26 +340,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Task(TaskCommand::Cancel { client, id }) => {
-            let mut c = connect(&config, &client)?;
-            let state = c
-                .call(|cl, ctx| async move { cl.cancel_task(ctx, TaskId(id), 0).await })
-                .await?;
-            report(
-                &client,
-                &serde_json::json!({"id": id, "state": state}),
-                &format!("task {id} is {}", state.as_str()),
-            )
+            change_task(&config, &client, id, true).await
         }
         Command::Task(TaskCommand::Retry { client, id }) => {
-            let mut c = connect(&config, &client)?;
-            let state = c
-                .call(|cl, ctx| async move { cl.retry_task(ctx, TaskId(id), 0).await })
-                .await?;
-            report(
-                &client,
-                &serde_json::json!({"id": id, "state": state}),
-                &format!("task {id} is {}", state.as_str()),
-            )
+            change_task(&config, &client, id, false).await
         }
         Command::Queue(QueueCommand::Stats { client, stale }) => {
             let mut c = connect(&config, &client)?;
@@ -504,6 +488,31 @@ fn report(args: &ClientArgs, json: &serde_json::Value, text: &str) -> anyhow::Re
         println!("{text}");
         Ok(())
     }
+}
+
+/// `task cancel` (`cancel = true`) or `task retry`: makes the change and prints the task's
+/// state afterwards.
+async fn change_task(
+    config: &Config,
+    args: &ClientArgs,
+    id: u64,
+    cancel: bool,
+) -> anyhow::Result<()> {
+    let mut c = connect(config, args)?;
+    let state = c
+        .call(|cl, ctx| async move {
+            if cancel {
+                cl.cancel_task(ctx, TaskId(id), 0).await
+            } else {
+                cl.retry_task(ctx, TaskId(id), 0).await
+            }
+        })
+        .await?;
+    report(
+        args,
+        &serde_json::json!({"id": id, "state": state}),
+        &format!("task {id} is {}", state.as_str()),
+    )
 }
 
 fn print_status(s: &ClusterStatus) {
