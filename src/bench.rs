@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::cli::{connect, BenchArgs, Output};
 use crate::config::Config;
 use crate::rpc::SubmitTask;
-use crate::state::{RequestId, TaskSpec, DEFAULT_QUEUE};
+use crate::state::RequestId;
 
 #[derive(Debug, Serialize)]
 pub struct LevelReport {
@@ -62,7 +62,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
                 while started.elapsed() < duration {
                     let task = SubmitTask {
                         request_id: RequestId(rand::random()),
-                        spec: TaskSpec::new(vec!["true".into()], DEFAULT_QUEUE),
+                        task: crate::rpc::NewTask::command(vec!["true".into()]),
                     };
                     let t0 = Instant::now();
                     let r = client

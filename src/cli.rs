@@ -4,19 +4,26 @@
 //! cluster from `--peers`, the `FLEET_PEERS` environment variable, or `[client] peers` in the
 //! config file, in that order. Every command that prints data takes `--output json`.
 
-use std::io::BufRead;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+pub mod logs;
+pub mod submit;
+pub mod up;
+pub mod worker;
+
+pub use submit::SubmitArgs;
+pub use up::UpArgs;
 
 use crate::client::Client;
 use crate::config::{parse_peer_list, Config};
-use crate::rpc::{ClusterStatus, ReadMode, SubmitTask, Submitted};
+use crate::rpc::{ClusterStatus, ReadMode};
 use crate::server::Replica;
-use crate::state::{RequestId, TaskFilter, TaskId, TaskSpec, TaskState, DEFAULT_QUEUE};
+use crate::state::{TaskFilter, TaskId, TaskState};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,8 +43,13 @@ pub struct Cli {
 pub enum Command {
     /// Run a scheduler replica: form a new cluster or join a running one.
     Join(JoinArgs),
-    /// Run a local 3-replica cluster on loopback (for trying fleet out).
+    /// Run a local fleet on loopback: 3 replicas, 2 workers and a demo batch (for trying fleet
+    /// out).
     Up(UpArgs),
+    /// Run a worker (`fleet worker --peers ...`), or list workers (`fleet worker list`).
+    Worker(worker::WorkerArgs),
+    /// Print the recorded output of a task's attempts.
+    Logs(logs::LogsArgs),
     /// Submit a task: `fleet submit [options] -- CMD ARGS...`, or many with --file.
     Submit(SubmitArgs),
     /// Inspect tasks.
@@ -82,19 +94,6 @@ pub struct JoinArgs {
     pub raft_timing_multiplier: Option<f64>,
 }
 
-#[derive(Args, Debug)]
-pub struct UpArgs {
-    /// Number of replicas.
-    #[arg(long, default_value_t = 3)]
-    pub replicas: usize,
-    /// Port of the first replica; the others use the following ports.
-    #[arg(long, default_value_t = 7101)]
-    pub base_port: u16,
-    /// Where the replicas keep their data and logs.
-    #[arg(long, default_value = "fleet-data")]
-    pub data_dir: PathBuf,
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// Replicas to contact (any subset), comma-separated host:port.
@@ -112,22 +111,6 @@ pub struct ClientArgs {
 pub enum Output {
     Text,
     Json,
-}
-
-#[derive(Args, Debug)]
-pub struct SubmitArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
-    /// The queue for the task.
-    #[arg(long, default_value = DEFAULT_QUEUE)]
-    pub queue: String,
-    /// Submit many tasks from a JSON-lines file (`{"command": [...], "queue": "..."}` per
-    /// line; `-` reads standard input).
-    #[arg(long, value_name = "FILE", conflicts_with = "command")]
-    pub file: Option<PathBuf>,
-    /// The program and its arguments, after `--`.
-    #[arg(last = true, value_name = "CMD")]
-    pub command: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -232,8 +215,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(cli.config.as_deref())?;
     match cli.command {
         Command::Join(args) => join(config, args).await,
-        Command::Up(args) => up(args).await,
-        Command::Submit(args) => submit(&config, args).await,
+        Command::Up(args) => up::up(args).await,
+        Command::Worker(args) => worker::worker(config, args).await,
+        Command::Logs(args) => logs::logs(&config, args).await,
+        Command::Submit(args) => submit::submit(&config, args).await,
         Command::Task(TaskCommand::List {
             client,
             state,
@@ -318,6 +303,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("submitted:  {}", format_time_ms(task.submitted_at_ms));
                 println!("log index:  {}", task.created_index);
                 println!("priority:   {}", task.spec.priority);
+                if matches!(task.state, TaskState::Queued | TaskState::Failed) {
+                    println!("ready at:   {}", format_time_ms(task.ready_at_ms));
+                }
+                if let Some(f) = task.finished_at_ms {
+                    println!("finished:   {}", format_time_ms(f));
+                }
+                println!(
+                    "timeouts:   execution {}, visibility {} ms",
+                    task.spec
+                        .execution_timeout_ms
+                        .map_or("none".to_string(), |t| format!("{t} ms")),
+                    task.spec.visibility_timeout_ms
+                );
+                let r = &task.spec.retry;
+                println!(
+                    "retry:      {} attempts, backoff {} ms x{:.1} up to {} ms",
+                    r.max_attempts,
+                    r.backoff_initial_ms,
+                    f64::from(r.backoff_multiplier_permille) / 1000.0,
+                    r.backoff_max_ms
+                );
+                if let Some(k) = &task.spec.idempotency_key {
+                    println!("idem. key:  {k}");
+                }
+                for (k, v) in &task.spec.env {
+                    println!("env:        {k}={v}");
+                }
                 println!(
                     "attempts:   {} of {}",
                     task.attempts_used(),
@@ -325,15 +337,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 for a in &task.attempts {
                     println!(
-                        "  #{} worker {} token {} started {} {}",
+                        "  #{} worker {} token {} started {}{}: {}{}",
                         a.number,
                         a.worker.0,
                         a.fencing_token,
                         format_time_ms(a.started_at_ms),
+                        a.ended_at_ms
+                            .map(|e| format!(
+                                " ran {:.3}s",
+                                e.saturating_sub(a.started_at_ms) as f64 / 1000.0
+                            ))
+                            .unwrap_or_default(),
                         a.outcome
                             .as_ref()
-                            .map(|o| format!("{o:?}"))
-                            .unwrap_or_else(|| "running".into())
+                            .map(|o| o.to_string())
+                            .unwrap_or_else(|| "running".into()),
+                        if a.output_tail.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                " ({} bytes of output: fleet logs {})",
+                                a.output_tail.len(),
+                                task.id
+                            )
+                        }
                     );
                 }
                 Ok(())
@@ -646,199 +673,6 @@ async fn join(mut config: Config, args: JoinArgs) -> anyhow::Result<()> {
     };
     replica.shutdown().await;
     outcome
-}
-
-async fn up(args: UpArgs) -> anyhow::Result<()> {
-    if !(1..=9).contains(&args.replicas) {
-        bail!("--replicas {} is not valid: use 1 to 9", args.replicas);
-    }
-    let exe = std::env::current_exe()?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let addrs: Vec<String> = (0..args.replicas)
-        .map(|i| format!("127.0.0.1:{}", args.base_port as usize + i))
-        .collect();
-    let mut children = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let id = i + 1;
-        let log_path = args.data_dir.join(format!("node-{id}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let child = tokio::process::Command::new(&exe)
-            .args([
-                "join",
-                "--node-id",
-                &id.to_string(),
-                "--listen",
-                addr,
-                "--peers",
-                &addrs.join(","),
-            ])
-            .args(["--bootstrap-expect", &args.replicas.to_string()])
-            .arg("--data-dir")
-            .arg(args.data_dir.join(format!("node-{id}")))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start a replica process")?;
-        println!(
-            "started replica {id} at {addr} (log: {})",
-            log_path.display()
-        );
-        children.push(child);
-    }
-    let mut client = Client::new(addrs.clone(), "fleet", Duration::from_secs(30))?;
-    let started = Instant::now();
-    let status = client
-        .call(|c, ctx| async move { c.cluster_status(ctx, 0).await })
-        .await;
-    match status {
-        Ok(s) if s.leader_id.is_some() => {
-            println!(
-                "cluster ready in {:.1}s: leader is node {}",
-                started.elapsed().as_secs_f64(),
-                s.leader_id.unwrap_or(0)
-            );
-        }
-        Ok(_) => println!("cluster started; the leader election is still under way"),
-        Err(e) => println!("cluster did not answer yet: {e}"),
-    }
-    println!();
-    println!("try, in another terminal:");
-    println!("  export FLEET_PEERS={}", addrs.join(","));
-    println!("  fleet submit -- echo hello");
-    println!("  fleet task list");
-    println!("  fleet cluster status");
-    println!();
-    println!(
-        "Ctrl-C stops the cluster (data stays in {}).",
-        args.data_dir.display()
-    );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let exited = async {
-        let (r, i, _) =
-            futures::future::select_all(children.iter_mut().map(|c| Box::pin(c.wait()))).await;
-        (i, r)
-    };
-    let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = term.recv() => Ok(()),
-        (i, r) = exited => Err(anyhow::anyhow!(
-            "replica {} exited ({}); see {}",
-            i + 1,
-            r.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-            args.data_dir.join(format!("node-{}.log", i + 1)).display()
-        )),
-    };
-    println!("stopping the cluster");
-    for c in &children {
-        if let Some(pid) = c.id() {
-            // SAFETY: sending a signal to our own child process.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        }
-    }
-    for c in &mut children {
-        let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
-    }
-    outcome
-}
-
-/// One line of a `submit --file` file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TaskLine {
-    command: Vec<String>,
-    #[serde(default)]
-    queue: Option<String>,
-}
-
-/// Tasks per `submit` call when reading a file.
-const SUBMIT_FILE_BATCH: usize = 1000;
-
-async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
-    crate::state::validate_queue_name(&args.queue)?;
-    let specs: Vec<TaskSpec> = match &args.file {
-        Some(path) => read_task_file(path, &args.queue)?,
-        None => {
-            if args.command.is_empty() {
-                bail!(
-                    "no command given: use `fleet submit [options] -- CMD ARGS...` or --file FILE"
-                );
-            }
-            vec![TaskSpec::new(args.command.clone(), args.queue.clone())]
-        }
-    };
-    for (i, s) in specs.iter().enumerate() {
-        s.validate()
-            .map_err(|e| anyhow::anyhow!("task {}: {e}", i + 1))?;
-    }
-    let mut client = connect(config, &args.client)?;
-    let mut results: Vec<Submitted> = Vec::with_capacity(specs.len());
-    for chunk in specs.chunks(SUBMIT_FILE_BATCH) {
-        let tasks: Vec<SubmitTask> = chunk
-            .iter()
-            .map(|spec| SubmitTask {
-                request_id: RequestId(rand::random()),
-                spec: spec.clone(),
-            })
-            .collect();
-        let out = client
-            .call(|c, ctx| {
-                let t = tasks.clone();
-                async move { c.submit(ctx, t, 0).await }
-            })
-            .await?;
-        for (i, r) in out.into_iter().enumerate() {
-            results.push(r.map_err(|e| anyhow::anyhow!("task {}: {e}", results.len() + i + 1))?);
-        }
-    }
-    if args.client.output == Output::Json {
-        if args.file.is_none() {
-            print_json(&results[0])
-        } else {
-            print_json(&results)
-        }
-    } else {
-        for r in &results {
-            println!("{}", r.id);
-        }
-        Ok(())
-    }
-}
-
-fn read_task_file(path: &std::path::Path, default_queue: &str) -> anyhow::Result<Vec<TaskSpec>> {
-    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-        Box::new(std::io::BufReader::new(std::io::stdin()))
-    } else {
-        Box::new(std::io::BufReader::new(
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
-        ))
-    };
-    let mut specs = Vec::new();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let t: TaskLine = serde_json::from_str(&line).map_err(|e| {
-            anyhow::anyhow!(
-                "{}:{}: {e}; expected a JSON object like {{\"command\": [\"echo\", \"hi\"], \"queue\": \"default\"}}",
-                path.display(),
-                n + 1
-            )
-        })?;
-        specs.push(TaskSpec::new(
-            t.command,
-            t.queue.unwrap_or_else(|| default_queue.into()),
-        ));
-    }
-    if specs.is_empty() {
-        bail!("{} contains no tasks", path.display());
-    }
-    Ok(specs)
 }
 
 #[cfg(test)]

@@ -18,6 +18,12 @@ pub struct Config {
     pub node: NodeConfig,
     pub raft: RaftConfig,
     pub client: ClientConfig,
+    pub scheduler: SchedulerConfig,
+    /// Defaults for submitted tasks (any queue).
+    pub tasks: TaskDefaults,
+    /// Per-queue overrides of [`Config::tasks`], by queue name (`[queues.reports]`).
+    pub queues: std::collections::BTreeMap<String, QueueDefaults>,
+    pub worker: WorkerConfig,
 }
 
 /// This replica: who it is, where it listens, where it keeps its data, how it finds the others.
@@ -134,7 +140,140 @@ impl Default for ClientConfig {
     }
 }
 
+/// The leader's scheduling loop: lease expiry, worker liveness, retention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// How often the loop checks leases and delayed tasks when nothing else wakes it (ms).
+    pub tick_ms: u64,
+    /// A worker that sends no heartbeat for this long is lost; all its leases are released at
+    /// once, sooner than their visibility timeouts (ms).
+    pub worker_liveness_timeout_ms: u64,
+    /// After a leader change, no lease expires before this long has passed, so workers can find
+    /// the new leader and heartbeat (ms). Every lease also gets a fresh visibility window.
+    pub failover_grace_ms: u64,
+    /// Finished tasks (succeeded, dead, cancelled) are kept this long, then purged (ms).
+    pub retention_ms: u64,
+    /// Most tasks one lease request can get.
+    pub max_leases_per_request: u32,
+    /// Workers not heard from for this long disappear from `fleet worker list` (ms).
+    pub forget_workers_after_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            tick_ms: 100,
+            worker_liveness_timeout_ms: 10_000,
+            failover_grace_ms: 5_000,
+            retention_ms: 24 * 3600 * 1000,
+            max_leases_per_request: 256,
+            forget_workers_after_ms: 3600 * 1000,
+        }
+    }
+}
+
+/// Defaults for a task's policy; `fleet submit` options override them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskDefaults {
+    pub priority: i32,
+    /// Attempts before the task is dead (the first run counts).
+    pub max_attempts: u32,
+    /// Delay before the first retry (ms); each later retry multiplies it.
+    pub backoff_initial_ms: u64,
+    /// Longest delay between retries (ms).
+    pub backoff_max_ms: u64,
+    /// Factor between consecutive retry delays (1.0 to 10.0). Each delay is jittered down to
+    /// half its value by a random draw of the leader.
+    pub backoff_multiplier: f64,
+    /// How long one attempt may run before it is killed (ms); 0 for no limit.
+    pub execution_timeout_ms: u64,
+    /// How long a lease stays valid without a heartbeat (ms).
+    pub visibility_timeout_ms: u64,
+}
+
+impl Default for TaskDefaults {
+    fn default() -> Self {
+        let r = crate::state::RetryPolicy::default();
+        Self {
+            priority: 0,
+            max_attempts: r.max_attempts,
+            backoff_initial_ms: r.backoff_initial_ms,
+            backoff_max_ms: r.backoff_max_ms,
+            backoff_multiplier: f64::from(r.backoff_multiplier_permille) / 1000.0,
+            execution_timeout_ms: 0,
+            visibility_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Per-queue overrides: any key of [`TaskDefaults`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueDefaults {
+    pub priority: Option<i32>,
+    pub max_attempts: Option<u32>,
+    pub backoff_initial_ms: Option<u64>,
+    pub backoff_max_ms: Option<u64>,
+    pub backoff_multiplier: Option<f64>,
+    pub execution_timeout_ms: Option<u64>,
+    pub visibility_timeout_ms: Option<u64>,
+}
+
+/// A worker process (`fleet worker`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Queues to take tasks from.
+    pub queues: Vec<String>,
+    /// Attempts run at once.
+    pub concurrency: u32,
+    /// One heartbeat covering every lease is sent this often (ms). Keep it well below the
+    /// visibility timeouts and `scheduler.worker_liveness_timeout_ms`.
+    pub heartbeat_interval_ms: u64,
+    /// How long an idle worker's lease request waits at the leader for work (ms).
+    pub poll_wait_ms: u64,
+    /// After SIGTERM to an attempt's process group (timeout, cancel, fencing), SIGKILL follows
+    /// after this long (ms).
+    pub kill_grace_ms: u64,
+    /// On SIGTERM, running attempts get this long to finish before they are killed and their
+    /// leases handed back (ms).
+    pub drain_timeout_ms: u64,
+    /// Bytes of each attempt's output (stdout and stderr together) kept and reported.
+    pub output_tail_bytes: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            queues: vec![crate::state::DEFAULT_QUEUE.to_string()],
+            concurrency: 4,
+            heartbeat_interval_ms: 1_000,
+            poll_wait_ms: 10_000,
+            kill_grace_ms: 5_000,
+            drain_timeout_ms: 60_000,
+            output_tail_bytes: 4 * 1024,
+        }
+    }
+}
+
 impl Config {
+    /// The effective task defaults for `queue`: `[tasks]` with `[queues.<queue>]` on top.
+    pub fn task_defaults(&self, queue: &str) -> TaskDefaults {
+        let mut d = self.tasks.clone();
+        if let Some(q) = self.queues.get(queue) {
+            d.priority = q.priority.unwrap_or(d.priority);
+            d.max_attempts = q.max_attempts.unwrap_or(d.max_attempts);
+            d.backoff_initial_ms = q.backoff_initial_ms.unwrap_or(d.backoff_initial_ms);
+            d.backoff_max_ms = q.backoff_max_ms.unwrap_or(d.backoff_max_ms);
+            d.backoff_multiplier = q.backoff_multiplier.unwrap_or(d.backoff_multiplier);
+            d.execution_timeout_ms = q.execution_timeout_ms.unwrap_or(d.execution_timeout_ms);
+            d.visibility_timeout_ms = q.visibility_timeout_ms.unwrap_or(d.visibility_timeout_ms);
+        }
+        d
+    }
+
     /// Reads a TOML file. Unknown keys and wrong types are errors naming the key.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
@@ -230,6 +369,87 @@ impl Config {
         for p in &self.client.peers {
             parse_addr("client.peers", p)?;
         }
+        let s = &self.scheduler;
+        check_range("scheduler.tick_ms", s.tick_ms, 10, 10_000)?;
+        check_range(
+            "scheduler.worker_liveness_timeout_ms",
+            s.worker_liveness_timeout_ms,
+            500,
+            crate::state::MAX_TIMEOUT_MS,
+        )?;
+        check_range(
+            "scheduler.failover_grace_ms",
+            s.failover_grace_ms,
+            0,
+            3_600_000,
+        )?;
+        check_range(
+            "scheduler.retention_ms",
+            s.retention_ms,
+            1_000,
+            365 * 24 * 3_600_000,
+        )?;
+        check_range(
+            "scheduler.max_leases_per_request",
+            u64::from(s.max_leases_per_request),
+            1,
+            10_000,
+        )?;
+        check_range(
+            "scheduler.forget_workers_after_ms",
+            s.forget_workers_after_ms,
+            1_000,
+            30 * 24 * 3_600_000,
+        )?;
+        self.task_defaults_valid("tasks", &self.tasks)?;
+        for q in self.queues.keys() {
+            crate::state::validate_queue_name(q)
+                .map_err(|e| anyhow::anyhow!("[queues.{q}]: {e}"))?;
+            self.task_defaults_valid(&format!("queues.{q}"), &self.task_defaults(q))?;
+        }
+        let w = &self.worker;
+        if w.queues.is_empty() {
+            anyhow::bail!("worker.queues = [] is not valid: name at least one queue");
+        }
+        for q in &w.queues {
+            crate::state::validate_queue_name(q)
+                .map_err(|e| anyhow::anyhow!("worker.queues: {e}"))?;
+        }
+        check_range("worker.concurrency", u64::from(w.concurrency), 1, 4096)?;
+        check_range(
+            "worker.heartbeat_interval_ms",
+            w.heartbeat_interval_ms,
+            50,
+            60_000,
+        )?;
+        check_range("worker.poll_wait_ms", w.poll_wait_ms, 0, 60_000)?;
+        check_range("worker.kill_grace_ms", w.kill_grace_ms, 0, 600_000)?;
+        check_range("worker.drain_timeout_ms", w.drain_timeout_ms, 0, 86_400_000)?;
+        check_range(
+            "worker.output_tail_bytes",
+            w.output_tail_bytes as u64,
+            0,
+            1 << 20,
+        )?;
+        Ok(())
+    }
+
+    fn task_defaults_valid(&self, key: &str, d: &TaskDefaults) -> anyhow::Result<()> {
+        d.to_policy()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[{key}]: {e}"))?;
+        check_range(
+            &format!("{key}.visibility_timeout_ms"),
+            d.visibility_timeout_ms,
+            100,
+            crate::state::MAX_TIMEOUT_MS,
+        )?;
+        check_range(
+            &format!("{key}.execution_timeout_ms"),
+            d.execution_timeout_ms,
+            0,
+            crate::state::MAX_TIMEOUT_MS,
+        )?;
         Ok(())
     }
 
@@ -239,6 +459,35 @@ impl Config {
             .advertise
             .clone()
             .unwrap_or_else(|| self.node.listen.clone())
+    }
+}
+
+impl TaskDefaults {
+    /// The retry policy these defaults describe.
+    pub fn to_policy(&self) -> crate::state::RetryPolicy {
+        crate::state::RetryPolicy {
+            max_attempts: self.max_attempts,
+            backoff_initial_ms: self.backoff_initial_ms,
+            backoff_max_ms: self.backoff_max_ms,
+            backoff_multiplier_permille: multiplier_permille(self.backoff_multiplier),
+        }
+    }
+}
+
+/// A backoff multiplier as thousandths (out-of-range values stay out of range, to be reported).
+pub fn multiplier_permille(x: f64) -> u32 {
+    if x.is_finite() && x >= 0.0 {
+        (x * 1000.0).round().min(u32::MAX as f64) as u32
+    } else {
+        u32::MAX
+    }
+}
+
+fn check_range(key: &str, value: u64, min: u64, max: u64) -> anyhow::Result<()> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        anyhow::bail!("{key} = {value} is not valid: use {min} to {max}")
     }
 }
 

@@ -4,7 +4,9 @@
 //! - [`state`]: the replicated scheduler state, a pure deterministic state machine.
 //! - [`raft`]: the openraft glue: sled log store, state machine store, network adapter.
 //! - [`rpc`]: the tarpc service, the handshake, the bincode transport, reconnecting peers.
-//! - [`scheduler`]: the leader's decisions (lease liveness so far).
+//! - [`scheduler`]: the leader's scheduling loop: lease grants, expiries, worker liveness,
+//!   retention.
+//! - [`worker`]: the worker process: lease loop, heartbeat thread, attempts, reports.
 //! - [`server`]: a replica: Raft + listener + formation + request handlers + write batching.
 //! - [`client`]: finding the cluster and retrying through elections (used by the CLI).
 //! - [`cli`]: the `fleet` command line; [`bench`]: the built-in write benchmark.
@@ -20,3 +22,4 @@ pub mod rpc;
 pub mod scheduler;
 pub mod server;
 pub mod state;
+pub mod worker;

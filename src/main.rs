@@ -4,9 +4,10 @@ use clap::Parser;
 
 fn main() {
     let cli = fleet::cli::Cli::parse();
-    // Replicas log at info; client commands only at warn so their output stays clean.
-    let default_level = match cli.command {
+    // Replicas and workers log at info; client commands only at warn so their output stays clean.
+    let default_level = match &cli.command {
         fleet::cli::Command::Join(_) => "info",
+        fleet::cli::Command::Worker(w) if w.command.is_none() => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::raft::{NodeId, TypeConfig};
-use crate::state::{QueueStats, RequestId, Task, TaskFilter, TaskId, TaskSpec, TaskState};
+use crate::state::{
+    AttemptOutcome, QueueStats, RequestId, Task, TaskFilter, TaskId, TaskSpec, TaskState, WorkerId,
+};
 
 /// The largest frame either side accepts. Raft entries are batches of at most
 /// `server::proposer::MAX_BATCH_BYTES` and an AppendEntries carries at most 16 of them;
@@ -80,7 +82,156 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SubmitTask {
     pub request_id: RequestId,
+    pub task: NewTask,
+}
+
+/// A task as a client submits it (also one line of a `fleet submit --file` file). Unset fields
+/// take the cluster's defaults for the queue (`[tasks]` and `[queues.NAME]` in the leader's
+/// config), resolved by the leader into a [`TaskSpec`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NewTask {
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// Default: `default`.
+    pub queue: Option<String>,
+    pub priority: Option<i32>,
+    /// Extra environment variables (names may not start with `FLEET_`).
+    pub env: std::collections::BTreeMap<String, String>,
+    pub max_attempts: Option<u32>,
+    pub backoff_initial_ms: Option<u64>,
+    pub backoff_max_ms: Option<u64>,
+    /// 1.0 to 10.0.
+    pub backoff_multiplier: Option<f64>,
+    /// Execution timeout per attempt; 0 for none.
+    pub timeout_ms: Option<u64>,
+    /// Lease length without a heartbeat.
+    pub visibility_timeout_ms: Option<u64>,
+    /// Not to run before this long after submission (leader's clock).
+    pub delay_ms: Option<u64>,
+    /// Not to run before this time (ms since the Unix epoch).
+    pub not_before_ms: Option<u64>,
+    pub idempotency_key: Option<String>,
+}
+
+impl NewTask {
+    /// A task running `command` with every policy from the defaults.
+    pub fn command(command: Vec<String>) -> NewTask {
+        NewTask {
+            command,
+            ..Default::default()
+        }
+    }
+
+    /// The full spec, with unset fields from `config`'s defaults for the queue, at the leader's
+    /// `now_ms`. The spec still has to pass [`TaskSpec::validate`].
+    pub fn resolve(&self, config: &crate::config::Config, now_ms: u64) -> Result<TaskSpec, Error> {
+        let queue = self
+            .queue
+            .clone()
+            .unwrap_or_else(|| crate::state::DEFAULT_QUEUE.into());
+        let d = config.task_defaults(&queue);
+        if self.delay_ms.is_some() && self.not_before_ms.is_some() {
+            return Err(Error::InvalidArgument(
+                "both a delay and a not-before time were given: use one of them".into(),
+            ));
+        }
+        let mut spec = TaskSpec::new(self.command.clone(), queue);
+        spec.priority = self.priority.unwrap_or(d.priority);
+        spec.env = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        spec.retry = crate::state::RetryPolicy {
+            max_attempts: self.max_attempts.unwrap_or(d.max_attempts),
+            backoff_initial_ms: self.backoff_initial_ms.unwrap_or(d.backoff_initial_ms),
+            backoff_max_ms: self.backoff_max_ms.unwrap_or(d.backoff_max_ms),
+            backoff_multiplier_permille: crate::config::multiplier_permille(
+                self.backoff_multiplier.unwrap_or(d.backoff_multiplier),
+            ),
+        };
+        spec.execution_timeout_ms =
+            Some(self.timeout_ms.unwrap_or(d.execution_timeout_ms)).filter(|t| *t > 0);
+        spec.visibility_timeout_ms = self
+            .visibility_timeout_ms
+            .unwrap_or(d.visibility_timeout_ms);
+        spec.not_before_ms = match (self.delay_ms, self.not_before_ms) {
+            (Some(d), _) => Some(now_ms.saturating_add(d)),
+            (None, n) => n,
+        };
+        spec.idempotency_key = self.idempotency_key.clone();
+        spec.validate()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        Ok(spec)
+    }
+}
+
+/// A worker as it describes itself in every lease request and heartbeat. The leader keeps
+/// this as soft state (see `scheduler::workers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Drawn at random by the worker process at start; one per process lifetime.
+    pub id: WorkerId,
+    /// A human name (`host:pid` by default).
+    pub name: String,
+    pub queues: Vec<String>,
+    /// Attempts it runs at once.
+    pub slots: u32,
+    /// Attempts running now.
+    pub running: u32,
+    /// True once it stopped taking work (SIGTERM).
+    pub draining: bool,
+}
+
+/// A lease a worker got: what to run and the token that fences it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeasedTask {
+    pub task: TaskId,
+    pub attempt: u32,
+    pub fencing_token: u64,
     pub spec: TaskSpec,
+}
+
+/// A lease a worker holds, as its heartbeat names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLease {
+    pub task: TaskId,
+    pub fencing_token: u64,
+}
+
+/// The leader's answer about one lease in a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseVerdict {
+    /// The lease is extended: keep running.
+    Extended,
+    /// The task was cancelled: kill the attempt and report it.
+    Cancelled,
+    /// The lease is gone (expired, given to another worker): kill the attempt; its report
+    /// would be rejected.
+    Fenced,
+}
+
+/// How one attempt ended, as its worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptReport {
+    pub task: TaskId,
+    pub fencing_token: u64,
+    pub outcome: AttemptOutcome,
+    /// The end of the attempt's output (bounded by the worker).
+    pub output_tail: String,
+}
+
+/// One worker as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub info: WorkerInfo,
+    /// `active`, `draining` or `lost`.
+    pub state: String,
+    /// The leader's clock at its last heartbeat or lease request (ms since the epoch).
+    pub last_seen_ms: u64,
+    /// Leases the replicated state records for it.
+    pub leases: u32,
 }
 
 /// The outcome of one submission.
@@ -183,6 +334,34 @@ pub trait FleetService {
     async fn remove_member(node_id: NodeId, hop: u8) -> Result<(), Error>;
     /// Asks the contacted node to leave the cluster and stop (a leader hands off first).
     async fn leave() -> Result<(), Error>;
+
+    // --- worker calls (served by the leader; forwarded once from elsewhere) ---
+    /// Leases up to `max` ready tasks from the worker's queues; when none is ready, waits up
+    /// to `wait_ms` for one (long poll), then returns what it has (possibly nothing).
+    async fn lease_tasks(
+        worker: WorkerInfo,
+        max: u32,
+        wait_ms: u64,
+        hop: u8,
+    ) -> Result<Vec<LeasedTask>, Error>;
+    /// One heartbeat covering every lease the worker holds; one verdict per lease, in order.
+    async fn heartbeat(
+        worker: WorkerInfo,
+        leases: Vec<HeldLease>,
+        hop: u8,
+    ) -> Result<Vec<LeaseVerdict>, Error>;
+    /// Reports ended attempts; per report the task's state afterwards, or why it was refused
+    /// (`StaleToken` when the lease was lost).
+    async fn report(
+        worker: WorkerId,
+        reports: Vec<AttemptReport>,
+        hop: u8,
+    ) -> Result<Vec<Result<TaskState, Error>>, Error>;
+    /// The worker is leaving: every lease it still holds is handed back at once (expired, to be
+    /// retried). Returns how many.
+    async fn worker_leave(worker: WorkerId, hop: u8) -> Result<u32, Error>;
+    /// Workers the leader knows of.
+    async fn list_workers(hop: u8) -> Result<Vec<WorkerStatus>, Error>;
 }
 
 /// A tarpc context whose deadline is `timeout` from now.

@@ -1,9 +1,114 @@
 //! The scheduler: what the leader decides that the state machine then commits.
 //!
-//! Built so far: [`leases::LeaseTracker`], the leader's soft state about heartbeats, grace
-//! periods and worker liveness, from which it decides lease expiries. Next (issue 3): the
-//! scheduling loop that grants leases to waiting workers (`State::pick_ready` then
-//! `Command::GrantLeases`), proposes expiries and retention purges, and records its progress
-//! for the health module.
+//! - [`scheduling_loop`]: the leader's loop. It grants leases to waiting workers
+//!   ([`State::pick_ready`](crate::state::State::pick_ready) then
+//!   [`Command::GrantLeases`](crate::state::Command::GrantLeases)), expires leases that were
+//!   not extended in time or whose worker is lost, purges finished tasks past their retention,
+//!   and records its progress.
+//! - [`leases::LeaseTracker`]: the leader's soft state about heartbeats, grace periods and
+//!   worker liveness, from which it decides expiries.
+//! - [`workers::WorkerRegistry`]: the workers the leader has heard from (soft state).
+//!
+//! Heartbeats, lease requests and reports arrive as RPCs (`server::service`); heartbeats only
+//! touch the soft state and never cost a Raft write.
 
 pub mod leases;
+pub mod scheduling_loop;
+pub mod workers;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+use crate::rpc::{LeasedTask, WorkerInfo};
+
+/// Most lease requests waiting at the leader at once; more are refused as unavailable (the
+/// worker retries).
+pub const MAX_PENDING_POLLS: usize = 65_536;
+
+/// One worker's lease request waiting in the loop.
+pub(crate) struct Poll {
+    pub worker: WorkerInfo,
+    pub max: u32,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<Result<Vec<LeasedTask>, Error>>,
+}
+
+/// The scheduler's shared part: soft state and the loop's inbox.
+pub struct Scheduler {
+    pub(crate) tracker: Mutex<leases::LeaseTracker>,
+    pub(crate) workers: Mutex<workers::WorkerRegistry>,
+    polls: mpsc::Sender<Poll>,
+    inbox: Mutex<Option<mpsc::Receiver<Poll>>>,
+    /// The term whose state the loop has caught up with (0: not leading). Heartbeats are only
+    /// answered when it equals the current term, so a new leader never fences a lease it has
+    /// not applied yet.
+    ready_term: AtomicU64,
+    /// Completed loop iterations, and when the last one ended (ms since the epoch).
+    iterations: AtomicU64,
+    last_iteration_ms: AtomicU64,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        let (polls, inbox) = mpsc::channel(MAX_PENDING_POLLS);
+        Scheduler {
+            tracker: Mutex::default(),
+            workers: Mutex::default(),
+            polls,
+            inbox: Mutex::new(Some(inbox)),
+            ready_term: AtomicU64::new(0),
+            iterations: AtomicU64::new(0),
+            last_iteration_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Scheduler {
+    /// Queues a lease request for the loop and waits for its answer.
+    pub(crate) async fn lease(
+        &self,
+        worker: WorkerInfo,
+        max: u32,
+        deadline: Instant,
+    ) -> Result<Vec<LeasedTask>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.polls
+            .try_send(Poll {
+                worker,
+                max,
+                deadline,
+                reply,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Error::Unavailable(format!(
+                    "{MAX_PENDING_POLLS} lease requests are waiting already; retry"
+                )),
+                mpsc::error::TrySendError::Closed(_) => {
+                    Error::Unavailable("the scheduling loop has stopped".into())
+                }
+            })?;
+        rx.await
+            .unwrap_or_else(|_| Err(Error::Unavailable("the scheduling loop has stopped".into())))
+    }
+
+    /// The term the loop is ready in, if it is leading.
+    pub fn ready_term(&self) -> Option<u64> {
+        Some(self.ready_term.load(Ordering::Acquire)).filter(|t| *t > 0)
+    }
+
+    /// Completed iterations of the loop and the time the last one ended (ms since the epoch).
+    pub fn progress(&self) -> (u64, u64) {
+        (
+            self.iterations.load(Ordering::Relaxed),
+            self.last_iteration_ms.load(Ordering::Relaxed),
+        )
+    }
+
+    fn take_inbox(&self) -> Option<mpsc::Receiver<Poll>> {
+        self.inbox.lock().expect("inbox lock").take()
+    }
+}

@@ -15,6 +15,7 @@
 pub mod formation;
 pub mod proposer;
 pub mod service;
+pub mod worker_calls;
 
 use openraft::async_runtime::WatchReceiver;
 use std::net::SocketAddr;
@@ -56,6 +57,7 @@ pub struct Replica {
     pub identity: Arc<LocalIdentity>,
     pub pool: PeerPool,
     pub(crate) proposer: proposer::Proposer,
+    pub scheduler: crate::scheduler::Scheduler,
     pub(crate) incoming_snapshot: tokio::sync::Mutex<Option<IncomingSnapshot>>,
     /// Set to true to stop the process (after `leave`, or on a fatal formation error).
     pub stop: watch::Sender<Option<String>>,
@@ -166,6 +168,7 @@ impl Replica {
             identity: local,
             pool,
             proposer,
+            scheduler: crate::scheduler::Scheduler::default(),
             incoming_snapshot: tokio::sync::Mutex::new(None),
             stop,
             started_at: Instant::now(),
@@ -180,6 +183,7 @@ impl Replica {
         );
         tokio::spawn(replica.clone().serve(listener));
         tokio::spawn(replica.clone().watch_for_fatal());
+        tokio::spawn(crate::scheduler::scheduling_loop::run(replica.clone()));
         let r = replica.clone();
         tokio::spawn(async move {
             if let Err(e) = formation::run(r.clone()).await {

@@ -215,6 +215,56 @@ impl FleetService for Connection {
         self.replica.remove_member(ctx, node_id, hop).await
     }
 
+    async fn lease_tasks(
+        self,
+        ctx: Context,
+        worker: crate::rpc::WorkerInfo,
+        max: u32,
+        wait_ms: u64,
+        hop: u8,
+    ) -> Result<Vec<crate::rpc::LeasedTask>, Error> {
+        self.replica
+            .lease_tasks(ctx, worker, max, wait_ms, hop)
+            .await
+    }
+
+    async fn heartbeat(
+        self,
+        ctx: Context,
+        worker: crate::rpc::WorkerInfo,
+        leases: Vec<crate::rpc::HeldLease>,
+        hop: u8,
+    ) -> Result<Vec<crate::rpc::LeaseVerdict>, Error> {
+        self.replica.heartbeat(ctx, worker, leases, hop).await
+    }
+
+    async fn report(
+        self,
+        ctx: Context,
+        worker: crate::state::WorkerId,
+        reports: Vec<crate::rpc::AttemptReport>,
+        hop: u8,
+    ) -> Result<Vec<Result<TaskState, Error>>, Error> {
+        self.replica.report(ctx, worker, reports, hop).await
+    }
+
+    async fn worker_leave(
+        self,
+        ctx: Context,
+        worker: crate::state::WorkerId,
+        hop: u8,
+    ) -> Result<u32, Error> {
+        self.replica.worker_leave(ctx, worker, hop).await
+    }
+
+    async fn list_workers(
+        self,
+        ctx: Context,
+        hop: u8,
+    ) -> Result<Vec<crate::rpc::WorkerStatus>, Error> {
+        self.replica.list_workers(ctx, hop).await
+    }
+
     async fn leave(self, ctx: Context) -> Result<(), Error> {
         self.replica.clone().leave(ctx).await
     }
@@ -246,7 +296,7 @@ impl Replica {
         }
     }
 
-    fn not_leader(&self) -> Error {
+    pub(crate) fn not_leader(&self) -> Error {
         let info = self.node_info();
         Error::NotLeader {
             leader_id: info.leader_id,
@@ -311,16 +361,17 @@ impl Replica {
         // Invalid specs are answered here; the valid ones are proposed in their given order.
         let mut results: Vec<Option<Result<Submitted, Error>>> = Vec::with_capacity(tasks.len());
         let mut commands = Vec::new();
+        let now = crate::server::proposer::now_ms();
         for t in tasks {
-            match t.spec.validate() {
-                Ok(()) => {
+            match t.task.resolve(&self.config, now) {
+                Ok(spec) => {
                     results.push(None);
                     commands.push(Command::SubmitTask {
                         request_id: t.request_id,
-                        spec: t.spec,
+                        spec,
                     });
                 }
-                Err(e) => results.push(Some(Err(Error::InvalidArgument(e.to_string())))),
+                Err(e) => results.push(Some(Err(e))),
             }
         }
         let outputs = self.proposer.propose_many(commands).await;

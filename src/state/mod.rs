@@ -384,6 +384,16 @@ pub struct Response {
     pub results: Vec<Result<CommandOutput, CommandError>>,
 }
 
+/// Whether a report equals the one already recorded for an attempt (a cancelled attempt
+/// records `Cancelled` whatever the worker reported, unless it succeeded).
+fn report_repeats(recorded: Option<&AttemptOutcome>, reported: &AttemptOutcome) -> bool {
+    match recorded {
+        Some(AttemptOutcome::Lost { .. }) | None => false,
+        Some(AttemptOutcome::Cancelled) => !reported.is_success(),
+        Some(r) => r == reported,
+    }
+}
+
 /// A filter for listing tasks.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskFilter {
@@ -435,6 +445,8 @@ pub struct State {
     idempotency_keys: BTreeMap<String, TaskId>,
     /// Final tasks by the time they finished, for retention.
     finished: BTreeSet<(u64, TaskId)>,
+    /// Tasks that hold a lease (running, or cancelled with the attempt still running).
+    leased: BTreeSet<TaskId>,
 }
 
 impl State {
@@ -716,6 +728,7 @@ impl State {
             granted_at_ms: now,
         });
         t.state = TaskState::Running;
+        self.leased.insert(id);
         Some(LeaseGrant {
             task: id,
             attempt,
@@ -737,9 +750,21 @@ impl State {
         let t = self.tasks.get_mut(&id).ok_or(CommandError::NotFound(id))?;
         let current = t.lease.as_ref().map(|l| l.fencing_token);
         if current != Some(token) {
+            // A worker retrying a report that was applied already (its reply was lost) gets
+            // the same answer again instead of a stale-token error.
+            let repeated = t.attempts.last().is_some_and(|a| {
+                a.fencing_token == token
+                    && report_repeats(a.outcome.as_ref(), &outcome)
+                    && a.output_tail == output_tail
+            });
+            if repeated {
+                return Ok(CommandOutput::TaskUpdated { id, state: t.state });
+            }
             return Err(task::stale_token(id, token, current));
         }
         let lease = t.lease.take().expect("checked");
+        self.leased.remove(&id);
+        let t = self.tasks.get_mut(&id).expect("exists");
         let attempt = t.attempts.last_mut().expect("a lease has an attempt");
         assert_eq!(
             attempt.fencing_token, lease.fencing_token,
@@ -835,11 +860,17 @@ impl State {
         candidates.into_iter().take(max).map(|k| k.2).collect()
     }
 
-    /// Running tasks with their leases (for the leader's lease tracking).
+    /// Tasks holding a lease, with their leases (for the leader's lease tracking).
     pub fn leases(&self) -> impl Iterator<Item = (&Task, &Lease)> {
-        self.tasks
-            .values()
-            .filter_map(|t| t.lease.as_ref().map(|l| (t, l)))
+        self.leased.iter().map(|id| {
+            let t = &self.tasks[id];
+            (t, t.lease.as_ref().expect("leased tasks hold a lease"))
+        })
+    }
+
+    /// When the earliest retained final task finished, if any.
+    pub fn oldest_finished_ms(&self) -> Option<u64> {
+        self.finished.first().map(|(at, _)| *at)
     }
 
     pub fn task(&self, id: TaskId) -> Option<&Task> {

@@ -106,6 +106,34 @@ pub enum AttemptOutcome {
     Cancelled,
 }
 
+impl std::fmt::Display for AttemptOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptOutcome::Succeeded => write!(f, "succeeded"),
+            AttemptOutcome::Failed {
+                exit_code,
+                signal,
+                error,
+            } => {
+                write!(f, "failed")?;
+                if let Some(c) = exit_code {
+                    write!(f, ": exit code {c}")?;
+                }
+                if let Some(s) = signal {
+                    write!(f, ": killed by signal {s}")?;
+                }
+                if let Some(e) = error {
+                    write!(f, ": {e}")?;
+                }
+                Ok(())
+            }
+            AttemptOutcome::TimedOut => write!(f, "timed out (killed)"),
+            AttemptOutcome::Lost { reason } => write!(f, "lost: {reason}"),
+            AttemptOutcome::Cancelled => write!(f, "cancelled (killed)"),
+        }
+    }
+}
+
 impl AttemptOutcome {
     pub fn is_success(&self) -> bool {
         matches!(self, AttemptOutcome::Succeeded)

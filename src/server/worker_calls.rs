@@ -1,0 +1,349 @@
+//! The worker-facing calls, served by the leader (forwarded once from other replicas).
+//!
+//! - `lease_tasks` hands the request to the scheduling loop and waits (long poll);
+//! - `heartbeat` checks each named lease against the replicated state and extends it in the
+//!   leader's soft state only: no Raft write;
+//! - `report` commits how attempts ended (the state machine rejects a stale fencing token);
+//! - `worker_leave` hands back every lease a departing worker still holds;
+//! - `list_workers` shows the registry.
+//!
+//! A heartbeat is only answered by a leader that has caught up with its term's state (else a
+//! lease granted just before the leader change could be fenced by mistake) and that heard from
+//! a quorum within the election timeout (else a deposed leader could keep extending leases its
+//! successor already gave away).
+
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::Instant as _;
+use tarpc::context::Context;
+
+use super::Replica;
+use crate::error::Error;
+use crate::rpc::{AttemptReport, HeldLease, LeaseVerdict, LeasedTask, WorkerInfo, WorkerStatus};
+use crate::server::proposer::now_ms;
+use crate::state::{validate_queue_name, Command, CommandOutput, TaskState, WorkerId};
+
+/// Longest long poll a worker may ask for.
+pub const MAX_POLL_WAIT_MS: u64 = 60_000;
+/// Most leases one heartbeat or report call may name.
+pub const MAX_LEASES_PER_CALL: usize = 10_000;
+/// Longest output tail a report may carry.
+pub const MAX_OUTPUT_TAIL_BYTES: usize = 1 << 20;
+
+fn check_worker(w: &WorkerInfo) -> Result<(), Error> {
+    if w.queues.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the worker names no queue; give at least one".into(),
+        ));
+    }
+    for q in &w.queues {
+        validate_queue_name(q).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    }
+    if w.name.len() > 256 {
+        return Err(Error::InvalidArgument(format!(
+            "worker name of {} bytes is too long; at most 256",
+            w.name.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Replica {
+    /// True when this replica leads and its scheduling loop has caught up with the term.
+    fn scheduler_ready(&self) -> Result<(), Error> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        if m.current_leader != Some(self.id) {
+            return Err(self.not_leader());
+        }
+        if self.scheduler.ready_term() != Some(m.current_term) {
+            return Err(Error::Unavailable(
+                "this replica just became leader and is catching up; retry shortly".into(),
+            ));
+        }
+        let limit = self.config.raft.election_timeout_min().as_millis() as u64;
+        let since_ack = m
+            .last_quorum_acked
+            .as_ref()
+            .map(|t| t.elapsed().as_millis() as u64);
+        match since_ack {
+            Some(ms) if ms <= limit => Ok(()),
+            // A single-voter cluster is its own quorum.
+            _ if m.membership_config.membership().voter_ids().count() == 1 => Ok(()),
+            other => Err(Error::Unavailable(format!(
+                "the leader has not heard from a quorum for {} ms; it may have been deposed",
+                other.map_or("ever".into(), |ms| ms.to_string())
+            ))),
+        }
+    }
+
+    pub(crate) async fn lease_tasks(
+        &self,
+        ctx: Context,
+        worker: WorkerInfo,
+        max: u32,
+        wait_ms: u64,
+        hop: u8,
+    ) -> Result<Vec<LeasedTask>, Error> {
+        check_worker(&worker)?;
+        if max == 0 {
+            return Err(Error::InvalidArgument(
+                "a lease request for 0 tasks; ask for at least 1".into(),
+            ));
+        }
+        if wait_ms > MAX_POLL_WAIT_MS {
+            return Err(Error::InvalidArgument(format!(
+                "wait of {wait_ms} ms is too long; at most {MAX_POLL_WAIT_MS} ms"
+            )));
+        }
+        if !self.raft.is_leader() {
+            return self
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.lease_tasks(ctx, worker, max, wait_ms, hop + 1).await
+                })
+                .await;
+        }
+        self.scheduler
+            .workers
+            .lock()
+            .expect("workers lock")
+            .seen(&worker, now_ms());
+        // Answer before the caller's deadline, leaving time for the reply to travel.
+        let by_ctx = ctx
+            .deadline
+            .checked_sub(Duration::from_millis(200))
+            .unwrap_or(ctx.deadline);
+        let deadline = (Instant::now() + Duration::from_millis(wait_ms)).min(by_ctx);
+        self.scheduler.lease(worker, max, deadline).await
+    }
+
+    pub(crate) async fn heartbeat(
+        &self,
+        ctx: Context,
+        worker: WorkerInfo,
+        leases: Vec<HeldLease>,
+        hop: u8,
+    ) -> Result<Vec<LeaseVerdict>, Error> {
+        check_worker(&worker)?;
+        if leases.len() > MAX_LEASES_PER_CALL {
+            return Err(Error::InvalidArgument(format!(
+                "{} leases in one heartbeat; at most {MAX_LEASES_PER_CALL}",
+                leases.len()
+            )));
+        }
+        if !self.raft.is_leader() {
+            return self
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.heartbeat(ctx, worker, leases, hop + 1).await
+                })
+                .await;
+        }
+        self.scheduler_ready()?;
+        let id = worker.id;
+        let verdicts: Vec<LeaseVerdict> = self
+            .sm
+            .read(|s| {
+                leases
+                    .iter()
+                    .map(|l| match s.task(l.task) {
+                        Some(t)
+                            if t.lease.as_ref().is_some_and(|x| {
+                                x.fencing_token == l.fencing_token && x.worker == id
+                            }) =>
+                        {
+                            if t.state == TaskState::Cancelled {
+                                LeaseVerdict::Cancelled
+                            } else {
+                                LeaseVerdict::Extended
+                            }
+                        }
+                        _ => LeaseVerdict::Fenced,
+                    })
+                    .collect()
+            })
+            .await;
+        let extended: Vec<_> = leases
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| **v != LeaseVerdict::Fenced)
+            .map(|(l, _)| (l.task, l.fencing_token))
+            .collect();
+        let now = now_ms();
+        self.scheduler
+            .tracker
+            .lock()
+            .expect("tracker lock")
+            .heartbeat(id, &extended, now);
+        self.scheduler
+            .workers
+            .lock()
+            .expect("workers lock")
+            .seen(&worker, now);
+        for (l, v) in leases.iter().zip(&verdicts) {
+            if *v == LeaseVerdict::Fenced {
+                tracing::warn!(
+                    worker = id.0,
+                    task = %l.task,
+                    fencing_token = l.fencing_token,
+                    "heartbeat for a lease that is gone: the worker must stop the attempt"
+                );
+            }
+        }
+        Ok(verdicts)
+    }
+
+    pub(crate) async fn report(
+        &self,
+        ctx: Context,
+        worker: WorkerId,
+        reports: Vec<AttemptReport>,
+        hop: u8,
+    ) -> Result<Vec<Result<TaskState, Error>>, Error> {
+        if reports.len() > MAX_LEASES_PER_CALL {
+            return Err(Error::InvalidArgument(format!(
+                "{} reports in one call; at most {MAX_LEASES_PER_CALL}",
+                reports.len()
+            )));
+        }
+        if let Some(r) = reports
+            .iter()
+            .find(|r| r.output_tail.len() > MAX_OUTPUT_TAIL_BYTES)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "output tail of {} bytes for task {}; at most {MAX_OUTPUT_TAIL_BYTES}",
+                r.output_tail.len(),
+                r.task
+            )));
+        }
+        if !self.raft.is_leader() {
+            return self
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.report(ctx, worker, reports, hop + 1).await
+                })
+                .await;
+        }
+        let commands = reports
+            .iter()
+            .map(|r| Command::Complete {
+                task: r.task,
+                fencing_token: r.fencing_token,
+                outcome: r.outcome.clone(),
+                output_tail: r.output_tail.clone(),
+                retry_jitter_permille: rand::random_range(0..=1000),
+            })
+            .collect();
+        let outputs = self.proposer.propose_many(commands).await;
+        if let Some(Err(e)) = outputs
+            .iter()
+            .find(|r| matches!(r, Err(e) if e.is_retryable()))
+        {
+            return Err(e.clone());
+        }
+        let results = reports
+            .iter()
+            .zip(outputs)
+            .map(|(r, out)| match out {
+                Ok(CommandOutput::TaskUpdated { state, .. }) => {
+                    tracing::debug!(worker = worker.0, task = %r.task, state = state.as_str(), "attempt reported");
+                    Ok(state)
+                }
+                Ok(other) => Err(Error::Internal(format!(
+                    "unexpected output for a report: {other:?}"
+                ))),
+                Err(e) => {
+                    tracing::warn!(worker = worker.0, task = %r.task, fencing_token = r.fencing_token, error = %e, "report rejected");
+                    Err(e)
+                }
+            })
+            .collect();
+        crate::scheduler::scheduling_loop::sync_tracker(self).await;
+        Ok(results)
+    }
+
+    pub(crate) async fn worker_leave(
+        &self,
+        ctx: Context,
+        worker: WorkerId,
+        hop: u8,
+    ) -> Result<u32, Error> {
+        if !self.raft.is_leader() {
+            return self
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.worker_leave(ctx, worker, hop + 1).await
+                })
+                .await;
+        }
+        let held: Vec<(crate::state::TaskId, u64)> = self
+            .sm
+            .read(|s| {
+                s.leases()
+                    .filter(|(_, l)| l.worker == worker)
+                    .map(|(t, l)| (t.id, l.fencing_token))
+                    .collect()
+            })
+            .await;
+        let commands = held
+            .iter()
+            .map(|(task, token)| Command::ExpireLease {
+                task: *task,
+                fencing_token: *token,
+                reason: format!("handed back by worker {} on shutdown", worker.0),
+                retry_jitter_permille: rand::random_range(0..=1000),
+            })
+            .collect();
+        let outputs = self.proposer.propose_many(commands).await;
+        if let Some(Err(e)) = outputs.iter().find(|r| r.is_err()) {
+            if e.is_retryable() {
+                return Err(e.clone());
+            }
+        }
+        self.scheduler
+            .workers
+            .lock()
+            .expect("workers lock")
+            .remove(worker);
+        let handed = outputs.iter().filter(|r| r.is_ok()).count() as u32;
+        tracing::info!(worker = worker.0, handed_back = handed, "worker left");
+        crate::scheduler::scheduling_loop::sync_tracker(self).await;
+        Ok(handed)
+    }
+
+    pub(crate) async fn list_workers(
+        &self,
+        ctx: Context,
+        hop: u8,
+    ) -> Result<Vec<WorkerStatus>, Error> {
+        if !self.raft.is_leader() {
+            return self
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.list_workers(ctx, hop + 1).await
+                })
+                .await;
+        }
+        let counts: std::collections::BTreeMap<WorkerId, u32> = self
+            .sm
+            .read(|s| {
+                let mut m = std::collections::BTreeMap::new();
+                for (_, l) in s.leases() {
+                    *m.entry(l.worker).or_insert(0) += 1;
+                }
+                m
+            })
+            .await;
+        let list = self
+            .scheduler
+            .workers
+            .lock()
+            .expect("workers lock")
+            .list(now_ms(), self.config.scheduler.worker_liveness_timeout_ms);
+        Ok(list
+            .into_iter()
+            .map(|(r, state)| WorkerStatus {
+                leases: counts.get(&r.info.id).copied().unwrap_or(0),
+                info: r.info,
+                state: state.as_str().into(),
+                last_seen_ms: r.last_seen_ms,
+            })
+            .collect())
+    }
+}

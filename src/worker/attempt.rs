@@ -1,0 +1,230 @@
+//! Running one attempt: a child process in its own process group, with a bounded output tail,
+//! an execution timeout, and kill on request (cancel, fencing, shutdown).
+//!
+//! Kills go to the whole process group (the command and anything it started): SIGTERM first,
+//! SIGKILL after the grace period. After the command exits, any process left in its group is
+//! SIGKILLed too, so no stray child of an attempt outlives it.
+
+use std::collections::VecDeque;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+
+use crate::rpc::LeasedTask;
+use crate::state::AttemptOutcome;
+
+/// Why a running attempt is being killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    /// The task was cancelled: the attempt is reported as cancelled.
+    Cancelled,
+    /// The lease is gone: the attempt is not reported (a report would be rejected).
+    Fenced,
+    /// The worker is shutting down without waiting: the lease is handed back instead.
+    Shutdown,
+}
+
+/// How an attempt ended, as the worker saw it.
+#[derive(Debug)]
+pub struct Ended {
+    /// `None` when the attempt must not be reported (fenced, or handed back at shutdown).
+    pub outcome: Option<AttemptOutcome>,
+    pub output_tail: String,
+    /// The process id the command ran as (for logs and tests).
+    pub pid: Option<u32>,
+}
+
+/// The last `cap` bytes written to it.
+struct Tail {
+    buf: VecDeque<u8>,
+    cap: usize,
+}
+
+impl Tail {
+    fn push(&mut self, data: &[u8]) {
+        if self.cap == 0 {
+            return;
+        }
+        let data = if data.len() > self.cap {
+            &data[data.len() - self.cap..]
+        } else {
+            data
+        };
+        let overflow = (self.buf.len() + data.len()).saturating_sub(self.cap);
+        self.buf.drain(..overflow);
+        self.buf.extend(data);
+    }
+
+    fn text(&self) -> String {
+        let bytes: Vec<u8> = self.buf.iter().copied().collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+async fn drain_into(mut r: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => tail.lock().expect("tail lock").push(&buf[..n]),
+        }
+    }
+}
+
+fn signal_group(pgid: i32, sig: i32) {
+    // SAFETY: sends a signal to a process group this worker created; no memory is shared.
+    unsafe {
+        libc::killpg(pgid, sig);
+    }
+}
+
+/// Runs the leased attempt to its end. `kill` delivers kill requests from the heartbeat path
+/// and the shutdown path.
+pub async fn run(
+    lease: &LeasedTask,
+    worker_name: &str,
+    output_tail_bytes: usize,
+    kill_grace: Duration,
+    mut kill: mpsc::UnboundedReceiver<KillReason>,
+) -> Ended {
+    let spec = &lease.spec;
+    let tail = Arc::new(Mutex::new(Tail {
+        buf: VecDeque::new(),
+        cap: output_tail_bytes,
+    }));
+    let mut cmd = tokio::process::Command::new(&spec.command[0]);
+    cmd.args(&spec.command[1..])
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env("FLEET_TASK_ID", lease.task.to_string())
+        .env("FLEET_ATTEMPT", lease.attempt.to_string())
+        .env("FLEET_FENCING_TOKEN", lease.fencing_token.to_string())
+        .env("FLEET_QUEUE", &spec.queue)
+        .env("FLEET_WORKER", worker_name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Ended {
+                outcome: Some(AttemptOutcome::Failed {
+                    exit_code: None,
+                    signal: None,
+                    error: Some(format!("cannot start {:?}: {e}", spec.command[0])),
+                }),
+                output_tail: String::new(),
+                pid: None,
+            }
+        }
+    };
+    let pid = child.id();
+    let pgid = pid.map(|p| p as i32).unwrap_or(0);
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|o| tokio::spawn(drain_into(o, tail.clone()))),
+        child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(drain_into(e, tail.clone()))),
+    ];
+    let timeout = spec.execution_timeout_ms.map(Duration::from_millis);
+    let timer = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    // What ended the attempt, if not the command itself.
+    let mut stopped_by: Option<Result<KillReason, ()>> = None;
+    let status = tokio::select! {
+        s = child.wait() => s,
+        _ = timer => { stopped_by = Some(Err(())); terminate(&mut child, pgid, kill_grace).await }
+        Some(reason) = kill.recv() => {
+            stopped_by = Some(Ok(reason));
+            terminate(&mut child, pgid, kill_grace).await
+        }
+    };
+    if pgid > 0 {
+        // Whatever the command left running in its group goes with it.
+        signal_group(pgid, libc::SIGKILL);
+    }
+    for r in readers.into_iter().flatten() {
+        // A process that left the group may still hold the pipe: do not wait for it forever.
+        let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
+    }
+    let output_tail = tail.lock().expect("tail lock").text();
+    let outcome = match stopped_by {
+        Some(Err(())) => Some(AttemptOutcome::TimedOut),
+        Some(Ok(KillReason::Cancelled)) => Some(AttemptOutcome::Cancelled),
+        Some(Ok(KillReason::Fenced | KillReason::Shutdown)) => None,
+        None => Some(match status {
+            Ok(s) if s.success() => AttemptOutcome::Succeeded,
+            Ok(s) => AttemptOutcome::Failed {
+                exit_code: s.code(),
+                signal: s.signal(),
+                error: None,
+            },
+            Err(e) => AttemptOutcome::Failed {
+                exit_code: None,
+                signal: None,
+                error: Some(format!("waiting for the process failed: {e}")),
+            },
+        }),
+    };
+    Ended {
+        outcome,
+        output_tail,
+        pid,
+    }
+}
+
+/// SIGTERM to the group, SIGKILL after `grace` if it is still there.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pgid: i32,
+    grace: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    if pgid > 0 {
+        signal_group(pgid, libc::SIGTERM);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(s) => s,
+        Err(_) => {
+            if pgid > 0 {
+                signal_group(pgid, libc::SIGKILL);
+            }
+            child.wait().await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_bytes() {
+        let mut t = Tail {
+            buf: VecDeque::new(),
+            cap: 5,
+        };
+        t.push(b"abc");
+        t.push(b"defg");
+        assert_eq!(t.text(), "cdefg");
+        t.push(b"0123456789");
+        assert_eq!(t.text(), "56789");
+        let mut z = Tail {
+            buf: VecDeque::new(),
+            cap: 0,
+        };
+        z.push(b"abc");
+        assert_eq!(z.text(), "");
+    }
+}

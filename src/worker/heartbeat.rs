@@ -1,0 +1,142 @@
+//! The heartbeat path: its own OS thread, its own single-threaded runtime and its own
+//! connection, so task work can never starve it (no lock, no thread pool and no connection is
+//! shared with attempt execution or reporting).
+//!
+//! The rest of the worker tells it about leases over a channel ([`HeartbeatMsg`]); it sends one
+//! heartbeat per interval covering every lease it knows, and passes the leader's verdicts back
+//! as kill requests (cancelled or fenced attempts).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::attempt::KillReason;
+use crate::client::Client;
+use crate::rpc::{HeldLease, LeaseVerdict, WorkerInfo};
+use crate::state::TaskId;
+
+/// Messages from the worker to its heartbeat thread.
+pub enum HeartbeatMsg {
+    /// A lease to cover from now on, and where to send a kill request for it.
+    Add {
+        task: TaskId,
+        fencing_token: u64,
+        kill: mpsc::UnboundedSender<KillReason>,
+    },
+    /// The attempt ended: stop covering the lease.
+    Remove { task: TaskId },
+}
+
+/// What the heartbeat thread reads of the worker's changing state (atomics, no locks).
+pub struct Shared {
+    pub running: AtomicU32,
+    pub draining: AtomicBool,
+    pub stop: AtomicBool,
+}
+
+struct Held {
+    fencing_token: u64,
+    kill: mpsc::UnboundedSender<KillReason>,
+    /// A kill was requested already (do not repeat).
+    killing: bool,
+}
+
+/// Starts the heartbeat thread.
+pub fn spawn(
+    mut client: Client,
+    base: WorkerInfo,
+    shared: Arc<Shared>,
+    interval: Duration,
+    inbox: std_mpsc::Receiver<HeartbeatMsg>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("fleet-heartbeat".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime");
+            rt.block_on(async move {
+                let mut held: BTreeMap<TaskId, Held> = BTreeMap::new();
+                let mut next = Instant::now();
+                let mut failures = 0u32;
+                while !shared.stop.load(Ordering::Acquire) {
+                    // Pace: one heartbeat per interval (a timer, not synchronization).
+                    tokio::time::sleep_until(next.into()).await;
+                    next = Instant::now() + interval;
+                    while let Ok(msg) = inbox.try_recv() {
+                        match msg {
+                            HeartbeatMsg::Add {
+                                task,
+                                fencing_token,
+                                kill,
+                            } => {
+                                held.insert(
+                                    task,
+                                    Held {
+                                        fencing_token,
+                                        kill,
+                                        killing: false,
+                                    },
+                                );
+                            }
+                            HeartbeatMsg::Remove { task } => {
+                                held.remove(&task);
+                            }
+                        }
+                    }
+                    let mut info = base.clone();
+                    info.running = shared.running.load(Ordering::Relaxed);
+                    info.draining = shared.draining.load(Ordering::Relaxed);
+                    let leases: Vec<HeldLease> = held
+                        .iter()
+                        .map(|(task, h)| HeldLease {
+                            task: *task,
+                            fencing_token: h.fencing_token,
+                        })
+                        .collect();
+                    let sent = leases.clone();
+                    let result = client
+                        .call(|c, ctx| {
+                            let (info, leases) = (info.clone(), leases.clone());
+                            async move { c.heartbeat(ctx, info, leases, 0).await }
+                        })
+                        .await;
+                    match result {
+                        Ok(verdicts) => {
+                            if failures > 0 {
+                                tracing::info!(after_failures = failures, "heartbeats go through again");
+                            }
+                            failures = 0;
+                            for (l, v) in sent.iter().zip(verdicts) {
+                                let reason = match v {
+                                    LeaseVerdict::Extended => continue,
+                                    LeaseVerdict::Cancelled => KillReason::Cancelled,
+                                    LeaseVerdict::Fenced => KillReason::Fenced,
+                                };
+                                if let Some(h) = held.get_mut(&l.task) {
+                                    if !h.killing {
+                                        h.killing = true;
+                                        tracing::warn!(
+                                            task = %l.task,
+                                            fencing_token = l.fencing_token,
+                                            ?reason,
+                                            "the leader no longer extends this lease: killing the attempt"
+                                        );
+                                        let _ = h.kill.send(reason);
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            tracing::warn!(error = %e, failures, "heartbeat failed");
+                        }
+                    }
+                }
+            });
+        })
+}

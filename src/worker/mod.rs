@@ -1,0 +1,330 @@
+//! The worker process (`fleet worker`): pulls leases, runs attempts, heartbeats, reports.
+//!
+//! Three independent paths, each with its own connection to the cluster:
+//!
+//! - the **lease loop** asks the leader for up to as many tasks as it has free slots, waiting
+//!   at the leader when nothing is ready (long poll), and starts one attempt per lease
+//!   ([`attempt::run`]);
+//! - the **heartbeat thread** ([`heartbeat`]) covers every lease with one heartbeat per
+//!   interval and kills attempts whose lease is gone or whose task was cancelled;
+//! - the **reporter** sends ended attempts to the leader in batches, retrying through elections.
+//!
+//! Shutdown: the first SIGTERM (or SIGINT) drains: no new leases, running attempts may finish
+//! (up to `worker.drain_timeout_ms`) and are reported. A second signal, or the drain timeout,
+//! kills the remaining attempts. Either way the worker then calls `worker_leave`, which hands
+//! every lease it still holds back to the cluster at once (to be retried without waiting for a
+//! timeout), and exits 0.
+
+pub mod attempt;
+pub mod heartbeat;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::client::Client;
+use crate::config::WorkerConfig;
+use crate::error::Error;
+use crate::rpc::{AttemptReport, LeasedTask, WorkerInfo};
+use crate::state::{TaskId, WorkerId};
+use attempt::KillReason;
+use heartbeat::{HeartbeatMsg, Shared};
+
+/// Most reports sent in one call.
+const REPORT_BATCH: usize = 1000;
+/// How long the reporter keeps retrying one batch before giving it up (the leases will have
+/// expired by then and the tasks been retried).
+const REPORT_GIVE_UP: Duration = Duration::from_secs(600);
+
+/// Everything `fleet worker` needs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub peers: Vec<String>,
+    pub cluster_name: String,
+    pub name: String,
+    pub config: WorkerConfig,
+}
+
+/// Runs a worker until it is told to stop; returns after a clean drain.
+pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
+    let id = WorkerId(rand::random_range(1..(1u64 << 53)));
+    let cfg = opts.config.clone();
+    let info = WorkerInfo {
+        id,
+        name: opts.name.clone(),
+        queues: cfg.queues.clone(),
+        slots: cfg.concurrency,
+        running: 0,
+        draining: false,
+    };
+    let client = |timeout: Duration| Client::new(opts.peers.clone(), &opts.cluster_name, timeout);
+    let poll_timeout = Duration::from_millis(cfg.poll_wait_ms) + Duration::from_secs(15);
+    let mut poll_client = client(poll_timeout)?;
+    let hb_interval = Duration::from_millis(cfg.heartbeat_interval_ms);
+    let hb_client = client((hb_interval * 3).max(Duration::from_secs(2)))?;
+    let report_client = client(Duration::from_secs(30))?;
+
+    let shared = Arc::new(Shared {
+        running: AtomicU32::new(0),
+        draining: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+    });
+    let (hb_tx, hb_rx) = std::sync::mpsc::channel();
+    let hb_thread = heartbeat::spawn(hb_client, info.clone(), shared.clone(), hb_interval, hb_rx)?;
+    let (report_tx, report_rx) = mpsc::unbounded_channel();
+    let reporter = tokio::spawn(report_loop(report_client, id, report_rx));
+
+    tracing::info!(
+        worker = id.0,
+        name = %opts.name,
+        queues = ?cfg.queues,
+        concurrency = cfg.concurrency,
+        "worker started"
+    );
+    let slots = Arc::new(Semaphore::new(cfg.concurrency as usize));
+    let running: Arc<Mutex<HashMap<TaskId, mpsc::UnboundedSender<KillReason>>>> = Arc::default();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut poll_pause = Duration::from_millis(100);
+
+    // The lease loop, until the first signal.
+    loop {
+        let first = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore open"),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let free = 1 + slots.available_permits() as u32;
+        let mut me = info.clone();
+        me.running = shared.running.load(Ordering::Relaxed);
+        let wait_ms = cfg.poll_wait_ms;
+        let polled = tokio::select! {
+            r = poll_client.call(|c, ctx| {
+                let me = me.clone();
+                async move { c.lease_tasks(ctx, me, free, wait_ms, 0).await }
+            }) => r,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        let leases = match polled {
+            Ok(l) => {
+                poll_pause = Duration::from_millis(100);
+                l
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lease request failed; retrying");
+                drop(first);
+                // A retry pause after a failure, not synchronization.
+                tokio::time::sleep(poll_pause).await;
+                poll_pause = (poll_pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let mut first = Some(first);
+        for lease in leases {
+            let permit = match first.take() {
+                Some(p) => p,
+                None => match slots.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        // More leases than slots cannot happen (we asked for `free`); if it
+                        // did, run it anyway rather than drop a lease.
+                        tracing::error!(task = %lease.task, "more leases than free slots");
+                        slots.add_permits(1);
+                        slots.clone().try_acquire_owned().expect("just added")
+                    }
+                },
+            };
+            let (kill_tx, kill_rx) = mpsc::unbounded_channel();
+            running
+                .lock()
+                .expect("running lock")
+                .insert(lease.task, kill_tx.clone());
+            let _ = hb_tx.send(HeartbeatMsg::Add {
+                task: lease.task,
+                fencing_token: lease.fencing_token,
+                kill: kill_tx,
+            });
+            shared.running.fetch_add(1, Ordering::Relaxed);
+            let ctx = AttemptContext {
+                name: opts.name.clone(),
+                cfg: cfg.clone(),
+                hb_tx: hb_tx.clone(),
+                report_tx: report_tx.clone(),
+                running: running.clone(),
+                shared: shared.clone(),
+            };
+            tokio::spawn(async move {
+                ctx.run(lease, kill_rx).await;
+                drop(permit);
+            });
+        }
+    }
+
+    // Drain.
+    shared.draining.store(true, Ordering::Release);
+    let busy = shared.running.load(Ordering::Relaxed);
+    tracing::info!(
+        running = busy,
+        drain_timeout_ms = cfg.drain_timeout_ms,
+        "draining: no new leases; waiting for running attempts (signal again to stop them now)"
+    );
+    let all = cfg.concurrency;
+    let drained = tokio::select! {
+        r = tokio::time::timeout(
+            Duration::from_millis(cfg.drain_timeout_ms),
+            slots.acquire_many(all),
+        ) => r.is_ok(),
+        _ = term.recv() => false,
+        _ = int.recv() => false,
+    };
+    if !drained {
+        let victims: Vec<_> = running
+            .lock()
+            .expect("running lock")
+            .values()
+            .cloned()
+            .collect();
+        tracing::warn!(
+            attempts = victims.len(),
+            "stopping running attempts; their leases are handed back"
+        );
+        for k in victims {
+            let _ = k.send(KillReason::Shutdown);
+        }
+        let _ = slots.acquire_many(all).await;
+    }
+    // Every attempt has ended; its report (if any) is queued. Flush the reports.
+    drop(report_tx);
+    let _ = reporter.await;
+    // Hand back anything still leased to this worker (killed attempts, a lease whose grant
+    // reply was lost).
+    let mut leave_client = client(Duration::from_secs(10))?;
+    match leave_client
+        .call(|c, ctx| async move { c.worker_leave(ctx, id, 0).await })
+        .await
+    {
+        Ok(n) => tracing::info!(handed_back = n, "left the cluster"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not tell the cluster this worker left; its leases expire after the liveness timeout"
+        ),
+    }
+    shared.stop.store(true, Ordering::Release);
+    drop(hb_tx);
+    let _ = tokio::task::spawn_blocking(move || hb_thread.join()).await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// What one attempt's task needs.
+struct AttemptContext {
+    name: String,
+    cfg: WorkerConfig,
+    hb_tx: std::sync::mpsc::Sender<HeartbeatMsg>,
+    report_tx: mpsc::UnboundedSender<AttemptReport>,
+    running: Arc<Mutex<HashMap<TaskId, mpsc::UnboundedSender<KillReason>>>>,
+    shared: Arc<Shared>,
+}
+
+impl AttemptContext {
+    async fn run(self, lease: LeasedTask, kill_rx: mpsc::UnboundedReceiver<KillReason>) {
+        let started = Instant::now();
+        tracing::info!(
+            task = %lease.task,
+            attempt = lease.attempt,
+            fencing_token = lease.fencing_token,
+            command = ?lease.spec.command,
+            "attempt started"
+        );
+        let ended = attempt::run(
+            &lease,
+            &self.name,
+            self.cfg.output_tail_bytes,
+            Duration::from_millis(self.cfg.kill_grace_ms),
+            kill_rx,
+        )
+        .await;
+        tracing::info!(
+            task = %lease.task,
+            attempt = lease.attempt,
+            pid = ?ended.pid,
+            outcome = ?ended.outcome,
+            ms = started.elapsed().as_millis() as u64,
+            "attempt ended"
+        );
+        if let Some(outcome) = ended.outcome {
+            let _ = self.report_tx.send(AttemptReport {
+                task: lease.task,
+                fencing_token: lease.fencing_token,
+                outcome,
+                output_tail: ended.output_tail,
+            });
+        }
+        let _ = self.hb_tx.send(HeartbeatMsg::Remove { task: lease.task });
+        self.running
+            .lock()
+            .expect("running lock")
+            .remove(&lease.task);
+        self.shared.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends ended attempts to the leader in batches until the channel closes and is empty.
+async fn report_loop(
+    mut client: Client,
+    worker: WorkerId,
+    mut rx: mpsc::UnboundedReceiver<AttemptReport>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < REPORT_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let result = client
+                .call(|c, ctx| {
+                    let b = batch.clone();
+                    async move { c.report(ctx, worker, b, 0).await }
+                })
+                .await;
+            match result {
+                Ok(results) => {
+                    for (r, res) in batch.iter().zip(results) {
+                        match res {
+                            Ok(state) => {
+                                tracing::debug!(task = %r.task, state = state.as_str(), "reported")
+                            }
+                            Err(Error::StaleToken(_)) => tracing::warn!(
+                                task = %r.task,
+                                fencing_token = r.fencing_token,
+                                "report rejected: the lease was lost and the task given to another attempt"
+                            ),
+                            Err(e) => tracing::warn!(task = %r.task, error = %e, "report rejected"),
+                        }
+                    }
+                    break;
+                }
+                Err(e) if started.elapsed() < REPORT_GIVE_UP => {
+                    tracing::warn!(error = %e, reports = batch.len(), "report failed; retrying");
+                    // A retry pause after a failure, not synchronization.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, reports = batch.len(), "gave up reporting; the leases expire and the tasks are retried");
+                    break;
+                }
+            }
+        }
+    }
+}
