@@ -212,6 +212,18 @@ pub enum LeaseVerdict {
     Fenced,
 }
 
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// One verdict per lease named in the heartbeat, in order.
+    pub verdicts: Vec<LeaseVerdict>,
+    /// Leases the state records for this worker that the heartbeat did not name: granted, but
+    /// the reply to the lease request was lost (a leader crash, a broken connection). The
+    /// worker runs them (unless it already started that fencing token) instead of letting
+    /// them expire.
+    pub adopt: Vec<LeasedTask>,
+}
+
 /// How one attempt ended, as its worker reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttemptReport {
@@ -344,12 +356,12 @@ pub trait FleetService {
         wait_ms: u64,
         hop: u8,
     ) -> Result<Vec<LeasedTask>, Error>;
-    /// One heartbeat covering every lease the worker holds; one verdict per lease, in order.
+    /// One heartbeat covering every lease the worker holds.
     async fn heartbeat(
         worker: WorkerInfo,
         leases: Vec<HeldLease>,
         hop: u8,
-    ) -> Result<Vec<LeaseVerdict>, Error>;
+    ) -> Result<HeartbeatReply, Error>;
     /// Reports ended attempts; per report the task's state afterwards, or why it was refused
     /// (`StaleToken` when the lease was lost).
     async fn report(

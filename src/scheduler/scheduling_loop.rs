@@ -235,8 +235,19 @@ async fn purge(replica: &Replica, retention_ms: u64) {
 /// Answers the waiting lease requests that can get work now; the rest keep waiting.
 async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request: u32) {
     let mut polls: Vec<Poll> = pending.drain(..).collect();
-    // A worker that hung up gets nothing (a lease granted to it would only wait for expiry).
+    // A worker that hung up gets nothing (a lease granted to it would only wait for expiry),
+    // and neither does one whose latest heartbeat says it is draining.
     polls.retain(|p| !p.reply.is_closed());
+    {
+        let registry = replica.scheduler.workers.lock().expect("workers lock");
+        let (keep, draining): (Vec<Poll>, Vec<Poll>) = polls
+            .into_iter()
+            .partition(|p| !registry.is_draining(p.worker.id));
+        polls = keep;
+        for p in draining {
+            let _ = p.reply.send(Ok(Vec::new()));
+        }
+    }
     let now = now_ms();
     let picks: Vec<Vec<TaskId>> = replica
         .sm

@@ -94,6 +94,11 @@ impl WorkerRegistry {
             .collect()
     }
 
+    /// Whether the worker's latest heartbeat said it is draining.
+    pub fn is_draining(&self, id: WorkerId) -> bool {
+        self.workers.get(&id).is_some_and(|r| r.info.draining)
+    }
+
     pub fn clear(&mut self) {
         self.workers.clear();
     }

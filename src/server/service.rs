@@ -234,7 +234,7 @@ impl FleetService for Connection {
         worker: crate::rpc::WorkerInfo,
         leases: Vec<crate::rpc::HeldLease>,
         hop: u8,
-    ) -> Result<Vec<crate::rpc::LeaseVerdict>, Error> {
+    ) -> Result<crate::rpc::HeartbeatReply, Error> {
         self.replica.heartbeat(ctx, worker, leases, hop).await
     }
 

@@ -20,7 +20,9 @@ use tarpc::context::Context;
 
 use super::Replica;
 use crate::error::Error;
-use crate::rpc::{AttemptReport, HeldLease, LeaseVerdict, LeasedTask, WorkerInfo, WorkerStatus};
+use crate::rpc::{
+    AttemptReport, HeartbeatReply, HeldLease, LeaseVerdict, LeasedTask, WorkerInfo, WorkerStatus,
+};
 use crate::server::proposer::now_ms;
 use crate::state::{validate_queue_name, Command, CommandOutput, TaskState, WorkerId};
 
@@ -123,7 +125,7 @@ impl Replica {
         worker: WorkerInfo,
         leases: Vec<HeldLease>,
         hop: u8,
-    ) -> Result<Vec<LeaseVerdict>, Error> {
+    ) -> Result<HeartbeatReply, Error> {
         check_worker(&worker)?;
         if leases.len() > MAX_LEASES_PER_CALL {
             return Err(Error::InvalidArgument(format!(
@@ -140,10 +142,22 @@ impl Replica {
         }
         self.scheduler_ready()?;
         let id = worker.id;
-        let verdicts: Vec<LeaseVerdict> = self
+        let (verdicts, adopt): (Vec<LeaseVerdict>, Vec<LeasedTask>) = self
             .sm
             .read(|s| {
-                leases
+                let named: std::collections::HashSet<u64> =
+                    leases.iter().map(|l| l.fencing_token).collect();
+                let adopt = s
+                    .leases()
+                    .filter(|(_, l)| l.worker == id && !named.contains(&l.fencing_token))
+                    .map(|(t, l)| LeasedTask {
+                        task: t.id,
+                        attempt: l.attempt,
+                        fencing_token: l.fencing_token,
+                        spec: t.spec.clone(),
+                    })
+                    .collect();
+                let verdicts = leases
                     .iter()
                     .map(|l| match s.task(l.task) {
                         Some(t)
@@ -159,7 +173,8 @@ impl Replica {
                         }
                         _ => LeaseVerdict::Fenced,
                     })
-                    .collect()
+                    .collect();
+                (verdicts, adopt)
             })
             .await;
         let extended: Vec<_> = leases
@@ -167,7 +182,16 @@ impl Replica {
             .zip(&verdicts)
             .filter(|(_, v)| **v != LeaseVerdict::Fenced)
             .map(|(l, _)| (l.task, l.fencing_token))
+            .chain(adopt.iter().map(|a| (a.task, a.fencing_token)))
             .collect();
+        for a in &adopt {
+            tracing::info!(
+                worker = id.0,
+                task = %a.task,
+                fencing_token = a.fencing_token,
+                "the worker's heartbeat did not name a lease it holds: asking it to adopt it"
+            );
+        }
         let now = now_ms();
         self.scheduler
             .tracker
@@ -189,7 +213,7 @@ impl Replica {
                 );
             }
         }
-        Ok(verdicts)
+        Ok(HeartbeatReply { verdicts, adopt })
     }
 
     pub(crate) async fn report(

@@ -22,7 +22,8 @@ use crate::state::AttemptOutcome;
 pub enum KillReason {
     /// The task was cancelled: the attempt is reported as cancelled.
     Cancelled,
-    /// The lease is gone: the attempt is not reported (a report would be rejected).
+    /// The lease is gone: the attempt is reported as killed, and the leader rejects the report
+    /// for its stale fencing token (the rejection is logged).
     Fenced,
     /// The worker is shutting down without waiting: the lease is handed back instead.
     Shutdown,
@@ -31,7 +32,7 @@ pub enum KillReason {
 /// How an attempt ended, as the worker saw it.
 #[derive(Debug)]
 pub struct Ended {
-    /// `None` when the attempt must not be reported (fenced, or handed back at shutdown).
+    /// `None` when the attempt must not be reported (handed back at shutdown).
     pub outcome: Option<AttemptOutcome>,
     pub output_tail: String,
     /// The process id the command ran as (for logs and tests).
@@ -163,7 +164,12 @@ pub async fn run(
     let outcome = match stopped_by {
         Some(Err(())) => Some(AttemptOutcome::TimedOut),
         Some(Ok(KillReason::Cancelled)) => Some(AttemptOutcome::Cancelled),
-        Some(Ok(KillReason::Fenced | KillReason::Shutdown)) => None,
+        Some(Ok(KillReason::Fenced)) => Some(AttemptOutcome::Failed {
+            exit_code: None,
+            signal: None,
+            error: Some("killed: the lease was lost (fenced)".into()),
+        }),
+        Some(Ok(KillReason::Shutdown)) => None,
         None => Some(match status {
             Ok(s) if s.success() => AttemptOutcome::Succeeded,
             Ok(s) => AttemptOutcome::Failed {

@@ -4,7 +4,8 @@
 //!
 //! The rest of the worker tells it about leases over a channel ([`HeartbeatMsg`]); it sends one
 //! heartbeat per interval covering every lease it knows, and passes the leader's verdicts back
-//! as kill requests (cancelled or fenced attempts).
+//! as kill requests (cancelled or fenced attempts), and leases to adopt (granted to this
+//! worker, but the lease reply was lost) to the lease loop.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -15,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::attempt::KillReason;
 use crate::client::Client;
-use crate::rpc::{HeldLease, LeaseVerdict, WorkerInfo};
+use crate::rpc::{HeldLease, LeaseVerdict, LeasedTask, WorkerInfo};
 use crate::state::TaskId;
 
 /// Messages from the worker to its heartbeat thread.
@@ -51,6 +52,7 @@ pub fn spawn(
     shared: Arc<Shared>,
     interval: Duration,
     inbox: std_mpsc::Receiver<HeartbeatMsg>,
+    adopt: mpsc::UnboundedSender<LeasedTask>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("fleet-heartbeat".into())
@@ -106,7 +108,16 @@ pub fn spawn(
                         })
                         .await;
                     match result {
-                        Ok(verdicts) => {
+                        Ok(reply) => {
+                            for a in reply.adopt {
+                                tracing::warn!(
+                                    task = %a.task,
+                                    fencing_token = a.fencing_token,
+                                    "the leader says this worker holds a lease it never received; adopting it"
+                                );
+                                let _ = adopt.send(a);
+                            }
+                            let verdicts = reply.verdicts;
                             if failures > 0 {
                                 tracing::info!(after_failures = failures, "heartbeats go through again");
                             }

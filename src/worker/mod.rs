@@ -18,13 +18,13 @@
 pub mod attempt;
 pub mod heartbeat;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::client::Client;
 use crate::config::WorkerConfig;
@@ -74,7 +74,15 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         stop: AtomicBool::new(false),
     });
     let (hb_tx, hb_rx) = std::sync::mpsc::channel();
-    let hb_thread = heartbeat::spawn(hb_client, info.clone(), shared.clone(), hb_interval, hb_rx)?;
+    let (adopt_tx, mut adopt_rx) = mpsc::unbounded_channel();
+    let hb_thread = heartbeat::spawn(
+        hb_client,
+        info.clone(),
+        shared.clone(),
+        hb_interval,
+        hb_rx,
+        adopt_tx,
+    )?;
     let (report_tx, report_rx) = mpsc::unbounded_channel();
     let reporter = tokio::spawn(report_loop(report_client, id, report_rx));
 
@@ -86,29 +94,52 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         "worker started"
     );
     let slots = Arc::new(Semaphore::new(cfg.concurrency as usize));
-    let running: Arc<Mutex<HashMap<TaskId, mpsc::UnboundedSender<KillReason>>>> = Arc::default();
+    let (alive_tx, mut alive_rx) = watch::channel(0usize);
+    let mut launcher = Launcher {
+        name: opts.name.clone(),
+        cfg: cfg.clone(),
+        hb_tx: hb_tx.clone(),
+        report_tx,
+        running: Arc::default(),
+        shared: shared.clone(),
+        alive: Arc::new(alive_tx),
+        seen: SeenTokens::default(),
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut poll_pause = Duration::from_millis(100);
 
     // The lease loop, until the first signal.
-    loop {
+    'leasing: loop {
         let first = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("semaphore open"),
             _ = term.recv() => break,
             _ = int.recv() => break,
+            Some(a) = adopt_rx.recv() => {
+                let permit = slots.clone().try_acquire_owned().ok();
+                launcher.launch(a, permit);
+                continue;
+            }
+            p = slots.clone().acquire_owned() => p.expect("semaphore open"),
         };
         let free = 1 + slots.available_permits() as u32;
         let mut me = info.clone();
         me.running = shared.running.load(Ordering::Relaxed);
         let wait_ms = cfg.poll_wait_ms;
-        let polled = tokio::select! {
-            r = poll_client.call(|c, ctx| {
-                let me = me.clone();
-                async move { c.lease_tasks(ctx, me, free, wait_ms, 0).await }
-            }) => r,
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+        let poll = poll_client.call(|c, ctx| {
+            let me = me.clone();
+            async move { c.lease_tasks(ctx, me, free, wait_ms, 0).await }
+        });
+        tokio::pin!(poll);
+        let polled = loop {
+            tokio::select! {
+                r = &mut poll => break r,
+                _ = term.recv() => break 'leasing,
+                _ = int.recv() => break 'leasing,
+                Some(a) = adopt_rx.recv() => {
+                    let permit = slots.clone().try_acquire_owned().ok();
+                    launcher.launch(a, permit);
+                }
+            }
         };
         let leases = match polled {
             Ok(l) => {
@@ -126,42 +157,12 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         };
         let mut first = Some(first);
         for lease in leases {
-            let permit = match first.take() {
-                Some(p) => p,
-                None => match slots.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        // More leases than slots cannot happen (we asked for `free`); if it
-                        // did, run it anyway rather than drop a lease.
-                        tracing::error!(task = %lease.task, "more leases than free slots");
-                        slots.add_permits(1);
-                        slots.clone().try_acquire_owned().expect("just added")
-                    }
-                },
-            };
-            let (kill_tx, kill_rx) = mpsc::unbounded_channel();
-            running
-                .lock()
-                .expect("running lock")
-                .insert(lease.task, kill_tx.clone());
-            let _ = hb_tx.send(HeartbeatMsg::Add {
-                task: lease.task,
-                fencing_token: lease.fencing_token,
-                kill: kill_tx,
-            });
-            shared.running.fetch_add(1, Ordering::Relaxed);
-            let ctx = AttemptContext {
-                name: opts.name.clone(),
-                cfg: cfg.clone(),
-                hb_tx: hb_tx.clone(),
-                report_tx: report_tx.clone(),
-                running: running.clone(),
-                shared: shared.clone(),
-            };
-            tokio::spawn(async move {
-                ctx.run(lease, kill_rx).await;
-                drop(permit);
-            });
+            // Adopted leases may have taken the slots this request was for: then the attempt
+            // runs over capacity rather than wait (its lease is already running down).
+            let permit = first
+                .take()
+                .or_else(|| slots.clone().try_acquire_owned().ok());
+            launcher.launch(lease, permit);
         }
     }
 
@@ -173,17 +174,17 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         drain_timeout_ms = cfg.drain_timeout_ms,
         "draining: no new leases; waiting for running attempts (signal again to stop them now)"
     );
-    let all = cfg.concurrency;
     let drained = tokio::select! {
         r = tokio::time::timeout(
             Duration::from_millis(cfg.drain_timeout_ms),
-            slots.acquire_many(all),
+            alive_rx.wait_for(|n| *n == 0),
         ) => r.is_ok(),
         _ = term.recv() => false,
         _ = int.recv() => false,
     };
     if !drained {
-        let victims: Vec<_> = running
+        let victims: Vec<_> = launcher
+            .running
             .lock()
             .expect("running lock")
             .values()
@@ -196,10 +197,10 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         for k in victims {
             let _ = k.send(KillReason::Shutdown);
         }
-        let _ = slots.acquire_many(all).await;
+        let _ = alive_rx.wait_for(|n| *n == 0).await;
     }
     // Every attempt has ended; its report (if any) is queued. Flush the reports.
-    drop(report_tx);
+    drop(launcher);
     let _ = reporter.await;
     // Hand back anything still leased to this worker (killed attempts, a lease whose grant
     // reply was lost).
@@ -219,6 +220,80 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let _ = tokio::task::spawn_blocking(move || hb_thread.join()).await;
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Fencing tokens this worker has started (bounded): a lease that arrives twice (a lease
+/// reply and an adoption) runs once.
+#[derive(Default)]
+struct SeenTokens {
+    set: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+/// Fencing tokens remembered.
+const SEEN_TOKENS: usize = 100_000;
+
+impl SeenTokens {
+    /// True the first time a token is seen.
+    fn first_time(&mut self, token: u64) -> bool {
+        if !self.set.insert(token) {
+            return false;
+        }
+        self.order.push_back(token);
+        if self.order.len() > SEEN_TOKENS {
+            let old = self.order.pop_front().expect("non-empty");
+            self.set.remove(&old);
+        }
+        true
+    }
+}
+
+/// Starts attempts.
+struct Launcher {
+    name: String,
+    cfg: WorkerConfig,
+    hb_tx: std::sync::mpsc::Sender<HeartbeatMsg>,
+    report_tx: mpsc::UnboundedSender<AttemptReport>,
+    running: Arc<Mutex<HashMap<TaskId, mpsc::UnboundedSender<KillReason>>>>,
+    shared: Arc<Shared>,
+    /// Attempts alive (started, not yet ended).
+    alive: Arc<watch::Sender<usize>>,
+    seen: SeenTokens,
+}
+
+impl Launcher {
+    fn launch(&mut self, lease: LeasedTask, permit: Option<OwnedSemaphorePermit>) {
+        if !self.seen.first_time(lease.fencing_token) {
+            tracing::debug!(task = %lease.task, fencing_token = lease.fencing_token, "lease already started here");
+            return;
+        }
+        let (kill_tx, kill_rx) = mpsc::unbounded_channel();
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(lease.task, kill_tx.clone());
+        let _ = self.hb_tx.send(HeartbeatMsg::Add {
+            task: lease.task,
+            fencing_token: lease.fencing_token,
+            kill: kill_tx,
+        });
+        self.shared.running.fetch_add(1, Ordering::Relaxed);
+        self.alive.send_modify(|n| *n += 1);
+        let ctx = AttemptContext {
+            name: self.name.clone(),
+            cfg: self.cfg.clone(),
+            hb_tx: self.hb_tx.clone(),
+            report_tx: self.report_tx.clone(),
+            running: self.running.clone(),
+            shared: self.shared.clone(),
+        };
+        let alive = self.alive.clone();
+        tokio::spawn(async move {
+            ctx.run(lease, kill_rx).await;
+            drop(permit);
+            alive.send_modify(|n| *n -= 1);
+        });
+    }
 }
 
 /// What one attempt's task needs.

@@ -310,3 +310,177 @@ pub fn wait_for_tasks(addr: &str, expected: &[u64], timeout: Duration) {
         },
     );
 }
+
+/// A config file with scheduler and worker timing short enough for tests; every process of a
+/// test reads the same file, as an operator's would.
+pub fn test_config(dir: &Path, extra: &str) -> PathBuf {
+    let path = dir.join("fleet.toml");
+    let text = format!(
+        "[scheduler]\nworker_liveness_timeout_ms = 3000\nfailover_grace_ms = 5000\n\n\
+         [worker]\nheartbeat_interval_ms = 300\nkill_grace_ms = 1000\npoll_wait_ms = 5000\n\
+         drain_timeout_ms = 30000\n{extra}\n"
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A `fleet worker` process.
+pub struct TestWorker {
+    pub name: String,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl TestWorker {
+    pub fn start(dir: &Path, name: &str, peers: &str, config: &Path, extra: &[&str]) -> TestWorker {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("worker log");
+        let child = Command::new(fleet_bin())
+            .args(["worker", "--peers", peers, "--name", name])
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("FLEET_PEERS")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start fleet worker");
+        TestWorker {
+            name: name.into(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let code = wait_until(
+            &format!("worker {} to exit", self.name),
+            timeout,
+            || match child.try_wait() {
+                Ok(Some(status)) => Ok(status.code()),
+                Ok(None) => Err("still running".into()),
+                Err(e) => Err(e.to_string()),
+            },
+        );
+        self.child = None;
+        code
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // Resume a stopped worker so the kill below reaps it.
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        }
+        self.kill9();
+    }
+}
+
+/// A task command that appends `TASK ATTEMPT TOKEN WORKER PID` to `file`, then runs `then`
+/// (shell code; may use $FLEET_ATTEMPT).
+pub fn marker_command(file: &Path, then: &str) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "echo \"$FLEET_TASK_ID $FLEET_ATTEMPT $FLEET_FENCING_TOKEN $FLEET_WORKER $$\" >> {}; {then}",
+            file.display()
+        ),
+    ]
+}
+
+/// One line of a marker file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub task: u64,
+    pub attempt: u32,
+    pub token: u64,
+    pub worker: String,
+    pub pid: i32,
+}
+
+pub fn read_marks(file: &Path) -> Vec<Mark> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() != 5 {
+                return None;
+            }
+            Some(Mark {
+                task: f[0].parse().ok()?,
+                attempt: f[1].parse().ok()?,
+                token: f[2].parse().ok()?,
+                worker: f[3].to_string(),
+                pid: f[4].parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// `fleet task show ID` (linearizable), the task object.
+pub fn show_task(peers: &str, id: u64) -> Result<Value, String> {
+    let r = fleet_json(&["task", "show", &id.to_string(), "--peers", peers])?;
+    Ok(r["value"].clone())
+}
+
+/// Ids of tasks in `state` (linearizable).
+pub fn task_ids_in(peers: &str, state: &str) -> Result<Vec<u64>, String> {
+    let r = fleet_json(&[
+        "task", "list", "--state", state, "--limit", "10000", "--peers", peers,
+    ])?;
+    Ok(r["value"]
+        .as_array()
+        .ok_or("no value")?
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect())
+}
+
+/// Whether a process exists.
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Writes `n` tasks running `command(i)` as a `submit --file` file.
+pub fn command_file(
+    dir: &Path,
+    name: &str,
+    n: usize,
+    command: impl Fn(usize) -> Vec<String>,
+) -> PathBuf {
+    let path = dir.join(name);
+    let lines: Vec<String> = (0..n)
+        .map(|i| serde_json::json!({ "command": command(i) }).to_string())
+        .collect();
+    std::fs::write(&path, lines.join("\n")).expect("write task file");
+    path
+}

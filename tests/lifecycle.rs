@@ -1,0 +1,321 @@
+//! The task lifecycle end to end with real replicas and real workers: exactly-once runs of
+//! 1,000 tasks, execution timeouts with backoff into the dead-letter state and back, cancel of
+//! a running attempt, and a draining worker.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn cluster_with_config(n: usize) -> (TestCluster, std::path::PathBuf) {
+    let mut c = TestCluster::new(n, &[]);
+    let config = test_config(c.dir.path(), "");
+    for node in &mut c.nodes {
+        node.args
+            .extend(["--config".to_string(), config.display().to_string()]);
+    }
+    (c, config)
+}
+
+#[test]
+fn a_thousand_tasks_each_run_exactly_once() {
+    let (mut c, config) = cluster_with_config(3);
+    let peers = c.peers();
+    for id in 1..=3 {
+        c.node(id).start();
+    }
+    c.wait_for_leader(&peers, 3, Duration::from_secs(30));
+    let dir = c.dir.path().to_path_buf();
+    let _w1 = TestWorker::start(&dir, "w1", &peers, &config, &["--concurrency", "8"]);
+    let _w2 = TestWorker::start(&dir, "w2", &peers, &config, &["--concurrency", "8"]);
+    let marks = dir.join("marks");
+    let file = command_file(&dir, "tasks.jsonl", 1000, |_| {
+        marker_command(&marks, "true")
+    });
+    let started = Instant::now();
+    let out = fleet_json(&[
+        "submit",
+        "--file",
+        file.to_str().unwrap(),
+        "--peers",
+        &peers,
+    ])
+    .unwrap();
+    assert_eq!(out.as_array().unwrap().len(), 1000);
+    wait_until("1000 tasks to succeed", Duration::from_secs(180), || {
+        let n = task_ids_in(&peers, "succeeded")?.len();
+        if n == 1000 {
+            Ok(())
+        } else {
+            Err(format!("{n} succeeded\n{}", c.logs()))
+        }
+    });
+    eprintln!("1000 tasks ran in {:.1}s", started.elapsed().as_secs_f64());
+    let marks = read_marks(&marks);
+    assert_eq!(marks.len(), 1000, "each task ran exactly once");
+    let mut per_task: BTreeMap<u64, usize> = BTreeMap::new();
+    for m in &marks {
+        *per_task.entry(m.task).or_default() += 1;
+        assert_eq!(m.attempt, 1, "{m:?}");
+    }
+    assert_eq!(per_task.len(), 1000);
+    assert!(per_task.values().all(|n| *n == 1));
+    for w in ["w1", "w2"] {
+        assert!(marks.iter().any(|m| m.worker == w), "{w} ran nothing");
+    }
+    let t = show_task(&peers, 1).unwrap();
+    assert_eq!(t["attempts"].as_array().unwrap().len(), 1, "{t}");
+    assert_eq!(t["attempts"][0]["outcome"], "succeeded", "{t}");
+
+    let workers = fleet_json(&["worker", "list", "--peers", &peers]).unwrap();
+    let states: Vec<&str> = workers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["active", "active"], "{workers}");
+
+    // An idempotency key makes a second submission return the first task.
+    let a = fleet_json(&[
+        "submit",
+        "--idempotency-key",
+        "k1",
+        "--peers",
+        &peers,
+        "--",
+        "true",
+    ])
+    .unwrap();
+    let b = fleet_json(&[
+        "submit",
+        "--idempotency-key",
+        "k1",
+        "--peers",
+        &peers,
+        "--",
+        "true",
+    ])
+    .unwrap();
+    assert_eq!(a["id"], b["id"]);
+    assert_eq!(b["duplicate"], true);
+}
+
+#[test]
+fn timeouts_back_off_into_dead_and_retry_brings_the_task_back_and_cancel_kills() {
+    let (mut c, config) = cluster_with_config(3);
+    let peers = c.peers();
+    for id in 1..=3 {
+        c.node(id).start();
+    }
+    c.wait_for_leader(&peers, 3, Duration::from_secs(30));
+    let dir = c.dir.path().to_path_buf();
+    let _w = TestWorker::start(&dir, "w1", &peers, &config, &["--concurrency", "2"]);
+    let marks = dir.join("marks");
+    let cmd = marker_command(&marks, "exec sleep 600");
+    let mut args = vec![
+        "submit",
+        "--peers",
+        &peers,
+        "--timeout",
+        "1s",
+        "--max-attempts",
+        "3",
+        "--backoff-initial",
+        "1s",
+        "--backoff-multiplier",
+        "2",
+        "--",
+    ];
+    args.extend(cmd.iter().map(String::as_str));
+    let id = fleet_json(&args).unwrap()["id"].as_u64().unwrap();
+    let task = wait_until("the task to be dead", Duration::from_secs(60), || {
+        let t = show_task(&peers, id)?;
+        if t["state"] == "dead" {
+            Ok(t)
+        } else {
+            Err(t.to_string())
+        }
+    });
+    let attempts = task["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3, "{task}");
+    for a in attempts {
+        assert_eq!(a["outcome"], "timed_out", "{task}");
+        let ran = a["ended_at_ms"].as_u64().unwrap() - a["started_at_ms"].as_u64().unwrap();
+        assert!((900..5000).contains(&ran), "attempt ran {ran} ms: {task}");
+    }
+    // Backoff: 1 s then 2 s, each jittered down to no less than half.
+    for (i, base) in [(1usize, 1000u64), (2, 2000)] {
+        let gap = attempts[i]["started_at_ms"].as_u64().unwrap()
+            - attempts[i - 1]["ended_at_ms"].as_u64().unwrap();
+        assert!(
+            gap >= base / 2 && gap <= base + 1500,
+            "gap {gap} ms before attempt {}: {task}",
+            i + 1
+        );
+    }
+    // Every timed-out process was killed.
+    for m in read_marks(&marks) {
+        wait_until(
+            "a timed-out attempt's process to be gone",
+            Duration::from_secs(10),
+            || {
+                if alive(m.pid) {
+                    Err(format!("{m:?} alive"))
+                } else {
+                    Ok(())
+                }
+            },
+        );
+    }
+    let out = fleet_json(&["task", "retry", &id.to_string(), "--peers", &peers]).unwrap();
+    assert_eq!(out["state"], "queued");
+    wait_until("a fourth attempt", Duration::from_secs(20), || {
+        let t = show_task(&peers, id)?;
+        if t["attempts"].as_array().unwrap().len() == 4 {
+            Ok(())
+        } else {
+            Err(t.to_string())
+        }
+    });
+
+    // Cancel: the running attempt is killed at the worker's next heartbeat.
+    let marks2 = dir.join("marks2");
+    let cmd = marker_command(&marks2, "exec sleep 600");
+    let mut args = vec!["submit", "--peers", &peers, "--"];
+    args.extend(cmd.iter().map(String::as_str));
+    let id2 = fleet_json(&args).unwrap()["id"].as_u64().unwrap();
+    let m = wait_until("the long task to start", Duration::from_secs(20), || {
+        read_marks(&marks2)
+            .first()
+            .cloned()
+            .ok_or_else(|| "no mark".to_string())
+    });
+    fleet_json(&["task", "cancel", &id2.to_string(), "--peers", &peers]).unwrap();
+    wait_until(
+        "the cancelled attempt's process to be killed",
+        Duration::from_secs(10),
+        || {
+            if alive(m.pid) {
+                Err("alive".into())
+            } else {
+                Ok(())
+            }
+        },
+    );
+    let t = wait_until(
+        "the attempt to be recorded as cancelled",
+        Duration::from_secs(10),
+        || {
+            let t = show_task(&peers, id2)?;
+            if t["attempts"][0]["outcome"] == "cancelled" {
+                Ok(t)
+            } else {
+                Err(t.to_string())
+            }
+        },
+    );
+    assert_eq!(t["state"], "cancelled");
+    assert!(t["lease"].is_null(), "{t}");
+}
+
+#[test]
+fn sigterm_drains_and_a_second_signal_hands_leases_back() {
+    let (mut c, config) = cluster_with_config(3);
+    let peers = c.peers();
+    for id in 1..=3 {
+        c.node(id).start();
+    }
+    c.wait_for_leader(&peers, 3, Duration::from_secs(30));
+    let dir = c.dir.path().to_path_buf();
+    let mut w = TestWorker::start(&dir, "w1", &peers, &config, &["--concurrency", "2"]);
+    let marks = dir.join("marks");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let cmd = marker_command(&marks, "sleep 2");
+        let mut args = vec!["submit", "--peers", &peers, "--"];
+        args.extend(cmd.iter().map(String::as_str));
+        ids.push(fleet_json(&args).unwrap()["id"].as_u64().unwrap());
+    }
+    wait_until("both tasks to start", Duration::from_secs(20), || {
+        let n = read_marks(&marks).len();
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} started"))
+        }
+    });
+    w.signal(libc::SIGTERM);
+    wait_until(
+        "the worker to show as draining",
+        Duration::from_secs(10),
+        || {
+            let l = fleet_json(&["worker", "list", "--peers", &peers])?;
+            if l[0]["state"] == "draining" {
+                Ok(())
+            } else {
+                Err(l.to_string())
+            }
+        },
+    );
+    // A task submitted while it drains is not taken by it.
+    let late = fleet_json(&["submit", "--peers", &peers, "--", "true"]).unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        w.log_text()
+    );
+    for id in &ids {
+        let t = show_task(&peers, *id).unwrap();
+        assert_eq!(t["state"], "succeeded", "{t}");
+        assert_eq!(t["attempts"].as_array().unwrap().len(), 1, "{t}");
+    }
+    assert_eq!(show_task(&peers, late).unwrap()["state"], "queued");
+    let stats = fleet_json(&["queue", "stats", "--peers", &peers]).unwrap();
+    assert_eq!(
+        stats["value"]["default"]["running"], 0,
+        "no lease left behind: {stats}"
+    );
+
+    // A second SIGTERM stops the attempt and hands its lease back at once.
+    let mut w2 = TestWorker::start(&dir, "w2", &peers, &config, &["--concurrency", "1"]);
+    let marks2 = dir.join("marks2");
+    let cmd = marker_command(&marks2, "exec sleep 600");
+    let mut args = vec!["submit", "--peers", &peers, "--priority", "9", "--"];
+    args.extend(cmd.iter().map(String::as_str));
+    let long = fleet_json(&args).unwrap()["id"].as_u64().unwrap();
+    let m = wait_until("the long task to start", Duration::from_secs(20), || {
+        read_marks(&marks2)
+            .first()
+            .cloned()
+            .ok_or_else(|| "no mark".to_string())
+    });
+    assert_eq!(m.task, long, "priority 9 runs before the queued task");
+    w2.signal(libc::SIGTERM);
+    wait_until("the worker to drain", Duration::from_secs(10), || {
+        if w2.log_text().contains("draining") {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    w2.signal(libc::SIGTERM);
+    assert_eq!(
+        w2.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        w2.log_text()
+    );
+    assert!(!alive(m.pid), "the attempt's process was stopped");
+    let t = show_task(&peers, long).unwrap();
+    assert_ne!(t["state"], "running", "{t}");
+    let reason = t["attempts"][0]["outcome"]["lost"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("handed back"), "{t}");
+}
