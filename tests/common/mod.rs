@@ -314,9 +314,14 @@ pub fn wait_for_tasks(addr: &str, expected: &[u64], timeout: Duration) {
 /// A config file with scheduler and worker timing short enough for tests; every process of a
 /// test reads the same file, as an operator's would.
 pub fn test_config(dir: &Path, extra: &str) -> PathBuf {
+    test_config_with_grace(dir, 5000, extra)
+}
+
+/// [`test_config`] with another `scheduler.failover_grace_ms`.
+pub fn test_config_with_grace(dir: &Path, grace_ms: u64, extra: &str) -> PathBuf {
     let path = dir.join("fleet.toml");
     let text = format!(
-        "[scheduler]\nworker_liveness_timeout_ms = 3000\nfailover_grace_ms = 5000\n\n\
+        "[scheduler]\nworker_liveness_timeout_ms = 3000\nfailover_grace_ms = {grace_ms}\n\n\
          [worker]\nheartbeat_interval_ms = 300\nkill_grace_ms = 1000\npoll_wait_ms = 5000\n\
          drain_timeout_ms = 30000\n{extra}\n"
     );
