@@ -382,3 +382,44 @@ pub fn context_with_timeout(timeout: std::time::Duration) -> tarpc::context::Con
     ctx.deadline = std::time::Instant::now() + timeout;
     ctx
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_tasks_take_queue_defaults_then_their_own_values() {
+        let mut config = crate::config::Config::default();
+        config.tasks.max_attempts = 5;
+        config.queues.insert(
+            "reports".into(),
+            crate::config::QueueDefaults {
+                priority: Some(7),
+                execution_timeout_ms: Some(60_000),
+                ..Default::default()
+            },
+        );
+        let mut t = NewTask::command(vec!["true".into()]);
+        t.queue = Some("reports".into());
+        let s = t.resolve(&config, 1_000).unwrap();
+        assert_eq!(s.priority, 7);
+        assert_eq!(s.retry.max_attempts, 5);
+        assert_eq!(s.execution_timeout_ms, Some(60_000));
+        t.priority = Some(-1);
+        t.timeout_ms = Some(0);
+        t.delay_ms = Some(500);
+        let s = t.resolve(&config, 1_000).unwrap();
+        assert_eq!(s.priority, -1);
+        assert_eq!(s.execution_timeout_ms, None, "0 means no timeout");
+        assert_eq!(s.not_before_ms, Some(1_500));
+        t.not_before_ms = Some(9);
+        assert!(
+            t.resolve(&config, 1_000).is_err(),
+            "delay and not-before together"
+        );
+        let mut bad = NewTask::command(vec!["true".into()]);
+        bad.backoff_multiplier = Some(0.5);
+        let e = bad.resolve(&config, 0).unwrap_err().to_string();
+        assert!(e.contains("backoff multiplier 0.500"), "{e}");
+    }
+}

@@ -1158,6 +1158,7 @@ mod tests {
         let mut sm = Sm::new();
         let id = sm.submit_spec(1, 1, spec(&["true"]));
         let g = sm.grant(2, W1, 1).remove(0);
+        assert_eq!(sm.state.leases().count(), 1);
         assert_eq!(
             sm.complete(3, &g, AttemptOutcome::Succeeded),
             Ok(CommandOutput::TaskUpdated {
@@ -1169,9 +1170,25 @@ mod tests {
         assert_eq!(t.finished_at_ms, Some(3));
         assert_eq!(t.attempts[0].outcome, Some(AttemptOutcome::Succeeded));
         assert_eq!(t.attempts[0].output_tail, "out");
+        assert_eq!(
+            sm.state.leases().count(),
+            0,
+            "the lease index follows the lease"
+        );
+        // A worker retrying the same report (its reply was lost) gets the same answer...
         let again = sm.complete(4, &g, AttemptOutcome::Succeeded);
         assert_eq!(
             again,
+            Ok(CommandOutput::TaskUpdated {
+                id,
+                state: TaskState::Succeeded
+            })
+        );
+        assert_eq!(sm.task(id).attempts.len(), 1);
+        // ...but a different report for the ended attempt is a stale one.
+        let other = sm.complete(4, &g, failed());
+        assert_eq!(
+            other,
             Err(CommandError::StaleToken {
                 task: id,
                 given: g.fencing_token,
