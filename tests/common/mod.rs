@@ -39,6 +39,21 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 }
 
 /// Polls `check` until it returns `Ok`, or fails after `timeout` with the last error.
+/// A base port whose `n` consecutive ports are free right now (for `fleet up`, which takes
+/// consecutive ports).
+pub fn free_consecutive_ports(n: u16) -> u16 {
+    for _ in 0..1000 {
+        let base: u16 = rand::rng().random_range(20_000..60_000);
+        let ok: Vec<_> = (0..n)
+            .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if ok.len() == n as usize {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
 pub fn wait_until<T>(
     what: &str,
     timeout: Duration,
