@@ -354,3 +354,94 @@ fn a_raft_connection_reaching_the_wrong_node_is_refused() {
         .block_on(fleet::rpc::peer::dial(&addr, &me, Some(1)))
         .is_ok());
 }
+
+#[test]
+fn task_and_worker_options_are_named() {
+    let mut c = TestCluster::new(1, &[]);
+    let peers = c.peers();
+    c.node(1).start();
+    c.wait_for_leader(&peers, 1, Duration::from_secs(30));
+    let p = peers.as_str();
+    for (args, needle) in [
+        (
+            vec!["submit", "--peers", p, "--timeout", "10", "--", "true"],
+            "\"10\" is not a duration",
+        ),
+        (
+            vec!["submit", "--peers", p, "--env", "NOVALUE", "--", "true"],
+            "\"NOVALUE\" is not KEY=VALUE",
+        ),
+        (
+            vec![
+                "submit",
+                "--peers",
+                p,
+                "--not-before",
+                "tomorrow",
+                "--",
+                "true",
+            ],
+            "RFC 3339",
+        ),
+        (
+            vec!["submit", "--peers", p, "--max-attempts", "0", "--", "true"],
+            "max attempts 0 is not valid: use 1 to 1000",
+        ),
+        (
+            vec![
+                "submit",
+                "--peers",
+                p,
+                "--visibility-timeout",
+                "10ms",
+                "--",
+                "true",
+            ],
+            "visibility timeout 10 ms is not valid",
+        ),
+        (
+            vec!["submit", "--peers", p, "--env", "FLEET_X=1", "--", "true"],
+            "FLEET_X is reserved",
+        ),
+        (
+            vec![
+                "submit",
+                "--peers",
+                p,
+                "--backoff-multiplier",
+                "20",
+                "--",
+                "true",
+            ],
+            "backoff multiplier 20.000 is not valid",
+        ),
+        (
+            vec!["submit", "--peers", p, "--queue", "no spaces", "--", "true"],
+            "queue name \"no spaces\" is not valid",
+        ),
+        (
+            vec!["worker", "--peers", p, "--concurrency", "0"],
+            "worker.concurrency = 0 is not valid: use 1 to 4096",
+        ),
+        (
+            vec!["worker", "--peers", p, "--queues", "a,b c"],
+            "queue name \"b c\" is not valid",
+        ),
+        (
+            vec!["logs", "--peers", p, "424242"],
+            "task 424242 not found",
+        ),
+    ] {
+        let out = fleet(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr_of(&out);
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+    // Nothing was created by the rejected submissions.
+    let listed = fleet_json(&["task", "list", "--peers", p]).unwrap();
+    assert_eq!(listed["value"].as_array().unwrap().len(), 0, "{listed}");
+}
