@@ -116,14 +116,7 @@ fn malformed_addresses_and_values_are_named() {
             "--limit 0",
         ),
     ] {
-        let out = fleet(&args);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        let err = stderr_of(&out);
-        assert!(
-            err.contains(needle),
-            "{args:?}: expected {needle:?} in: {err}"
-        );
-        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        assert_fails_naming(&args, needle);
     }
 }
 
@@ -432,14 +425,7 @@ fn task_and_worker_options_are_named() {
             "task 424242 not found",
         ),
     ] {
-        let out = fleet(&args);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        let err = stderr_of(&out);
-        assert!(
-            err.contains(needle),
-            "{args:?}: expected {needle:?} in: {err}"
-        );
-        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        assert_fails_naming(&args, needle);
     }
     // Nothing was created by the rejected submissions.
     let listed = fleet_json(&["task", "list", "--peers", p]).unwrap();

@@ -9,24 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn cluster_with_config(n: usize) -> (TestCluster, std::path::PathBuf) {
-    let mut c = TestCluster::new(n, &[]);
-    let config = test_config(c.dir.path(), "");
-    for node in &mut c.nodes {
-        node.args
-            .extend(["--config".to_string(), config.display().to_string()]);
-    }
-    (c, config)
-}
-
 #[test]
 fn a_thousand_tasks_each_run_exactly_once() {
-    let (mut c, config) = cluster_with_config(3);
-    let peers = c.peers();
-    for id in 1..=3 {
-        c.node(id).start();
-    }
-    c.wait_for_leader(&peers, 3, Duration::from_secs(30));
+    let (c, config, peers) = start_fleet(3, 5000);
     let dir = c.dir.path().to_path_buf();
     let _w1 = TestWorker::start(&dir, "w1", &peers, &config, &["--concurrency", "8"]);
     let _w2 = TestWorker::start(&dir, "w2", &peers, &config, &["--concurrency", "8"]);
@@ -35,15 +20,7 @@ fn a_thousand_tasks_each_run_exactly_once() {
         marker_command(&marks, "true")
     });
     let started = Instant::now();
-    let out = fleet_json(&[
-        "submit",
-        "--file",
-        file.to_str().unwrap(),
-        "--peers",
-        &peers,
-    ])
-    .unwrap();
-    assert_eq!(out.as_array().unwrap().len(), 1000);
+    submit_file(&peers, &file, 1000);
     wait_until("1000 tasks to succeed", Duration::from_secs(180), || {
         let n = task_ids_in(&peers, "succeeded")?.len();
         if n == 1000 {
@@ -79,38 +56,25 @@ fn a_thousand_tasks_each_run_exactly_once() {
     assert_eq!(states, vec!["active", "active"], "{workers}");
 
     // An idempotency key makes a second submission return the first task.
-    let a = fleet_json(&[
-        "submit",
-        "--idempotency-key",
-        "k1",
-        "--peers",
-        &peers,
-        "--",
-        "true",
-    ])
-    .unwrap();
-    let b = fleet_json(&[
-        "submit",
-        "--idempotency-key",
-        "k1",
-        "--peers",
-        &peers,
-        "--",
-        "true",
-    ])
-    .unwrap();
+    let [a, b] = [(); 2].map(|_| {
+        fleet_json(&[
+            "submit",
+            "--idempotency-key",
+            "k1",
+            "--peers",
+            &peers,
+            "--",
+            "true",
+        ])
+        .unwrap()
+    });
     assert_eq!(a["id"], b["id"]);
     assert_eq!(b["duplicate"], true);
 }
 
 #[test]
 fn timeouts_back_off_into_dead_and_retry_brings_the_task_back_and_cancel_kills() {
-    let (mut c, config) = cluster_with_config(3);
-    let peers = c.peers();
-    for id in 1..=3 {
-        c.node(id).start();
-    }
-    c.wait_for_leader(&peers, 3, Duration::from_secs(30));
+    let (c, config, peers) = start_fleet(3, 5000);
     let dir = c.dir.path().to_path_buf();
     let _w = TestWorker::start(&dir, "w1", &peers, &config, &["--concurrency", "2"]);
     let marks = dir.join("marks");
@@ -131,14 +95,7 @@ fn timeouts_back_off_into_dead_and_retry_brings_the_task_back_and_cancel_kills()
     ];
     args.extend(cmd.iter().map(String::as_str));
     let id = fleet_json(&args).unwrap()["id"].as_u64().unwrap();
-    let task = wait_until("the task to be dead", Duration::from_secs(60), || {
-        let t = show_task(&peers, id)?;
-        if t["state"] == "dead" {
-            Ok(t)
-        } else {
-            Err(t.to_string())
-        }
-    });
+    let task = wait_for_state(&peers, id, "dead", Duration::from_secs(60));
     let attempts = task["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 3, "{task}");
     for a in attempts {
@@ -184,9 +141,7 @@ fn timeouts_back_off_into_dead_and_retry_brings_the_task_back_and_cancel_kills()
     // Cancel: the running attempt is killed at the worker's next heartbeat.
     let marks2 = dir.join("marks2");
     let cmd = marker_command(&marks2, "exec sleep 600");
-    let mut args = vec!["submit", "--peers", &peers, "--"];
-    args.extend(cmd.iter().map(String::as_str));
-    let id2 = fleet_json(&args).unwrap()["id"].as_u64().unwrap();
+    let id2 = submit_task(&peers, &[], &cmd);
     let m = wait_until("the long task to start", Duration::from_secs(20), || {
         read_marks(&marks2)
             .first()
@@ -223,21 +178,14 @@ fn timeouts_back_off_into_dead_and_retry_brings_the_task_back_and_cancel_kills()
 
 #[test]
 fn sigterm_drains_and_a_second_signal_hands_leases_back() {
-    let (mut c, config) = cluster_with_config(3);
-    let peers = c.peers();
-    for id in 1..=3 {
-        c.node(id).start();
-    }
-    c.wait_for_leader(&peers, 3, Duration::from_secs(30));
+    let (c, config, peers) = start_fleet(3, 5000);
     let dir = c.dir.path().to_path_buf();
     let mut w = TestWorker::start(&dir, "w1", &peers, &config, &["--concurrency", "2"]);
     let marks = dir.join("marks");
     let mut ids = Vec::new();
     for _ in 0..2 {
         let cmd = marker_command(&marks, "sleep 2");
-        let mut args = vec!["submit", "--peers", &peers, "--"];
-        args.extend(cmd.iter().map(String::as_str));
-        ids.push(fleet_json(&args).unwrap()["id"].as_u64().unwrap());
+        ids.push(submit_task(&peers, &[], &cmd));
     }
     wait_until("both tasks to start", Duration::from_secs(20), || {
         let n = read_marks(&marks).len();
@@ -286,9 +234,7 @@ fn sigterm_drains_and_a_second_signal_hands_leases_back() {
     let mut w2 = TestWorker::start(&dir, "w2", &peers, &config, &["--concurrency", "1"]);
     let marks2 = dir.join("marks2");
     let cmd = marker_command(&marks2, "exec sleep 600");
-    let mut args = vec!["submit", "--peers", &peers, "--priority", "9", "--"];
-    args.extend(cmd.iter().map(String::as_str));
-    let long = fleet_json(&args).unwrap()["id"].as_u64().unwrap();
+    let long = submit_task(&peers, &["--priority", "9"], &cmd);
     let m = wait_until("the long task to start", Duration::from_secs(20), || {
         read_marks(&marks2)
             .first()

@@ -9,28 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn cluster_with_config(n: usize) -> (TestCluster, std::path::PathBuf) {
-    cluster_with_grace(n, 5000)
-}
-
-fn cluster_with_grace(n: usize, grace_ms: u64) -> (TestCluster, std::path::PathBuf) {
-    let mut c = TestCluster::new(n, &[]);
-    let config = test_config_with_grace(c.dir.path(), grace_ms, "");
-    for node in &mut c.nodes {
-        node.args
-            .extend(["--config".to_string(), config.display().to_string()]);
-    }
-    (c, config)
-}
-
-fn submit(peers: &str, opts: &[&str], cmd: &[String]) -> u64 {
-    let mut args = vec!["submit", "--peers", peers];
-    args.extend(opts);
-    args.push("--");
-    args.extend(cmd.iter().map(String::as_str));
-    fleet_json(&args).unwrap()["id"].as_u64().unwrap()
-}
-
 /// SIGKILL to every process an attempt left behind (what a machine crash does to them).
 fn kill_attempts(marks: &[Mark]) {
     for m in marks {
@@ -41,18 +19,13 @@ fn kill_attempts(marks: &[Mark]) {
 
 #[test]
 fn a_killed_workers_tasks_run_elsewhere_after_the_liveness_timeout() {
-    let (mut c, config) = cluster_with_config(3);
-    let peers = c.peers();
-    for id in 1..=3 {
-        c.node(id).start();
-    }
-    c.wait_for_leader(&peers, 3, Duration::from_secs(30));
+    let (c, config, peers) = start_fleet(3, 5000);
     let dir = c.dir.path().to_path_buf();
     let mut a = TestWorker::start(&dir, "a", &peers, &config, &["--concurrency", "2"]);
     let marks = dir.join("marks");
     let cmd = marker_command(&marks, "if [ $FLEET_ATTEMPT = 1 ]; then exec sleep 600; fi");
     let ids: Vec<u64> = (0..2)
-        .map(|_| submit(&peers, &["--visibility-timeout", "60s"], &cmd))
+        .map(|_| submit_task(&peers, &["--visibility-timeout", "60s"], &cmd))
         .collect();
     let first = wait_until("both tasks to start on a", Duration::from_secs(20), || {
         let m = read_marks(&marks);
@@ -67,14 +40,7 @@ fn a_killed_workers_tasks_run_elsewhere_after_the_liveness_timeout() {
     kill_attempts(&first);
     let killed = Instant::now();
     for id in &ids {
-        wait_until("the task to succeed on b", Duration::from_secs(30), || {
-            let t = show_task(&peers, *id)?;
-            if t["state"] == "succeeded" {
-                Ok(())
-            } else {
-                Err(t.to_string())
-            }
-        });
+        wait_for_state(&peers, *id, "succeeded", Duration::from_secs(30));
     }
     let took = killed.elapsed();
     eprintln!("tasks of the killed worker finished elsewhere {took:?} after the kill");
@@ -99,18 +65,13 @@ fn a_killed_workers_tasks_run_elsewhere_after_the_liveness_timeout() {
 #[test]
 fn a_frozen_worker_is_fenced_after_its_visibility_timeout() {
     // A short failover grace: the leader was just elected, and no lease expires in its grace.
-    let (mut c, config) = cluster_with_grace(3, 200);
-    let peers = c.peers();
-    for id in 1..=3 {
-        c.node(id).start();
-    }
-    c.wait_for_leader(&peers, 3, Duration::from_secs(30));
+    let (c, config, peers) = start_fleet(3, 200);
     let dir = c.dir.path().to_path_buf();
     // The visibility timeout (2 s) is shorter than the worker liveness timeout (3 s).
     let a = TestWorker::start(&dir, "a", &peers, &config, &["--concurrency", "1"]);
     let marks = dir.join("marks");
     let cmd = marker_command(&marks, "if [ $FLEET_ATTEMPT = 1 ]; then exec sleep 600; fi");
-    let id = submit(
+    let id = submit_task(
         &peers,
         &["--visibility-timeout", "2s", "--backoff-initial", "200ms"],
         &cmd,
@@ -123,18 +84,7 @@ fn a_frozen_worker_is_fenced_after_its_visibility_timeout() {
     });
     a.signal(libc::SIGSTOP);
     let _b = TestWorker::start(&dir, "b", &peers, &config, &["--concurrency", "1"]);
-    let t = wait_until(
-        "the task to be re-leased and succeed on b",
-        Duration::from_secs(30),
-        || {
-            let t = show_task(&peers, id)?;
-            if t["state"] == "succeeded" {
-                Ok(t)
-            } else {
-                Err(t.to_string())
-            }
-        },
-    );
+    let t = wait_for_state(&peers, id, "succeeded", Duration::from_secs(30));
     let reason = t["attempts"][0]["outcome"]["lost"]["reason"]
         .as_str()
         .unwrap_or_default()
@@ -181,11 +131,7 @@ fn a_frozen_worker_is_fenced_after_its_visibility_timeout() {
 
 #[test]
 fn killing_the_leader_during_2000_tasks_loses_nothing_and_expires_nothing() {
-    let (mut c, config) = cluster_with_config(3);
-    let peers = c.peers();
-    for id in 1..=3 {
-        c.node(id).start();
-    }
+    let (mut c, config, peers) = start_fleet(3, 5000);
     let status = c.wait_for_leader(&peers, 3, Duration::from_secs(30));
     let dir = c.dir.path().to_path_buf();
     let _w1 = TestWorker::start(&dir, "w1", &peers, &config, &["--concurrency", "8"]);
@@ -194,15 +140,7 @@ fn killing_the_leader_during_2000_tasks_loses_nothing_and_expires_nothing() {
     let file = command_file(&dir, "tasks.jsonl", 2000, |_| {
         marker_command(&marks, "sleep 0.05")
     });
-    let out = fleet_json(&[
-        "submit",
-        "--file",
-        file.to_str().unwrap(),
-        "--peers",
-        &peers,
-    ])
-    .unwrap();
-    assert_eq!(out.as_array().unwrap().len(), 2000);
+    submit_file(&peers, &file, 2000);
     wait_until("400 tasks to have run", Duration::from_secs(120), || {
         let n = read_marks(&marks).len();
         if n >= 400 {

@@ -70,18 +70,7 @@ fn fleet_up_runs_the_demo_and_a_submitted_task_then_restarts_on_its_data() {
     .unwrap()["id"]
         .as_u64()
         .unwrap();
-    wait_until(
-        "the submitted task to succeed",
-        Duration::from_secs(30),
-        || {
-            let t = show_task(&peers, id)?;
-            if t["state"] == "succeeded" {
-                Ok(t)
-            } else {
-                Err(t.to_string())
-            }
-        },
-    );
+    wait_for_state(&peers, id, "succeeded", Duration::from_secs(30));
     let logs = fleet(&["logs", &id.to_string(), "--peers", &peers]);
     assert!(String::from_utf8_lossy(&logs.stdout).contains("from-a-second-terminal"));
     // SAFETY: signalling our own child, as Ctrl-C would.

@@ -183,11 +183,13 @@ async fn expire_leases(replica: &Replica, liveness_ms: u64) {
     }
     let commands = expiries
         .iter()
-        .map(|e| Command::ExpireLease {
-            task: e.task,
-            fencing_token: e.fencing_token,
-            reason: e.reason.clone(),
-            retry_jitter_permille: rand::random_range(0..=1000),
+        .map(|e| {
+            Command::expire(
+                e.task,
+                e.fencing_token,
+                e.reason.clone(),
+                rand::random_range(0..=1000),
+            )
         })
         .collect();
     let outputs = replica.proposer.propose_many(commands).await;
@@ -356,11 +358,13 @@ async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request:
         // The worker hung up while its leases were being committed: hand them back now.
         let commands = abandoned
             .iter()
-            .map(|g| Command::ExpireLease {
-                task: g.task,
-                fencing_token: g.fencing_token,
-                reason: "the worker hung up before it received the lease".into(),
-                retry_jitter_permille: rand::random_range(0..=1000),
+            .map(|g| {
+                Command::expire(
+                    g.task,
+                    g.fencing_token,
+                    "the worker hung up before it received the lease".into(),
+                    rand::random_range(0..=1000),
+                )
             })
             .collect();
         replica.proposer.propose_many(commands).await;

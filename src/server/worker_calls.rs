@@ -308,11 +308,13 @@ impl Replica {
             .await;
         let commands = held
             .iter()
-            .map(|(task, token)| Command::ExpireLease {
-                task: *task,
-                fencing_token: *token,
-                reason: format!("handed back by worker {} on shutdown", worker.0),
-                retry_jitter_permille: rand::random_range(0..=1000),
+            .map(|(task, token)| {
+                Command::expire(
+                    *task,
+                    *token,
+                    format!("handed back by worker {} on shutdown", worker.0),
+                    rand::random_range(0..=1000),
+                )
             })
             .collect();
         let outputs = self.proposer.propose_many(commands).await;

@@ -325,6 +325,24 @@ pub enum Command {
     PurgeFinished { finished_before_ms: u64, max: u32 },
 }
 
+impl Command {
+    /// An expiry of `task`'s lease with `fencing_token`, with retry jitter drawn by the caller
+    /// (the leader).
+    pub fn expire(
+        task: TaskId,
+        fencing_token: u64,
+        reason: String,
+        jitter_permille: u32,
+    ) -> Command {
+        Command::ExpireLease {
+            task,
+            fencing_token,
+            reason,
+            retry_jitter_permille: jitter_permille,
+        }
+    }
+}
+
 /// What one command produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutput {

@@ -96,12 +96,14 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let slots = Arc::new(Semaphore::new(cfg.concurrency as usize));
     let (alive_tx, mut alive_rx) = watch::channel(0usize);
     let mut launcher = Launcher {
-        name: opts.name.clone(),
-        cfg: cfg.clone(),
-        hb_tx: hb_tx.clone(),
-        report_tx,
-        running: Arc::default(),
-        shared: shared.clone(),
+        ctx: Arc::new(AttemptContext {
+            name: opts.name.clone(),
+            cfg: cfg.clone(),
+            hb_tx: hb_tx.clone(),
+            report_tx,
+            running: Arc::default(),
+            shared: shared.clone(),
+        }),
         alive: Arc::new(alive_tx),
         seen: SeenTokens::default(),
     };
@@ -184,6 +186,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     };
     if !drained {
         let victims: Vec<_> = launcher
+            .ctx
             .running
             .lock()
             .expect("running lock")
@@ -250,12 +253,7 @@ impl SeenTokens {
 
 /// Starts attempts.
 struct Launcher {
-    name: String,
-    cfg: WorkerConfig,
-    hb_tx: std::sync::mpsc::Sender<HeartbeatMsg>,
-    report_tx: mpsc::UnboundedSender<AttemptReport>,
-    running: Arc<Mutex<HashMap<TaskId, mpsc::UnboundedSender<KillReason>>>>,
-    shared: Arc<Shared>,
+    ctx: Arc<AttemptContext>,
     /// Attempts alive (started, not yet ended).
     alive: Arc<watch::Sender<usize>>,
     seen: SeenTokens,
@@ -268,25 +266,18 @@ impl Launcher {
             return;
         }
         let (kill_tx, kill_rx) = mpsc::unbounded_channel();
-        self.running
+        let ctx = self.ctx.clone();
+        ctx.running
             .lock()
             .expect("running lock")
             .insert(lease.task, kill_tx.clone());
-        let _ = self.hb_tx.send(HeartbeatMsg::Add {
+        let _ = ctx.hb_tx.send(HeartbeatMsg::Add {
             task: lease.task,
             fencing_token: lease.fencing_token,
             kill: kill_tx,
         });
-        self.shared.running.fetch_add(1, Ordering::Relaxed);
+        ctx.shared.running.fetch_add(1, Ordering::Relaxed);
         self.alive.send_modify(|n| *n += 1);
-        let ctx = AttemptContext {
-            name: self.name.clone(),
-            cfg: self.cfg.clone(),
-            hb_tx: self.hb_tx.clone(),
-            report_tx: self.report_tx.clone(),
-            running: self.running.clone(),
-            shared: self.shared.clone(),
-        };
         let alive = self.alive.clone();
         tokio::spawn(async move {
             ctx.run(lease, kill_rx).await;
@@ -296,7 +287,7 @@ impl Launcher {
     }
 }
 
-/// What one attempt's task needs.
+/// What every attempt's task needs (shared).
 struct AttemptContext {
     name: String,
     cfg: WorkerConfig,
@@ -307,7 +298,7 @@ struct AttemptContext {
 }
 
 impl AttemptContext {
-    async fn run(self, lease: LeasedTask, kill_rx: mpsc::UnboundedReceiver<KillReason>) {
+    async fn run(&self, lease: LeasedTask, kill_rx: mpsc::UnboundedReceiver<KillReason>) {
         let started = Instant::now();
         tracing::info!(
             task = %lease.task,

@@ -106,42 +106,31 @@ pub struct TestNode {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub args: Vec<String>,
-    pub child: Option<Child>,
+    pub process: Proc,
     starts: u32,
 }
 
-impl TestNode {
-    pub fn new(dir: &Path, id: u64, port: u16, args: Vec<String>) -> TestNode {
-        TestNode {
-            id,
-            addr: format!("127.0.0.1:{port}"),
-            data_dir: dir.join(format!("node-{id}")),
-            log: dir.join(format!("node-{id}")),
-            args,
-            child: None,
-            starts: 0,
+/// A child process the test owns: killed (SIGCONT first, in case it was stopped, then
+/// SIGKILL) when dropped.
+pub struct Proc {
+    what: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn new(what: &str, child: Option<Child>) -> Proc {
+        Proc {
+            what: what.into(),
+            child,
         }
     }
 
-    /// Starts `fleet join` with this node's flags; each start logs to its own file.
-    pub fn start(&mut self) {
-        assert!(self.child.is_none(), "node {} already running", self.id);
-        self.starts += 1;
-        let log_path = self.data_dir.with_extension(format!("{}.log", self.starts));
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(fleet_bin())
-            .arg("join")
-            .args(["--node-id", &self.id.to_string(), "--listen", &self.addr])
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start fleet join");
-        self.log = log_path;
-        self.child = Some(child);
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
     }
 
     /// SIGKILL, and reap.
@@ -159,30 +148,68 @@ impl TestNode {
         }
     }
 
-    /// Waits for the process to exit on its own; returns its exit code.
+    /// Waits for the process to exit on its own; its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let child = self.child.as_mut()?;
-        let code = wait_until(
-            &format!("node {} to exit", self.id),
-            timeout,
-            || match child.try_wait() {
+        let code = wait_until(&format!("{} to exit", self.what), timeout, || {
+            match child.try_wait() {
                 Ok(Some(status)) => Ok(status.code()),
                 Ok(None) => Err("still running".into()),
                 Err(e) => Err(e.to_string()),
-            },
-        );
+            }
+        });
         self.child = None;
         code
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.kill9();
+    }
+}
+
+impl TestNode {
+    pub fn new(dir: &Path, id: u64, port: u16, args: Vec<String>) -> TestNode {
+        TestNode {
+            id,
+            addr: format!("127.0.0.1:{port}"),
+            data_dir: dir.join(format!("node-{id}")),
+            log: dir.join(format!("node-{id}")),
+            args,
+            process: Proc::new(&format!("node {id}"), None),
+            starts: 0,
+        }
+    }
+
+    /// Starts `fleet join` with this node's flags; each start logs to its own file.
+    pub fn start(&mut self) {
+        assert!(
+            !self.process.is_running(),
+            "node {} already running",
+            self.id
+        );
+        self.starts += 1;
+        let log_path = self.data_dir.with_extension(format!("{}.log", self.starts));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(fleet_bin())
+            .arg("join")
+            .args(["--node-id", &self.id.to_string(), "--listen", &self.addr])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start fleet join");
+        self.log = log_path;
+        self.process = Proc::new(&format!("node {}", self.id), Some(child));
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for TestNode {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
@@ -344,11 +371,29 @@ pub fn test_config_with_grace(dir: &Path, grace_ms: u64, extra: &str) -> PathBuf
     path
 }
 
+/// Nodes and workers are processes: `kill9`, `signal` and `wait_exit` come from [`Proc`].
+macro_rules! is_a_process {
+    ($($t:ty),*) => {$(
+        impl std::ops::Deref for $t {
+            type Target = Proc;
+            fn deref(&self) -> &Proc {
+                &self.process
+            }
+        }
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut Proc {
+                &mut self.process
+            }
+        }
+    )*};
+}
+is_a_process!(TestNode, TestWorker);
+
 /// A `fleet worker` process.
 pub struct TestWorker {
     pub name: String,
     pub log: PathBuf,
-    pub child: Option<Child>,
+    pub process: Proc,
 }
 
 impl TestWorker {
@@ -369,41 +414,8 @@ impl TestWorker {
         TestWorker {
             name: name.into(),
             log,
-            child: Some(child),
+            process: Proc::new(&format!("worker {name}"), Some(child)),
         }
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").id() as i32
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn signal(&self, sig: i32) {
-        if let Some(c) = &self.child {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(c.id() as i32, sig) };
-        }
-    }
-
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let child = self.child.as_mut()?;
-        let code = wait_until(
-            &format!("worker {} to exit", self.name),
-            timeout,
-            || match child.try_wait() {
-                Ok(Some(status)) => Ok(status.code()),
-                Ok(None) => Err("still running".into()),
-                Err(e) => Err(e.to_string()),
-            },
-        );
-        self.child = None;
-        code
     }
 
     pub fn log_text(&self) -> String {
@@ -411,15 +423,58 @@ impl TestWorker {
     }
 }
 
-impl Drop for TestWorker {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // Resume a stopped worker so the kill below reaps it.
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
-        }
-        self.kill9();
+/// A cluster of `n` replicas reading one test config (with `grace_ms` of failover grace),
+/// started, with a leader elected. Returns the cluster, the config path and the peer list.
+pub fn start_fleet(n: usize, grace_ms: u64) -> (TestCluster, PathBuf, String) {
+    let mut c = TestCluster::new(n, &[]);
+    let config = test_config_with_grace(c.dir.path(), grace_ms, "");
+    for node in &mut c.nodes {
+        node.args
+            .extend(["--config".to_string(), config.display().to_string()]);
+        node.start();
     }
+    let peers = c.peers();
+    c.wait_for_leader(&peers, n, Duration::from_secs(30));
+    (c, config, peers)
+}
+
+/// Waits until task `id` is in `state`; the task.
+pub fn wait_for_state(peers: &str, id: u64, state: &str, timeout: Duration) -> Value {
+    wait_until(&format!("task {id} to be {state}"), timeout, || {
+        let t = show_task(peers, id)?;
+        if t["state"] == state {
+            Ok(t)
+        } else {
+            Err(t.to_string())
+        }
+    })
+}
+
+/// Submits one task with `opts` running `cmd`; its id.
+pub fn submit_task(peers: &str, opts: &[&str], cmd: &[String]) -> u64 {
+    let mut args = vec!["submit", "--peers", peers];
+    args.extend(opts);
+    args.push("--");
+    args.extend(cmd.iter().map(String::as_str));
+    fleet_json(&args).unwrap()["id"].as_u64().unwrap()
+}
+
+/// Submits every task of a `submit --file` file; checks that `n` were accepted.
+pub fn submit_file(peers: &str, file: &Path, n: usize) {
+    let out = fleet_json(&["submit", "--file", file.to_str().unwrap(), "--peers", peers]).unwrap();
+    assert_eq!(out.as_array().unwrap().len(), n, "{out}");
+}
+
+/// Runs `fleet ARGS` expecting a failure whose message contains `needle`, without a panic.
+pub fn assert_fails_naming(args: &[&str], needle: &str) {
+    let out = fleet(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected {needle:?} in: {err}"
+    );
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
 }
 
 /// A task command that appends `TASK ATTEMPT TOKEN WORKER PID` to `file`, then runs `then`
