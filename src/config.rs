@@ -422,6 +422,15 @@ impl Config {
             50,
             60_000,
         )?;
+        if w.heartbeat_interval_ms.saturating_mul(3) > s.worker_liveness_timeout_ms {
+            anyhow::bail!(
+                "worker.heartbeat_interval_ms = {} is too long for \
+                 scheduler.worker_liveness_timeout_ms = {}: a worker must be able to miss two \
+                 heartbeats before it is declared lost (use at most a third of it)",
+                w.heartbeat_interval_ms,
+                s.worker_liveness_timeout_ms
+            );
+        }
         check_range("worker.poll_wait_ms", w.poll_wait_ms, 0, 60_000)?;
         check_range("worker.kill_grace_ms", w.kill_grace_ms, 0, 600_000)?;
         check_range("worker.drain_timeout_ms", w.drain_timeout_ms, 0, 86_400_000)?;
@@ -545,6 +554,27 @@ mod tests {
         c.raft.election_timeout_min_ms = 100;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("raft.election_timeout_min_ms = 100"), "{e}");
+        let mut c = Config::default();
+        c.worker.heartbeat_interval_ms = 5_000;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("worker.heartbeat_interval_ms = 5000")
+                && e.contains("scheduler.worker_liveness_timeout_ms = 10000"),
+            "{e}"
+        );
+        let mut c = Config::default();
+        c.queues.insert(
+            "reports".into(),
+            QueueDefaults {
+                max_attempts: Some(0),
+                ..Default::default()
+            },
+        );
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("[queues.reports]") && e.contains("max attempts 0"),
+            "{e}"
+        );
         let e = parse_addr("node.peers", "localhost")
             .unwrap_err()
             .to_string();
