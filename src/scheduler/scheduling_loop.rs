@@ -87,6 +87,8 @@ pub async fn run(replica: Arc<Replica>) {
             for p in pending.drain(..) {
                 let _ = p.reply.send(Err(replica.not_leader()));
             }
+            // Not leading: wake for leader changes (metrics) or the next tick, never spin.
+            next_tick = Instant::now() + tick;
             record_iteration(&replica);
             continue;
         }
@@ -99,6 +101,7 @@ pub async fn run(replica: Arc<Replica>) {
                 .await
             {
                 tracing::debug!(error = %e, "leader not confirmed yet; scheduling waits");
+                next_tick = Instant::now() + tick;
                 continue;
             }
             let now = now_ms();
