@@ -661,6 +661,10 @@ async fn join(mut config: Config, args: JoinArgs) -> anyhow::Result<()> {
     }
     config.validate()?;
     let replica = Replica::start(config).await?;
+    let notifier = crate::health::systemd::Notifier::from_env();
+    notifier.ready(&format!("serving on {}", replica.addr));
+    let watched = replica.clone();
+    notifier.spawn(move || watched.progress_status());
     let mut stop = replica.stop.subscribe();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {
@@ -671,6 +675,7 @@ async fn join(mut config: Config, args: JoinArgs) -> anyhow::Result<()> {
             _ => Ok(()),
         },
     };
+    notifier.stopping("stopping: handing over leadership if leading");
     replica.shutdown().await;
     outcome
 }

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod raft;
 pub mod rpc;
 pub mod scheduler;

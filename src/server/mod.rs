@@ -193,6 +193,25 @@ impl Replica {
         Ok(replica)
     }
 
+    /// The scheduling loop's progress counter and a one-line status (for systemd).
+    pub fn progress_status(&self) -> (u64, String) {
+        let (iterations, _) = self.scheduler.progress();
+        let m = self.raft.metrics().borrow_watched().clone();
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        let role = match m.current_leader {
+            Some(l) if l == self.id => "leader".to_string(),
+            Some(l) => format!("follower of node {l}"),
+            None => "no leader known".to_string(),
+        };
+        (
+            iterations,
+            format!(
+                "{role}, term {}, applied index {applied}, scheduling loop iterations {iterations}",
+                m.current_term
+            ),
+        )
+    }
+
     /// A `Fatal` error means the Raft core stopped and will not recover: take the node out of
     /// service (the process exits non-zero; systemd restarts it from its data directory).
     async fn watch_for_fatal(self: Arc<Self>) {

@@ -105,6 +105,10 @@ pub async fn run(
         .env("FLEET_FENCING_TOKEN", lease.fencing_token.to_string())
         .env("FLEET_QUEUE", &spec.queue)
         .env("FLEET_WORKER", worker_name)
+        // The worker's own systemd link is not the task's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

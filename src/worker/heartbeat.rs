@@ -8,7 +8,7 @@
 //! worker, but the lease reply was lost) to the lease loop.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,10 @@ pub enum HeartbeatMsg {
 
 /// What the heartbeat thread reads of the worker's changing state (atomics, no locks).
 pub struct Shared {
+    /// Heartbeat loop iterations (the worker's progress watermark, for the systemd watchdog).
+    pub beats: AtomicU64,
+    /// Consecutive failed heartbeats.
+    pub failures: AtomicU32,
     pub running: AtomicU32,
     pub draining: AtomicBool,
     pub stop: AtomicBool,
@@ -69,6 +73,8 @@ pub fn spawn(
                     // Pace: one heartbeat per interval (a timer, not synchronization).
                     tokio::time::sleep_until(next.into()).await;
                     next = Instant::now() + interval;
+                    shared.beats.fetch_add(1, Ordering::Relaxed);
+                    shared.failures.store(failures, Ordering::Relaxed);
                     while let Ok(msg) = inbox.try_recv() {
                         match msg {
                             HeartbeatMsg::Add {

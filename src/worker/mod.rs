@@ -19,7 +19,7 @@ pub mod attempt;
 pub mod heartbeat;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,8 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let report_client = client(Duration::from_secs(30))?;
 
     let shared = Arc::new(Shared {
+        beats: AtomicU64::new(0),
+        failures: AtomicU32::new(0),
         running: AtomicU32::new(0),
         draining: AtomicBool::new(false),
         stop: AtomicBool::new(false),
@@ -107,6 +109,35 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         alive: Arc::new(alive_tx),
         seen: SeenTokens::default(),
     };
+    let notifier = crate::health::systemd::Notifier::from_env();
+    notifier.ready(&format!(
+        "worker {} taking tasks from {}",
+        opts.name,
+        cfg.queues.join(",")
+    ));
+    let watched = shared.clone();
+    let slots_total = cfg.concurrency;
+    notifier.spawn(move || {
+        let beats = watched.beats.load(Ordering::Relaxed);
+        let failures = watched.failures.load(Ordering::Relaxed);
+        let state = if watched.draining.load(Ordering::Relaxed) {
+            "draining"
+        } else {
+            "active"
+        };
+        let link = if failures == 0 {
+            "heartbeats ok".to_string()
+        } else {
+            format!("{failures} heartbeats failed in a row")
+        };
+        (
+            beats,
+            format!(
+                "{state}, running {} of {slots_total} attempts, {link}",
+                watched.running.load(Ordering::Relaxed)
+            ),
+        )
+    });
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut poll_pause = Duration::from_millis(100);
@@ -170,6 +201,7 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
 
     // Drain.
     shared.draining.store(true, Ordering::Release);
+    notifier.stopping("draining: no new tasks; waiting for running attempts");
     let busy = shared.running.load(Ordering::Relaxed);
     tracing::info!(
         running = busy,

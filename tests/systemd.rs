@@ -1,0 +1,115 @@
+//! systemd `Type=notify` integration against a real notification socket (a Unix datagram
+//! socket this test binds, as systemd does): READY=1, STATUS= lines and WATCHDOG=1 pings from
+//! a replica and from a worker.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// Collects datagrams until `done` says enough, or fails at the deadline.
+fn collect(sock: &UnixDatagram, what: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut got = Vec::new();
+    wait_until(what, Duration::from_secs(30), || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            if done(&got) {
+                return Ok(());
+            }
+        }
+        Err(got.join(" | "))
+    });
+    got
+}
+
+/// `fleet ARGS` started the way systemd starts a service with `WatchdogSec=`: with
+/// `WATCHDOG_USEC` and `WATCHDOG_PID` naming the process itself (a shell that execs fleet keeps
+/// its pid).
+fn under_systemd(args: &[&str]) -> Command {
+    let mut c = Command::new("sh");
+    c.args([
+        "-c",
+        "export WATCHDOG_PID=$$; exec \"$0\" \"$@\"",
+        fleet_bin(),
+    ])
+    .args(args)
+    .env("WATCHDOG_USEC", "400000");
+    c
+}
+
+fn count(msgs: &[String], needle: &str) -> usize {
+    msgs.iter()
+        .flat_map(|m| m.lines())
+        .filter(|l| l.starts_with(needle))
+        .count()
+}
+
+#[test]
+fn replica_and_worker_notify_ready_status_and_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let port = free_ports(1)[0];
+    let addr = format!("127.0.0.1:{port}");
+    let data = dir.path().join("node-1");
+    let replica = under_systemd(&[
+        "join",
+        "--node-id",
+        "1",
+        "--listen",
+        &addr,
+        "--peers",
+        &addr,
+        "--bootstrap-expect",
+        "1",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ])
+    .env("NOTIFY_SOCKET", &path)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut replica = Proc::new("replica", Some(replica));
+    let msgs = collect(
+        &sock,
+        "READY, STATUS and 3 watchdog pings from the replica",
+        |m| count(m, "READY=1") == 1 && count(m, "WATCHDOG=1") >= 3,
+    );
+    assert!(
+        msgs.iter().any(|m| m.contains("STATUS=leader, term")),
+        "{msgs:?}"
+    );
+
+    let worker = under_systemd(&["worker", "--peers", &addr, "--name", "w1"])
+        .env("NOTIFY_SOCKET", &path)
+        .env_remove("FLEET_PEERS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut worker = Proc::new("worker", Some(worker));
+    let msgs = collect(&sock, "READY and watchdog pings from the worker", |m| {
+        count(m, "READY=1") == 1
+            && m.iter().any(|x| x.contains("heartbeats ok"))
+            && count(m, "WATCHDOG=1") >= 6
+    });
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("STATUS=worker w1 taking tasks from default")),
+        "{msgs:?}"
+    );
+
+    worker.signal(libc::SIGTERM);
+    assert_eq!(worker.wait_exit(Duration::from_secs(20)), Some(0));
+    replica.signal(libc::SIGTERM);
+    assert_eq!(replica.wait_exit(Duration::from_secs(20)), Some(0));
+    let msgs = collect(&sock, "STOPPING from both", |m| count(m, "STOPPING=1") >= 2);
+    assert!(msgs.iter().any(|m| m.contains("draining")), "{msgs:?}");
+}
