@@ -302,25 +302,22 @@ pub fn tail(s: &str, lines: usize) -> String {
     v[v.len().saturating_sub(lines)..].join("\n")
 }
 
-/// The task ids a replica holds locally (a stale read from exactly that replica).
-pub fn local_task_ids(addr: &str) -> Result<Vec<u64>, String> {
-    let r = fleet_json(&[
-        "task",
-        "list",
-        "--stale",
-        "--limit",
-        "10000",
-        "--peers",
-        addr,
-        "--timeout-ms",
-        "2000",
-    ])?;
+/// The ids `fleet task list ARGS --limit 10000` returns.
+fn listed_ids(args: &[&str]) -> Result<Vec<u64>, String> {
+    let mut all = vec!["task", "list", "--limit", "10000"];
+    all.extend(args);
+    let r = fleet_json(&all)?;
     Ok(r["value"]
         .as_array()
         .ok_or("no value")?
         .iter()
         .map(|t| t["id"].as_u64().unwrap())
         .collect())
+}
+
+/// The task ids a replica holds locally (a stale read from exactly that replica).
+pub fn local_task_ids(addr: &str) -> Result<Vec<u64>, String> {
+    listed_ids(&["--stale", "--peers", addr, "--timeout-ms", "2000"])
 }
 
 /// A JSON-lines file of `n` tasks.
@@ -528,15 +525,7 @@ pub fn show_task(peers: &str, id: u64) -> Result<Value, String> {
 
 /// Ids of tasks in `state` (linearizable).
 pub fn task_ids_in(peers: &str, state: &str) -> Result<Vec<u64>, String> {
-    let r = fleet_json(&[
-        "task", "list", "--state", state, "--limit", "10000", "--peers", peers,
-    ])?;
-    Ok(r["value"]
-        .as_array()
-        .ok_or("no value")?
-        .iter()
-        .map(|t| t["id"].as_u64().unwrap())
-        .collect())
+    listed_ids(&["--state", state, "--peers", peers])
 }
 
 /// Whether a process exists.
