@@ -11,6 +11,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+pub mod health;
 pub mod logs;
 pub mod submit;
 pub mod up;
@@ -63,6 +64,13 @@ pub enum Command {
     Cluster(ClusterCommand),
     /// Measure write throughput against a running cluster.
     Bench(BenchArgs),
+    /// Check replicas (or, with --cluster, the cluster): exit 0 healthy, 1 unhealthy, 2
+    /// unreachable.
+    Health(health::HealthArgs),
+    /// Stall a replica's scheduling loop or fsyncs (tests and chaos only; refused unless the
+    /// replica's config sets [fault_injection] enabled = true).
+    #[command(subcommand)]
+    Fault(health::FaultCommand),
 }
 
 #[derive(Args, Debug)]
@@ -83,6 +91,9 @@ pub struct JoinArgs {
     /// Address other nodes use to reach this one. Default: --listen.
     #[arg(long, value_name = "ADDR")]
     pub advertise: Option<String>,
+    /// Address of the HTTP endpoint (/health); port 0 picks a free one; "" turns HTTP off.
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<String>,
     /// Data directory.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -438,6 +449,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Bench(args) => crate::bench::run(&config, args).await,
+        Command::Health(args) => health::health(&config, args).await,
+        Command::Fault(cmd) => health::fault(&config, cmd).await,
     }
 }
 
@@ -649,6 +662,9 @@ async fn join(mut config: Config, args: JoinArgs) -> anyhow::Result<()> {
     }
     if args.advertise.is_some() {
         config.node.advertise = args.advertise;
+    }
+    if let Some(h) = args.http_listen {
+        config.node.http_listen = h;
     }
     if let Some(d) = args.data_dir {
         config.node.data_dir = d;

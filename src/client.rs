@@ -25,6 +25,11 @@ const RETRY_PAUSE_MAX: Duration = Duration::from_millis(500);
 pub struct Client {
     peers: Vec<String>,
     timeout: Duration,
+    /// The longest one attempt against one replica may take (the whole call's deadline when
+    /// unset). A replica that does not answer in time (frozen, partitioned) is left for the next.
+    attempt_timeout: Option<Duration>,
+    /// Where the next connection goes first.
+    prefer: Option<String>,
     identity: Arc<LocalIdentity>,
     current: Option<(String, FleetServiceClient)>,
     next_peer: usize,
@@ -53,7 +58,21 @@ impl Client {
             )),
             current: None,
             next_peer: 0,
+            attempt_timeout: None,
+            prefer: None,
         })
+    }
+
+    /// Bounds each attempt against one replica (see [`Client::call`]).
+    pub fn with_attempt_timeout(mut self, timeout: Duration) -> Client {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// Drops the connection; the next call connects to `prefer` first, if given.
+    pub fn reconnect(&mut self, prefer: Option<String>) {
+        self.current = None;
+        self.prefer = prefer;
     }
 
     /// The address of the replica this client talks to now, if connected.
@@ -96,7 +115,7 @@ impl Client {
     {
         let started = Instant::now();
         let deadline = started + self.timeout;
-        let mut prefer: Option<String> = None;
+        let mut prefer: Option<String> = self.prefer.take();
         let mut ever_connected = false;
         let mut last_error: String;
         let mut pause = RETRY_PAUSE_MIN;
@@ -113,9 +132,10 @@ impl Client {
                 Some(client) => {
                     ever_connected = true;
                     let remaining = deadline.saturating_duration_since(Instant::now());
+                    let attempt = self.attempt_timeout.map_or(remaining, |a| a.min(remaining));
                     match f(
                         client,
-                        context_with_timeout(remaining.max(Duration::from_millis(1))),
+                        context_with_timeout(attempt.max(Duration::from_millis(1))),
                     )
                     .await
                     {
@@ -137,7 +157,11 @@ impl Client {
                         Err(e) => {
                             let addr = self.connected_to().unwrap_or("?").to_string();
                             last_error = format!("{addr}: {e}");
-                            if is_transport_failure(&e) {
+                            // A broken connection, or a replica that did not answer in time
+                            // (frozen, cut off): the next attempt goes to the next address.
+                            if is_transport_failure(&e)
+                                || matches!(e, tarpc::client::RpcError::DeadlineExceeded)
+                            {
                                 self.current = None;
                                 self.next_peer = (self.next_peer + 1) % self.peers.len();
                             }

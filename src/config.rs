@@ -24,6 +24,8 @@ pub struct Config {
     /// Per-queue overrides of [`Config::tasks`], by queue name (`[queues.reports]`).
     pub queues: std::collections::BTreeMap<String, QueueDefaults>,
     pub worker: WorkerConfig,
+    pub health: HealthConfig,
+    pub fault_injection: FaultInjectionConfig,
 }
 
 /// This replica: who it is, where it listens, where it keeps its data, how it finds the others.
@@ -35,6 +37,9 @@ pub struct NodeConfig {
     pub id: Option<u64>,
     /// The address the replica listens on for peers and clients (`host:port`).
     pub listen: String,
+    /// The address of the replica's HTTP endpoint (`/health`, `/health/cluster`); port 0 picks a
+    /// free port (shown by `fleet health`); an empty string turns HTTP off.
+    pub http_listen: String,
     /// The address other nodes use to reach this one; defaults to `listen`. Stored in the Raft
     /// membership, so it must be reachable from every other node.
     pub advertise: Option<String>,
@@ -54,6 +59,7 @@ impl Default for NodeConfig {
         Self {
             id: None,
             listen: "127.0.0.1:7101".into(),
+            http_listen: "127.0.0.1:7180".into(),
             advertise: None,
             data_dir: PathBuf::from("/var/lib/fleet"),
             cluster_name: "fleet".into(),
@@ -171,6 +177,40 @@ impl Default for SchedulerConfig {
             forget_workers_after_ms: 3600 * 1000,
         }
     }
+}
+
+/// Stall detection: how a replica judges its own progress, and when it gives up leadership.
+///
+/// The defaults and their reasoning are in docs/operations.md ("Health").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// A scheduling loop (or a follower's apply, or an fsync) that has made no progress for this
+    /// long is stalled (ms). A stalled leader stops granting and hands leadership over.
+    pub stall_threshold_ms: u64,
+    /// How often the replica checks its own progress (ms).
+    pub check_interval_ms: u64,
+    /// How often the replica asks the other replicas for their health, for the cluster view
+    /// (ms). A replica that has not answered for three intervals is reported unreachable.
+    pub peer_poll_interval_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            stall_threshold_ms: 3_000,
+            check_interval_ms: 250,
+            peer_poll_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Fault injection for tests and the chaos harness: `fleet fault ...` can stall this replica's
+/// scheduling loop or its fsyncs. Refused unless enabled here; never enable it in production.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultInjectionConfig {
+    pub enabled: bool,
 }
 
 /// Defaults for a task's policy; `fleet submit` options override them.
@@ -292,6 +332,9 @@ impl Config {
         if let Some(a) = &n.advertise {
             parse_addr("node.advertise", a)?;
         }
+        if !n.http_listen.is_empty() {
+            parse_addr("node.http_listen", &n.http_listen)?;
+        }
         for p in &n.peers {
             parse_addr("node.peers", p)?;
         }
@@ -400,6 +443,25 @@ impl Config {
             s.forget_workers_after_ms,
             1_000,
             30 * 24 * 3_600_000,
+        )?;
+        let h = &self.health;
+        check_range(
+            "health.stall_threshold_ms",
+            h.stall_threshold_ms,
+            (3 * s.tick_ms).max(500),
+            3_600_000,
+        )?;
+        check_range(
+            "health.check_interval_ms",
+            h.check_interval_ms,
+            10,
+            h.stall_threshold_ms.max(10),
+        )?;
+        check_range(
+            "health.peer_poll_interval_ms",
+            h.peer_poll_interval_ms,
+            100,
+            60_000,
         )?;
         self.task_defaults_valid("tasks", &self.tasks)?;
         for q in self.queues.keys() {

@@ -25,6 +25,10 @@ fn main() {
         .expect("start the tokio runtime");
     let result = runtime.block_on(fleet::cli::run(cli));
     if let Err(e) = result {
+        // A check's status (fleet health) was printed already; only the code is left.
+        if let Some(exit) = e.downcast_ref::<fleet::cli::health::Exit>() {
+            std::process::exit(exit.0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -64,6 +64,8 @@ fn replica_and_worker_notify_ready_status_and_watchdog() {
         "1",
         "--listen",
         &addr,
+        "--http-listen",
+        "127.0.0.1:0",
         "--peers",
         &addr,
         "--bootstrap-expect",

@@ -26,7 +26,8 @@ pub struct UpArgs {
     /// Number of workers.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// Port of the first replica; the others use the following ports.
+    /// Port of the first replica; the others use the following ports. Their HTTP endpoints
+    /// (/health) use the ports 100 above.
     #[arg(long, default_value_t = 7101)]
     pub base_port: u16,
     /// Where the replicas keep their data and every process its log.
@@ -84,9 +85,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             args.demo_tasks
         );
     }
-    if args.base_port as usize + args.replicas > 65_535 {
+    if args.base_port as usize + HTTP_PORT_OFFSET + args.replicas > 65_535 {
         bail!(
-            "--base-port {} leaves no room for {} replicas",
+            "--base-port {} leaves no room for {} replicas and their HTTP ports (100 above)",
             args.base_port,
             args.replicas
         );
@@ -108,6 +109,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             id.to_string(),
             "--listen".into(),
             addr.clone(),
+            "--http-listen".into(),
+            http_addr(args.base_port, i),
             "--peers".into(),
             peers.clone(),
             "--bootstrap-expect".into(),
@@ -122,7 +125,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             dir.join(format!("node-{id}.log")),
         )?;
         println!(
-            "replica {id}  {addr}  data {}  log {}",
+            "replica {id}  {addr}  http://{}/health  data {}  log {}",
+            http_addr(args.base_port, i),
             dir.join(format!("node-{id}")).display(),
             c.log.display()
         );
@@ -182,6 +186,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("  fleet submit -- echo hello        # prints the task id");
         println!("  fleet task show ID; fleet logs ID");
         println!("  fleet task list; fleet queue stats; fleet worker list; fleet cluster status");
+        println!("  fleet health; fleet health --cluster");
         println!();
         println!("Ctrl-C stops the fleet (data stays in {}).", dir.display());
         std::future::pending::<()>().await
@@ -303,4 +308,11 @@ async fn run_demo(client: &mut Client, n: usize) -> anyhow::Result<()> {
         // Pacing the progress display.
         tokio::time::sleep(POLL_EVERY).await;
     }
+}
+
+/// The HTTP ports of `fleet up`'s replicas are this far above their RPC ports.
+const HTTP_PORT_OFFSET: usize = 100;
+
+fn http_addr(base_port: u16, i: usize) -> String {
+    format!("127.0.0.1:{}", base_port as usize + HTTP_PORT_OFFSET + i)
 }

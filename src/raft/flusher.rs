@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use openraft::storage::IOFlushed;
 
 use super::TypeConfig;
+use crate::health::fault::Stall;
 
 /// Most completions waiting for a flush.
 pub const FLUSH_QUEUE_CAPACITY: usize = 65_536;
@@ -32,6 +33,10 @@ pub struct FlushStats {
     pub last_latency: Duration,
     pub flushes: u64,
     pub failures: u64,
+    /// Whether the latest fsync failed.
+    pub last_failed: bool,
+    /// When the fsync under way (or waiting to start) began: a stuck disk shows here.
+    pub in_flight_since: Option<Instant>,
 }
 
 /// A handle to the fsync thread. Cloning shares the thread.
@@ -43,13 +48,14 @@ pub struct Flusher {
 
 impl Flusher {
     /// Starts the thread for `db`. It ends when every handle is dropped.
-    pub fn start(db: sled::Db) -> Flusher {
+    /// `stall` is the fault-injection switch (see `health::fault`); idle unless a test sets it.
+    pub fn start(db: sled::Db, stall: Arc<Stall>) -> Flusher {
         let (tx, rx) = mpsc::sync_channel::<Done>(FLUSH_QUEUE_CAPACITY);
         let stats = Arc::new(Mutex::new(FlushStats::default()));
         let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("fleet-fsync".into())
-            .spawn(move || run(db, rx, thread_stats))
+            .spawn(move || run(db, rx, thread_stats, stall))
             .expect("spawn the fsync thread");
         Flusher { tx, stats }
     }
@@ -76,17 +82,22 @@ impl Flusher {
     }
 }
 
-fn run(db: sled::Db, rx: mpsc::Receiver<Done>, stats: Arc<Mutex<FlushStats>>) {
+fn run(db: sled::Db, rx: mpsc::Receiver<Done>, stats: Arc<Mutex<FlushStats>>, stall: Arc<Stall>) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while let Ok(more) = rx.try_recv() {
             group.push(more);
         }
         let started = Instant::now();
+        stats.lock().expect("flush stats lock").in_flight_since = Some(started);
+        stall.wait_blocking();
+        // The fsync: `Db::flush` writes sled's buffers and fsyncs its files.
         let result = db.flush().map(|_| ());
         let latency = started.elapsed();
         {
             let mut s = stats.lock().expect("flush stats lock");
+            s.in_flight_since = None;
+            s.last_failed = result.is_err();
             match &result {
                 Ok(()) => {
                     s.last_ok_at = Some(SystemTime::now());

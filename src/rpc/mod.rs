@@ -374,6 +374,15 @@ pub trait FleetService {
     async fn worker_leave(worker: WorkerId, hop: u8) -> Result<u32, Error>;
     /// Workers the leader knows of.
     async fn list_workers(hop: u8) -> Result<Vec<WorkerStatus>, Error>;
+
+    // --- health (answered by the contacted replica itself, never forwarded) ---
+    /// The replica's report on itself, with its view of the cluster when `cluster`.
+    async fn health(cluster: bool) -> crate::health::report::HealthReport;
+    /// Stalls a component of the contacted replica, or clears every stall (tests and chaos
+    /// only: refused unless `[fault_injection] enabled = true` there).
+    async fn inject_fault(
+        req: crate::health::fault::FaultRequest,
+    ) -> Result<crate::health::fault::FaultState, Error>;
 }
 
 /// A tarpc context whose deadline is `timeout` from now.

@@ -46,7 +46,7 @@ pub struct Scheduler {
     /// The term whose state the loop has caught up with (0: not leading). Heartbeats are only
     /// answered when it equals the current term, so a new leader never fences a lease it has
     /// not applied yet.
-    ready_term: AtomicU64,
+    pub(crate) ready_term: AtomicU64,
     /// Completed loop iterations, and when the last one ended (ms since the epoch).
     iterations: AtomicU64,
     last_iteration_ms: AtomicU64,

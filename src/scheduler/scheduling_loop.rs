@@ -72,6 +72,8 @@ pub async fn run(replica: Arc<Replica>) {
             r = metrics.changed() => if r.is_err() { return },
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
+        // Fault injection (tests only): a stalled loop hangs here, alive but making no progress.
+        replica.health.faults.scheduler.wait().await;
         let (leading, term) = {
             let m = metrics.borrow_watched();
             (
@@ -92,7 +94,9 @@ pub async fn run(replica: Arc<Replica>) {
             record_iteration(&replica);
             continue;
         }
-        if led_term != Some(term) {
+        // A new term, or the health monitor cleared the ready term (this loop stalled): catch
+        // up and restart the tracker with the failover grace, as after any leader change.
+        if led_term != Some(term) || sched.ready_term() != Some(term) {
             sched.ready_term.store(0, Ordering::Release);
             // Everything committed in earlier terms must be applied before deciding anything.
             if let Err(e) = replica

@@ -58,6 +58,7 @@ pub struct Replica {
     pub pool: PeerPool,
     pub(crate) proposer: proposer::Proposer,
     pub scheduler: crate::scheduler::Scheduler,
+    pub health: crate::health::monitor::Health,
     pub(crate) incoming_snapshot: tokio::sync::Mutex<Option<IncomingSnapshot>>,
     /// Set to true to stop the process (after `leave`, or on a fatal formation error).
     pub stop: watch::Sender<Option<String>>,
@@ -90,7 +91,14 @@ impl Replica {
                     data_dir.display()
                 ),
             })?;
-        let flusher = Flusher::start(db.clone());
+        let health = crate::health::monitor::Health::new(config.fault_injection.enabled);
+        if config.fault_injection.enabled {
+            tracing::warn!(
+                "fault injection is enabled ([fault_injection] enabled = true): `fleet fault` can \
+                 stall this replica; never enable it in production"
+            );
+        }
+        let flusher = Flusher::start(db.clone(), health.faults.storage.clone());
         let log = LogStore::open(db, flusher)?;
 
         let identity = match log.identity()? {
@@ -145,6 +153,21 @@ impl Replica {
         let listener = TcpListener::bind(&config.node.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.node.listen))?;
+        let http_listener = if config.node.http_listen.is_empty() {
+            None
+        } else {
+            Some(
+                TcpListener::bind(&config.node.http_listen)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot listen for HTTP on {} (node.http_listen, --http-listen; \
+                             port 0 picks a free port, an empty value turns HTTP off)",
+                            config.node.http_listen
+                        )
+                    })?,
+            )
+        };
 
         let sm = StateMachineStore::open(&data_dir)?;
         let raft_config = crate::raft::openraft_config(&identity.cluster_name, &config.raft)?;
@@ -169,6 +192,7 @@ impl Replica {
             pool,
             proposer,
             scheduler: crate::scheduler::Scheduler::default(),
+            health,
             incoming_snapshot: tokio::sync::Mutex::new(None),
             stop,
             started_at: Instant::now(),
@@ -182,6 +206,13 @@ impl Replica {
             "replica started"
         );
         tokio::spawn(replica.clone().serve(listener));
+        if let Some(l) = http_listener {
+            let addr = l.local_addr()?;
+            replica.health.set_http_addr(addr);
+            tracing::info!(%addr, "serving /health over HTTP");
+            tokio::spawn(crate::health::http::serve(replica.clone(), l));
+        }
+        crate::health::monitor::spawn(replica.clone());
         tokio::spawn(replica.clone().watch_for_fatal());
         tokio::spawn(crate::scheduler::scheduling_loop::run(replica.clone()));
         let r = replica.clone();
@@ -357,7 +388,8 @@ impl Replica {
             *s = true;
         }
         if self.raft.is_leader() {
-            self.hand_over_leadership(Duration::from_secs(3)).await;
+            self.hand_over_leadership(Duration::from_secs(3), &Default::default())
+                .await;
         }
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
@@ -368,16 +400,26 @@ impl Replica {
         );
     }
 
-    /// Transfers leadership to the voter with the highest match index and waits (bounded) for
-    /// another node to lead. Returns whether leadership moved.
-    pub async fn hand_over_leadership(&self, wait: Duration) -> bool {
+    /// Transfers leadership to the voter with the highest match index, among `prefer` when any
+    /// of them is a voter, and waits (bounded) for another node to lead. Returns whether
+    /// leadership moved.
+    pub async fn hand_over_leadership(
+        &self,
+        wait: Duration,
+        prefer: &std::collections::BTreeSet<NodeId>,
+    ) -> bool {
         let metrics = self.raft.metrics().borrow_watched().clone();
         let membership = metrics.membership_config.membership().clone();
         let replication = metrics.replication.clone().unwrap_or_default();
         let target = membership
             .voter_ids()
             .filter(|v| *v != self.id)
-            .max_by_key(|v| replication.get(v).cloned().flatten().map(|l| l.index()));
+            .max_by_key(|v| {
+                (
+                    prefer.contains(v),
+                    replication.get(v).cloned().flatten().map(|l| l.index()),
+                )
+            });
         let Some(target) = target else {
             return false;
         };

@@ -61,7 +61,11 @@ fn fatal(e: impl std::fmt::Display) -> Error {
 impl FleetService for Connection {
     async fn raft_append(self, _: Context, req: AppendReq) -> Result<AppendResp, Error> {
         self.require_replica("raft_append")?;
-        self.replica.raft.append_entries(req).await.map_err(fatal)
+        let resp = self.replica.raft.append_entries(req).await.map_err(fatal)?;
+        if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
+            self.replica.health.note_leader_contact();
+        }
+        Ok(resp)
     }
 
     async fn raft_vote(self, _: Context, req: VoteReq) -> Result<VoteResp, Error> {
@@ -267,6 +271,23 @@ impl FleetService for Connection {
 
     async fn leave(self, ctx: Context) -> Result<(), Error> {
         self.replica.clone().leave(ctx).await
+    }
+
+    async fn health(self, _: Context, cluster: bool) -> crate::health::report::HealthReport {
+        self.replica.health_report(cluster).await
+    }
+
+    async fn inject_fault(
+        self,
+        _: Context,
+        req: crate::health::fault::FaultRequest,
+    ) -> Result<crate::health::fault::FaultState, Error> {
+        tracing::warn!(remote = %self.remote, ?req, "fault injection requested");
+        self.replica
+            .health
+            .faults
+            .apply(self.replica.id, &req)
+            .map_err(Error::Rejected)
     }
 }
 
@@ -610,7 +631,7 @@ impl Replica {
     async fn leave(self: Arc<Self>, ctx: Context) -> Result<(), Error> {
         if self.raft.is_leader() {
             let wait = self.config.raft.election_timeout_max() * 3;
-            if !self.hand_over_leadership(wait).await {
+            if !self.hand_over_leadership(wait, &Default::default()).await {
                 return Err(Error::Unavailable(
                     "could not hand over leadership before leaving; try again".into(),
                 ));

@@ -58,6 +58,9 @@ impl Replica {
         if m.current_leader != Some(self.id) {
             return Err(self.not_leader());
         }
+        if self.health.is_stalled() {
+            return Err(self.stalled_error());
+        }
         if self.scheduler.ready_term() != Some(m.current_term) {
             return Err(Error::Unavailable(
                 "this replica just became leader and is catching up; retry shortly".into(),
@@ -116,7 +119,39 @@ impl Replica {
             .checked_sub(Duration::from_millis(200))
             .unwrap_or(ctx.deadline);
         let deadline = (Instant::now() + Duration::from_millis(wait_ms)).min(by_ctx);
-        self.scheduler.lease(worker, max, deadline).await
+        if self.health.is_stalled() {
+            return Err(self.stalled_error());
+        }
+        // The loop answers by the deadline, unless it is stuck: then the request is released
+        // when the health monitor declares the stall, when this replica stops leading, or at
+        // the deadline, whichever comes first, so the worker goes elsewhere.
+        let mut metrics = self.raft.metrics();
+        let deposed = async {
+            loop {
+                if metrics.borrow_watched().current_leader != Some(self.id) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            r = self.scheduler.lease(worker, max, deadline) => r,
+            _ = deposed => Err(self.not_leader()),
+            _ = self.health.wait_stalled() => Err(self.stalled_error()),
+            _ = tokio::time::sleep_until((by_ctx.max(deadline)).into()) => Err(Error::Unavailable(
+                "the scheduling loop did not answer this lease request in time; retry".into(),
+            )),
+        }
+    }
+
+    fn stalled_error(&self) -> Error {
+        Error::Unavailable(format!(
+            "the scheduling loop on node {} is stalled; leadership is moving to a healthy \
+             replica; retry",
+            self.id
+        ))
     }
 
     pub(crate) async fn heartbeat(

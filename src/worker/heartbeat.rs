@@ -40,6 +40,39 @@ pub struct Shared {
     pub running: AtomicU32,
     pub draining: AtomicBool,
     pub stop: AtomicBool,
+    /// Bumped when heartbeats fail or start going to another replica (a new leader): the lease
+    /// loop then abandons a long poll that may be stuck at a frozen or deposed leader.
+    pub link_epoch: AtomicU64,
+    pub link_changed: tokio::sync::Notify,
+    /// The replica heartbeats last went to (the leader, after redirects).
+    pub leader_addr: std::sync::Mutex<Option<String>>,
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared {
+            beats: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            running: AtomicU32::new(0),
+            draining: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            link_epoch: AtomicU64::new(0),
+            link_changed: tokio::sync::Notify::new(),
+            leader_addr: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl Shared {
+    fn link_changed(&self, addr: Option<String>) {
+        *self.leader_addr.lock().expect("leader addr lock") = addr;
+        self.link_epoch.fetch_add(1, Ordering::AcqRel);
+        self.link_changed.notify_waiters();
+    }
+
+    pub fn leader_addr(&self) -> Option<String> {
+        self.leader_addr.lock().expect("leader addr lock").clone()
+    }
 }
 
 struct Held {
@@ -113,6 +146,10 @@ pub fn spawn(
                             async move { c.heartbeat(ctx, info, leases, 0).await }
                         })
                         .await;
+                    let now_at = client.connected_to().map(str::to_string);
+                    if result.is_err() || now_at != shared.leader_addr() {
+                        shared.link_changed(now_at);
+                    }
                     match result {
                         Ok(reply) => {
                             for a in reply.adopt {

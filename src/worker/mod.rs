@@ -19,7 +19,7 @@ pub mod attempt;
 pub mod heartbeat;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,9 @@ pub struct WorkerOptions {
 }
 
 /// Runs a worker until it is told to stop; returns after a clean drain.
+/// The longest one heartbeat attempt against one replica may take.
+const HEARTBEAT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
 pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let id = WorkerId(rand::random_range(1..(1u64 << 53)));
     let cfg = opts.config.clone();
@@ -65,16 +68,13 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let poll_timeout = Duration::from_millis(cfg.poll_wait_ms) + Duration::from_secs(15);
     let mut poll_client = client(poll_timeout)?;
     let hb_interval = Duration::from_millis(cfg.heartbeat_interval_ms);
-    let hb_client = client((hb_interval * 3).max(Duration::from_secs(2)))?;
+    // One attempt per replica is bounded, so a frozen leader costs one second, not the whole
+    // heartbeat deadline: the next attempt goes to another replica (and on to the new leader).
+    let hb_client = client((hb_interval * 3).max(Duration::from_secs(2)))?
+        .with_attempt_timeout(HEARTBEAT_ATTEMPT_TIMEOUT);
     let report_client = client(Duration::from_secs(30))?;
 
-    let shared = Arc::new(Shared {
-        beats: AtomicU64::new(0),
-        failures: AtomicU32::new(0),
-        running: AtomicU32::new(0),
-        draining: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::default());
     let (hb_tx, hb_rx) = std::sync::mpsc::channel();
     let (adopt_tx, mut adopt_rx) = mpsc::unbounded_channel();
     let hb_thread = heartbeat::spawn(
@@ -158,21 +158,40 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         let mut me = info.clone();
         me.running = shared.running.load(Ordering::Relaxed);
         let wait_ms = cfg.poll_wait_ms;
-        let poll = poll_client.call(|c, ctx| {
-            let me = me.clone();
-            async move { c.lease_tasks(ctx, me, free, wait_ms, 0).await }
-        });
-        tokio::pin!(poll);
-        let polled = loop {
-            tokio::select! {
-                r = &mut poll => break r,
-                _ = term.recv() => break 'leasing,
-                _ = int.recv() => break 'leasing,
-                Some(a) = adopt_rx.recv() => {
-                    let permit = slots.clone().try_acquire_owned().ok();
-                    launcher.launch(a, permit);
+        let epoch = shared.link_epoch.load(Ordering::Acquire);
+        let polled = {
+            let poll = poll_client.call(|c, ctx| {
+                let me = me.clone();
+                async move { c.lease_tasks(ctx, me, free, wait_ms, 0).await }
+            });
+            tokio::pin!(poll);
+            loop {
+                let changed = shared.link_changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if shared.link_epoch.load(Ordering::Acquire) != epoch {
+                    break None;
+                }
+                tokio::select! {
+                    r = &mut poll => break Some(r),
+                    _ = changed => {}
+                    _ = term.recv() => break 'leasing,
+                    _ = int.recv() => break 'leasing,
+                    Some(a) = adopt_rx.recv() => {
+                        let permit = slots.clone().try_acquire_owned().ok();
+                        launcher.launch(a, permit);
+                    }
                 }
             }
+        };
+        let Some(polled) = polled else {
+            // Heartbeats failed or moved to another replica: this long poll may be stuck at a
+            // frozen or deposed leader. Ask again where heartbeats go now.
+            let to = shared.leader_addr();
+            tracing::info!(leader = ?to, "the leader link changed: renewing the lease request");
+            poll_client.reconnect(to);
+            drop(first);
+            continue;
         };
         let leases = match polled {
             Ok(l) => {

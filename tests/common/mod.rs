@@ -196,6 +196,7 @@ impl TestNode {
         let child = Command::new(fleet_bin())
             .arg("join")
             .args(["--node-id", &self.id.to_string(), "--listen", &self.addr])
+            .args(["--http-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
