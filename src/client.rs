@@ -19,6 +19,8 @@ use crate::rpc::{context_with_timeout, FleetServiceClient, Role};
 
 /// How long to keep trying when no address has answered even once.
 pub const NOTHING_REACHABLE_GIVE_UP: Duration = Duration::from_secs(3);
+/// How long a dial may go unanswered before the next address is dialled as well.
+pub const DIAL_STAGGER: Duration = Duration::from_millis(250);
 const RETRY_PAUSE_MIN: Duration = Duration::from_millis(50);
 const RETRY_PAUSE_MAX: Duration = Duration::from_millis(500);
 
@@ -80,11 +82,16 @@ impl Client {
         self.current.as_ref().map(|(a, _)| a.as_str())
     }
 
+    /// Connects to `prefer`, then the peers in turn. Dials overlap: when an address has not
+    /// answered within [`DIAL_STAGGER`], the next one is dialled too, and the first to complete
+    /// the handshake wins; so a frozen replica (whose kernel still accepts connections) costs a
+    /// fraction of a second, not a handshake timeout.
     async fn connect(
         &mut self,
         prefer: Option<&str>,
         errors: &mut Vec<String>,
     ) -> Option<FleetServiceClient> {
+        use futures::stream::{FuturesUnordered, StreamExt};
         if let Some((_, c)) = &self.current {
             return Some(c.clone());
         }
@@ -93,18 +100,37 @@ impl Client {
             order.push(p.to_string());
         }
         for i in 0..self.peers.len() {
-            order.push(self.peers[(self.next_peer + i) % self.peers.len()].clone());
-        }
-        for addr in order {
-            match dial(&addr, &self.identity, None).await {
-                Ok(c) => {
-                    self.current = Some((addr, c.client.clone()));
-                    return Some(c.client);
-                }
-                Err(e) => errors.push(e.to_string()),
+            let p = &self.peers[(self.next_peer + i) % self.peers.len()];
+            if !order.contains(p) {
+                order.push(p.clone());
             }
         }
-        None
+        let identity = self.identity.clone();
+        let mut order = order.into_iter();
+        let mut dials = FuturesUnordered::new();
+        loop {
+            if let Some(addr) = order.next() {
+                let identity = identity.clone();
+                dials.push(async move {
+                    let r = dial(&addr, &identity, None).await;
+                    (addr, r)
+                });
+            }
+            if dials.is_empty() {
+                return None;
+            }
+            let more = !order.as_slice().is_empty();
+            tokio::select! {
+                Some((addr, r)) = dials.next() => match r {
+                    Ok(c) => {
+                        self.current = Some((addr, c.client.clone()));
+                        return Some(c.client);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                },
+                _ = tokio::time::sleep(DIAL_STAGGER), if more => {}
+            }
+        }
     }
 
     /// Runs `f` against a replica, retrying as the module docs describe.

@@ -19,8 +19,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
             .path(dir.path().join("db"))
             .open()
             .expect("open sled");
-        let log = LogStore::open(db.clone(), Flusher::start(db, Default::default()))
-            .expect("log store");
+        let log =
+            LogStore::open(db.clone(), Flusher::start(db, Default::default())).expect("log store");
         let sm = StateMachineStore::open(dir.path()).expect("state machine store");
         Ok((dir, log, sm))
     }

@@ -1,12 +1,12 @@
 //! systemd `Type=notify` integration against a real notification socket (a Unix datagram
 //! socket this test binds, as systemd does): READY=1, STATUS= lines and WATCHDOG=1 pings from
-//! a replica and from a worker.
+//! a replica and from a worker, and no pings while the replica's scheduling loop is stalled.
 
 mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -58,7 +58,15 @@ fn replica_and_worker_notify_ready_status_and_watchdog() {
     let port = free_ports(1)[0];
     let addr = format!("127.0.0.1:{port}");
     let data = dir.path().join("node-1");
+    let config = dir.path().join("fleet.toml");
+    std::fs::write(
+        &config,
+        "[fault_injection]\nenabled = true\n[health]\nstall_threshold_ms = 1000\n",
+    )
+    .unwrap();
     let replica = under_systemd(&[
+        "--config",
+        config.to_str().unwrap(),
         "join",
         "--node-id",
         "1",
@@ -87,6 +95,59 @@ fn replica_and_worker_notify_ready_status_and_watchdog() {
     assert!(
         msgs.iter().any(|m| m.contains("STATUS=leader, term")),
         "{msgs:?}"
+    );
+
+    // The scheduling loop stalls (fault injection): pings stop while STATUS lines go on, and
+    // resume when the loop does.
+    let stall = Duration::from_secs(3);
+    let out = fleet(&[
+        "fault",
+        "stall",
+        "--component",
+        "scheduler",
+        "--for",
+        "3s",
+        "--peers",
+        &addr,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let t0 = Instant::now();
+    let mut timeline: Vec<(Duration, String)> = Vec::new();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    wait_until("pings after the stall", Duration::from_secs(30), || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            timeline.push((
+                t0.elapsed(),
+                String::from_utf8_lossy(&buf[..n]).into_owned(),
+            ));
+        }
+        let after = timeline
+            .iter()
+            .filter(|(at, m)| *at > stall && m.contains("WATCHDOG=1"))
+            .count();
+        if after >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{timeline:?}"))
+        }
+    });
+    // A ping already due when the stall began may still go out (the probe runs every 200 ms).
+    let quiet = Duration::from_millis(500)..stall;
+    let during: Vec<_> = timeline
+        .iter()
+        .filter(|(at, _)| quiet.contains(at))
+        .collect();
+    assert!(
+        during.iter().all(|(_, m)| !m.contains("WATCHDOG=1")),
+        "a watchdog ping during the stall: {timeline:?}"
+    );
+    assert!(
+        during
+            .iter()
+            .any(|(_, m)| m.contains("SCHEDULING LOOP STALLED")),
+        "STATUS went on during the stall: {timeline:?}"
     );
 
     let worker = under_systemd(&["worker", "--peers", &addr, "--name", "w1"])

@@ -87,7 +87,11 @@ async fn ask(
     let client = Client::new(vec![addr.to_string()], &config.node.cluster_name, timeout)
         .map_err(|e| e.to_string())?;
     let mut client = client.with_attempt_timeout(timeout);
-    let call = client.call(|c, ctx| async move { c.health(ctx, cluster).await.map(Ok::<_, crate::error::Error>) });
+    let call = client.call(|c, ctx| async move {
+        c.health(ctx, cluster)
+            .await
+            .map(Ok::<_, crate::error::Error>)
+    });
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) => Err(format!("{e:#}")),

@@ -41,7 +41,12 @@ fn json(ok: bool, report: &HealthReport) -> Response {
     let body = serde_json::to_string_pretty(report).unwrap_or_else(|e| {
         format!("{{\"status\":\"unhealthy\",\"reasons\":[\"cannot encode the report: {e}\"]}}")
     });
-    (code, [(header::CONTENT_TYPE, "application/json")], body + "\n").into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body + "\n",
+    )
+        .into_response()
 }
 
 async fn replica_health(

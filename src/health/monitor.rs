@@ -199,10 +199,7 @@ async fn check(replica: &Arc<Replica>) {
             replica.scheduler.ready_term.store(0, Ordering::Release);
             if st.stalled_since.is_none() {
                 let since = Duration::from_millis(silence);
-                st.stalled_since = Some((
-                    Instant::now() - since,
-                    SystemTime::now() - since,
-                ));
+                st.stalled_since = Some((Instant::now() - since, SystemTime::now() - since));
                 tracing::error!(
                     silence_ms = silence,
                     threshold_ms = threshold,
@@ -349,9 +346,9 @@ impl Replica {
             ))
         } else if leading && voters > 1 {
             match quorum_ack_ms_ago {
-                Some(a) if a > threshold => Some(format!(
-                    "the leader has not heard from a quorum for {a} ms"
-                )),
+                Some(a) if a > threshold => {
+                    Some(format!("the leader has not heard from a quorum for {a} ms"))
+                }
                 _ => None,
             }
         } else if !leading && m.state != ServerState::Candidate {
@@ -470,8 +467,7 @@ impl Replica {
                 match state.as_str() {
                     "active" => {
                         w.active += 1;
-                        w.free_slots +=
-                            u64::from(r.info.slots.saturating_sub(r.info.running));
+                        w.free_slots += u64::from(r.info.slots.saturating_sub(r.info.running));
                         continue;
                     }
                     "draining" => w.draining += 1,
@@ -562,8 +558,7 @@ impl Replica {
                     if at == 0 {
                         r.uptime_ms
                     } else {
-                        r.checked_at_ms.saturating_sub(at)
-                            + now.saturating_sub(r.checked_at_ms)
+                        r.checked_at_ms.saturating_sub(at) + now.saturating_sub(r.checked_at_ms)
                     }
                 }),
                 answered_ms_ago: answered.map(ms),
@@ -621,7 +616,11 @@ impl Replica {
                         .unwrap_or_default()
                 ))
             } else if m.status != Some(Status::Healthy) {
-                Some(format!("node {} is unhealthy: {}", m.id, m.reasons.join("; ")))
+                Some(format!(
+                    "node {} is unhealthy: {}",
+                    m.id,
+                    m.reasons.join("; ")
+                ))
             } else {
                 None
             };

@@ -346,7 +346,27 @@ async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request:
                     "leases granted"
                 );
                 if p.reply.send(Ok(leased)).is_err() {
-                    abandoned.extend(grants);
+                    // The worker hung up while the grant was being committed (it renewed its
+                    // request after a leader change, or it died). A live worker adopts these
+                    // leases from its next heartbeat reply, without spending an attempt; a dead
+                    // one loses them at the liveness timeout. Only a draining worker, which will
+                    // not adopt anything, gets them expired at once.
+                    let draining = replica
+                        .scheduler
+                        .workers
+                        .lock()
+                        .expect("workers lock")
+                        .is_draining(p.worker.id);
+                    if draining {
+                        abandoned.extend(grants);
+                    } else {
+                        tracing::info!(
+                            worker = p.worker.id.0,
+                            count = grants.len(),
+                            "a worker hung up before receiving its leases; it adopts them at its \
+                             next heartbeat"
+                        );
+                    }
                 }
             }
             Some(Err(e)) => {
@@ -362,14 +382,14 @@ async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request:
         sync_tracker(replica).await;
     }
     if !abandoned.is_empty() {
-        // The worker hung up while its leases were being committed: hand them back now.
+        // A draining worker hung up while its leases were being committed: hand them back now.
         let commands = abandoned
             .iter()
             .map(|g| {
                 Command::expire(
                     g.task,
                     g.fencing_token,
-                    "the worker hung up before it received the lease".into(),
+                    "the draining worker hung up before it received the lease".into(),
                     rand::random_range(0..=1000),
                 )
             })

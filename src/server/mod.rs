@@ -234,10 +234,16 @@ impl Replica {
             Some(l) => format!("follower of node {l}"),
             None => "no leader known".to_string(),
         };
+        let stalled = if self.health.is_stalled() {
+            "; SCHEDULING LOOP STALLED (see fleet health)"
+        } else {
+            ""
+        };
         (
             iterations,
             format!(
-                "{role}, term {}, applied index {applied}, scheduling loop iterations {iterations}",
+                "{role}, term {}, applied index {applied}, scheduling loop iterations \
+                 {iterations}{stalled}",
                 m.current_term
             ),
         )

@@ -347,7 +347,26 @@ impl Replica {
         })?;
         let mut fwd = tarpc::context::current();
         fwd.deadline = ctx.deadline;
-        match f(client, fwd).await {
+        // If leadership moves while the call waits (the leader froze or stepped down), answer
+        // "not leader" with the new leader at once instead of waiting out the caller's deadline;
+        // the client retries there (writes carry request ids, so a retry is never applied twice).
+        let mut metrics = self.raft.metrics();
+        let moved = async {
+            loop {
+                let now = metrics.borrow_watched().current_leader;
+                if now.is_some() && now != Some(leader) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = f(client, fwd) => r,
+            _ = moved => return Err(self.not_leader()),
+        };
+        match result {
             Ok(r) => r,
             Err(e) => {
                 if is_transport_failure(&e) {

@@ -146,9 +146,14 @@ pub fn spawn(
                             async move { c.heartbeat(ctx, info, leases, 0).await }
                         })
                         .await;
+                    // Heartbeats failed, or now reach another leader: a lease request waiting
+                    // at the old one is renewed (not on the first success: nothing moved).
                     let now_at = client.connected_to().map(str::to_string);
-                    if result.is_err() || now_at != shared.leader_addr() {
+                    let before = shared.leader_addr();
+                    if result.is_err() || (before.is_some() && now_at != before) {
                         shared.link_changed(now_at);
+                    } else if before.is_none() {
+                        *shared.leader_addr.lock().expect("leader addr lock") = now_at;
                     }
                     match result {
                         Ok(reply) => {

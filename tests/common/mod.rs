@@ -424,8 +424,13 @@ impl TestWorker {
 /// A cluster of `n` replicas reading one test config (with `grace_ms` of failover grace),
 /// started, with a leader elected. Returns the cluster, the config path and the peer list.
 pub fn start_fleet(n: usize, grace_ms: u64) -> (TestCluster, PathBuf, String) {
+    start_fleet_with(n, grace_ms, "")
+}
+
+/// [`start_fleet`] with `extra` appended to the config file (more TOML sections).
+pub fn start_fleet_with(n: usize, grace_ms: u64, extra: &str) -> (TestCluster, PathBuf, String) {
     let mut c = TestCluster::new(n, &[]);
-    let config = test_config_with_grace(c.dir.path(), grace_ms, "");
+    let config = test_config_with_grace(c.dir.path(), grace_ms, extra);
     for node in &mut c.nodes {
         node.args
             .extend(["--config".to_string(), config.display().to_string()]);
@@ -548,4 +553,52 @@ pub fn command_file(
         .collect();
     std::fs::write(&path, lines.join("\n")).expect("write task file");
     path
+}
+
+/// `GET path` from an HTTP endpoint, over a plain socket: the status code and the JSON body.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, Value), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let json = serde_json::from_str(body).map_err(|e| format!("bad json ({e}): {body}"))?;
+    Ok((code, json))
+}
+
+/// `fleet health --peers ADDR --output json` for one replica: its exit code and its report.
+pub fn health_of(addr: &str) -> (i32, Value) {
+    let out = fleet(&["health", "--peers", addr, "--output", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (
+        out.status.code().unwrap_or(-1),
+        v["replicas"][0]["report"].clone(),
+    )
+}
+
+/// The leader as the replicas at `peers` see it (the leader's own view).
+pub fn leader_of(peers: &str) -> Result<u64, String> {
+    let s = fleet_json(&[
+        "cluster",
+        "status",
+        "--peers",
+        peers,
+        "--timeout-ms",
+        "2000",
+    ])?;
+    match (s["leader_view"].as_bool(), s["leader_id"].as_u64()) {
+        (Some(true), Some(l)) => Ok(l),
+        _ => Err(s.to_string()),
+    }
 }
