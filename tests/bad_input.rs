@@ -115,6 +115,33 @@ fn malformed_addresses_and_values_are_named() {
             vec!["task", "list", "--limit", "0", "--peers", "127.0.0.1:1"],
             "--limit 0",
         ),
+        (
+            vec![
+                "join",
+                "--http-listen",
+                "nope",
+                "--bootstrap-expect",
+                "1",
+                "--data-dir",
+                "/tmp/x",
+            ],
+            "node.http_listen: \"nope\"",
+        ),
+        (
+            vec!["health", "--timeout-ms", "0", "--peers", "127.0.0.1:1"],
+            "--timeout-ms 0",
+        ),
+        (
+            vec![
+                "fault",
+                "stall",
+                "--for",
+                "soon",
+                "--component",
+                "scheduler",
+            ],
+            "\"soon\" is not a duration",
+        ),
     ] {
         assert_fails_naming(&args, needle);
     }
@@ -154,6 +181,26 @@ fn config_file_typos_and_bad_values_are_named() {
         "{}",
         stderr_of(&out)
     );
+    // The health section: a stall threshold shorter than three scheduler ticks, and a typo.
+    for (text, needle) in [
+        (
+            "[health]\nstall_threshold_ms = 100\n",
+            "health.stall_threshold_ms = 100 is not valid: use 500 to",
+        ),
+        ("[fault_injection]\nenable = true\n", "enable"),
+    ] {
+        let bad = dir.path().join("health.toml");
+        std::fs::write(&bad, text).unwrap();
+        let out = fleet(&[
+            "--config",
+            bad.to_str().unwrap(),
+            "health",
+            "--peers",
+            "127.0.0.1:1",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+        assert!(stderr_of(&out).contains(needle), "{}", stderr_of(&out));
+    }
 }
 
 #[test]
