@@ -441,6 +441,7 @@ impl Replica {
             latest_scheduler_heartbeat_ms: last_ms,
             loop_lag_ms: silence.saturating_sub(cfg.scheduler.tick_ms),
             iterations,
+            longest_gap_ms: self.scheduler.longest_gap_ms(),
             stalled_since: st.stalled_since.map(|(_, t)| rfc3339(t)),
             mitigation: st.mitigation.clone(),
             apply_backlog,

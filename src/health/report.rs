@@ -108,6 +108,9 @@ pub struct SchedulerHealth {
     /// tick (0 when on time).
     pub loop_lag_ms: u64,
     pub iterations: u64,
+    /// The longest time between two consecutive iterations since the replica started (ms):
+    /// how close the loop has come to the stall threshold (a stall itself included).
+    pub longest_gap_ms: u64,
     /// Since when the loop has been stalled (as judged by this replica's health monitor).
     pub stalled_since: Option<String>,
     /// What the health monitor did about it.

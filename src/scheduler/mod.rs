@@ -50,6 +50,9 @@ pub struct Scheduler {
     /// Completed loop iterations, and when the last one ended (ms since the epoch).
     iterations: AtomicU64,
     last_iteration_ms: AtomicU64,
+    /// The longest time between two consecutive iterations since start (ms): how close a
+    /// healthy loop came to the stall threshold.
+    longest_gap_ms: AtomicU64,
 }
 
 impl Default for Scheduler {
@@ -63,6 +66,7 @@ impl Default for Scheduler {
             ready_term: AtomicU64::new(0),
             iterations: AtomicU64::new(0),
             last_iteration_ms: AtomicU64::new(0),
+            longest_gap_ms: AtomicU64::new(0),
         }
     }
 }
@@ -106,6 +110,21 @@ impl Scheduler {
             self.iterations.load(Ordering::Relaxed),
             self.last_iteration_ms.load(Ordering::Relaxed),
         )
+    }
+
+    /// The longest time between two consecutive iterations since start (ms).
+    pub fn longest_gap_ms(&self) -> u64 {
+        self.longest_gap_ms.load(Ordering::Relaxed)
+    }
+
+    /// Records a completed iteration at `now_ms`.
+    pub(crate) fn record_iteration(&self, now_ms: u64) {
+        self.iterations.fetch_add(1, Ordering::Relaxed);
+        let last = self.last_iteration_ms.swap(now_ms, Ordering::Relaxed);
+        if last > 0 {
+            self.longest_gap_ms
+                .fetch_max(now_ms.saturating_sub(last), Ordering::Relaxed);
+        }
     }
 
     fn take_inbox(&self) -> Option<mpsc::Receiver<Poll>> {

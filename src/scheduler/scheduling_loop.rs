@@ -148,9 +148,7 @@ pub async fn run(replica: Arc<Replica>) {
 }
 
 fn record_iteration(replica: &Replica) {
-    let s = &replica.scheduler;
-    s.iterations.fetch_add(1, Ordering::Relaxed);
-    s.last_iteration_ms.store(now_ms(), Ordering::Relaxed);
+    replica.scheduler.record_iteration(now_ms());
 }
 
 /// Brings the tracker in line with the leases in the state.
