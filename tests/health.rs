@@ -89,6 +89,29 @@ fn assert_all_ran_once(peers: &str, ids: &[u64], marks: &Path) {
     }
 }
 
+/// Waits until the replicas at `others` name a leader other than `old`.
+fn wait_for_another_leader(others: &str, old: u64) -> u64 {
+    wait_until(
+        "another leader",
+        Duration::from_secs(20),
+        || match leader_of(others) {
+            Ok(l) if l != old => Ok(l),
+            other => Err(format!("{other:?}")),
+        },
+    )
+}
+
+/// Waits until `more` tasks ran (marker lines) beyond what had run when called.
+fn wait_for_more_runs(marks: &Path, more: usize, what: &str, timeout: Duration) {
+    let before = read_marks(marks).len();
+    wait_until(what, timeout, || {
+        let n = read_marks(marks).len();
+        (n >= before + more)
+            .then_some(())
+            .ok_or(format!("{n} ran, {before} before"))
+    });
+}
+
 /// Exit code of `fleet health --cluster --peers PEERS`.
 fn cluster_check(peers: &str) -> i32 {
     let out = fleet(&["health", "--cluster", "--peers", peers]);
@@ -109,21 +132,12 @@ fn a_stalled_leader_loop_is_detected_replaced_and_rejoins_as_a_follower() {
     let _w1 = TestWorker::start(dir, "w1", &peers, &config, &[]);
     let _w2 = TestWorker::start(dir, "w2", &peers, &config, &[]);
     let stream = Stream::start(&peers, &marks);
-    wait_until("the stream to flow", Duration::from_secs(30), || {
-        let n = read_marks(&marks).len();
-        (n >= 10).then_some(()).ok_or(format!("{n} ran"))
-    });
+    wait_for_more_runs(&marks, 10, "the stream to flow", Duration::from_secs(30));
     assert_eq!(cluster_check(&peers), 0, "healthy before the fault");
 
     let old = leader_of(&peers).unwrap();
     let old_addr = c.addr(old);
-    let others: String = c
-        .nodes
-        .iter()
-        .filter(|n| n.id != old)
-        .map(|n| n.addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
+    let others = c.peers_except(old);
     let stall = Duration::from_secs(12);
     let t0 = Instant::now();
     let out = fleet(&[
@@ -139,14 +153,7 @@ fn a_stalled_leader_loop_is_detected_replaced_and_rejoins_as_a_follower() {
     assert!(out.status.success(), "{out:?}");
 
     // Another replica leads within the stated bound.
-    let new = wait_until(
-        "another leader",
-        Duration::from_secs(20),
-        || match leader_of(&others) {
-            Ok(l) if l != old => Ok(l),
-            other => Err(format!("{other:?}")),
-        },
-    );
+    let new = wait_for_another_leader(&others, old);
     let failover = t0.elapsed();
     eprintln!("stalled leader {old} replaced by {new} after {failover:?}");
     assert!(
@@ -155,11 +162,12 @@ fn a_stalled_leader_loop_is_detected_replaced_and_rejoins_as_a_follower() {
     );
 
     // Tasks keep completing while the old leader is still stalled.
-    let done_before = read_marks(&marks).len();
-    wait_until("tasks to keep completing", Duration::from_secs(10), || {
-        let n = read_marks(&marks).len();
-        (n >= done_before + 10).then_some(()).ok_or(format!("{n}"))
-    });
+    wait_for_more_runs(
+        &marks,
+        10,
+        "tasks to keep completing",
+        Duration::from_secs(10),
+    );
 
     // The stalled replica says so, over HTTP and through `fleet health`.
     let (code, report) = health_of(&old_addr);
@@ -250,32 +258,16 @@ fn a_frozen_leader_is_replaced_and_steps_down_on_waking() {
     let _w1 = TestWorker::start(&dir, "w1", &peers, &config, &[]);
     let _w2 = TestWorker::start(&dir, "w2", &peers, &config, &[]);
     let stream = Stream::start(&peers, &marks);
-    wait_until("the stream to flow", Duration::from_secs(30), || {
-        let n = read_marks(&marks).len();
-        (n >= 10).then_some(()).ok_or(format!("{n}"))
-    });
+    wait_for_more_runs(&marks, 10, "the stream to flow", Duration::from_secs(30));
     let old = leader_of(&peers).unwrap();
     let old_addr = c.addr(old);
     let (_, before) = health_of(&old_addr);
     let old_term = before["raft"]["term"].as_u64().unwrap();
-    let others: String = c
-        .nodes
-        .iter()
-        .filter(|n| n.id != old)
-        .map(|n| n.addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
+    let others = c.peers_except(old);
 
     let t0 = Instant::now();
     c.node(old).signal(libc::SIGSTOP);
-    let new = wait_until(
-        "another leader",
-        Duration::from_secs(20),
-        || match leader_of(&others) {
-            Ok(l) if l != old => Ok(l),
-            other => Err(format!("{other:?}")),
-        },
-    );
+    let new = wait_for_another_leader(&others, old);
     eprintln!(
         "frozen leader {old} replaced by {new} after {:?}",
         t0.elapsed()
@@ -283,11 +275,12 @@ fn a_frozen_leader_is_replaced_and_steps_down_on_waking() {
     // Ordinary Raft election: within two election timeouts (1 s max each) and the polling.
     assert!(t0.elapsed() <= Duration::from_secs(2) + POLL_SLACK * 2);
     // Work goes on without it, and the cluster check reports the frozen member.
-    let done_before = read_marks(&marks).len();
-    wait_until("tasks to keep completing", Duration::from_secs(15), || {
-        let n = read_marks(&marks).len();
-        (n >= done_before + 10).then_some(()).ok_or(format!("{n}"))
-    });
+    wait_for_more_runs(
+        &marks,
+        10,
+        "tasks to keep completing",
+        Duration::from_secs(15),
+    );
     let out = fleet(&[
         "health",
         "--cluster",

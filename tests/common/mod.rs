@@ -251,6 +251,16 @@ impl TestCluster {
         self.nodes.iter_mut().find(|n| n.id == id).expect("node")
     }
 
+    /// The addresses of every node but `id`, as a peer list.
+    pub fn peers_except(&self, id: u64) -> String {
+        self.nodes
+            .iter()
+            .filter(|n| n.id != id)
+            .map(|n| n.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn addr(&self, id: u64) -> String {
         self.nodes
             .iter()
@@ -263,14 +273,7 @@ impl TestCluster {
     /// Waits until the cluster reports a leader and `voters` voters; returns the status.
     pub fn wait_for_leader(&self, peers: &str, voters: usize, timeout: Duration) -> Value {
         wait_until("a leader and all voters", timeout, || {
-            let s = fleet_json(&[
-                "cluster",
-                "status",
-                "--peers",
-                peers,
-                "--timeout-ms",
-                "2000",
-            ])?;
+            let s = cluster_status(peers)?;
             let n = s["members"]
                 .as_array()
                 .map(|m| m.iter().filter(|m| m["voter"] == true).count())
@@ -587,16 +590,21 @@ pub fn health_of(addr: &str) -> (i32, Value) {
     )
 }
 
-/// The leader as the replicas at `peers` see it (the leader's own view).
-pub fn leader_of(peers: &str) -> Result<u64, String> {
-    let s = fleet_json(&[
+/// `fleet cluster status` (the leader's view when one is reachable), waiting at most 2 s.
+pub fn cluster_status(peers: &str) -> Result<Value, String> {
+    fleet_json(&[
         "cluster",
         "status",
         "--peers",
         peers,
         "--timeout-ms",
         "2000",
-    ])?;
+    ])
+}
+
+/// The leader as the replicas at `peers` see it (the leader's own view).
+pub fn leader_of(peers: &str) -> Result<u64, String> {
+    let s = cluster_status(peers)?;
     match (s["leader_view"].as_bool(), s["leader_id"].as_u64()) {
         (Some(true), Some(l)) => Ok(l),
         _ => Err(s.to_string()),
