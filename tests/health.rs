@@ -140,17 +140,7 @@ fn a_stalled_leader_loop_is_detected_replaced_and_rejoins_as_a_follower() {
     let others = c.peers_except(old);
     let stall = Duration::from_secs(12);
     let t0 = Instant::now();
-    let out = fleet(&[
-        "fault",
-        "stall",
-        "--component",
-        "scheduler",
-        "--for",
-        "12s",
-        "--peers",
-        &old_addr,
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    inject_stall(&old_addr, "scheduler", "12s");
 
     // Another replica leads within the stated bound.
     let new = wait_for_another_leader(&others, old);
@@ -320,17 +310,7 @@ fn a_storage_stall_is_reported_as_such() {
     let (c, _config, peers) = start_fleet_with(3, 2000, FAULTS_ON);
     let leader = leader_of(&peers).unwrap();
     let follower = c.nodes.iter().find(|n| n.id != leader).unwrap();
-    let out = fleet(&[
-        "fault",
-        "stall",
-        "--component",
-        "storage",
-        "--for",
-        "20s",
-        "--peers",
-        &follower.addr,
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    inject_stall(&follower.addr, "storage", "20s");
     // A write makes the follower fsync; the other two still form a quorum.
     let marks = c.dir.path().join("marks");
     let id = submit_task(&peers, &[], &marker_command(&marks, "true"));

@@ -100,17 +100,7 @@ fn replica_and_worker_notify_ready_status_and_watchdog() {
     // The scheduling loop stalls (fault injection): pings stop while STATUS lines go on, and
     // resume when the loop does.
     let stall = Duration::from_secs(3);
-    let out = fleet(&[
-        "fault",
-        "stall",
-        "--component",
-        "scheduler",
-        "--for",
-        "3s",
-        "--peers",
-        &addr,
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    inject_stall(&addr, "scheduler", "3s");
     let t0 = Instant::now();
     let mut timeline: Vec<(Duration, String)> = Vec::new();
     sock.set_read_timeout(Some(Duration::from_millis(100)))

@@ -610,3 +610,19 @@ pub fn leader_of(peers: &str) -> Result<u64, String> {
         _ => Err(s.to_string()),
     }
 }
+
+/// `fleet fault stall --component COMPONENT --for DURATION --peers ADDR`; fails the test if
+/// the replica refuses.
+pub fn inject_stall(addr: &str, component: &str, duration: &str) {
+    let out = fleet(&[
+        "fault",
+        "stall",
+        "--component",
+        component,
+        "--for",
+        duration,
+        "--peers",
+        addr,
+    ]);
+    assert!(out.status.success(), "fault stall refused: {out:?}");
+}
