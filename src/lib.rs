@@ -8,6 +8,7 @@
 //!   retention.
 //! - [`worker`]: the worker process: lease loop, heartbeat thread, attempts, reports.
 //! - [`server`]: a replica: Raft + listener + formation + request handlers + write batching.
+//! - [`health`]: stall detection and mitigation, `/health`, systemd notify, fault injection.
 //! - [`client`]: finding the cluster and retrying through elections (used by the CLI).
 //! - [`cli`]: the `fleet` command line; [`bench`]: the built-in write benchmark.
 //! - [`config`]: the one documented configuration; [`error`]: the wire error type.
