@@ -65,6 +65,17 @@ impl Client {
         })
     }
 
+    /// Introduces this client as `role` in every handshake (a worker says [`Role::Worker`]).
+    pub fn with_role(mut self, role: Role) -> Client {
+        self.identity = Arc::new(LocalIdentity::new(
+            role,
+            None,
+            self.identity.cluster_name.clone(),
+            None,
+        ));
+        self
+    }
+
     /// Bounds each attempt against one replica (see [`Client::call`]).
     pub fn with_attempt_timeout(mut self, timeout: Duration) -> Client {
         self.attempt_timeout = Some(timeout);

@@ -54,7 +54,15 @@ pub enum FaultCommand {
         #[arg(long = "for", value_name = "DURATION", value_parser = super::submit::parse_duration_ms)]
         duration: u64,
     },
-    /// End every stall on the replica at --peers.
+    /// Step the wall clock of the replica at --peers by an offset from the real clock.
+    Clock {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Milliseconds to add to every clock reading (negative: back; 0: restore).
+        #[arg(long, allow_hyphen_values = true)]
+        offset_ms: i64,
+    },
+    /// End every stall on the replica at --peers and restore its clock.
     Clear {
         #[command(flatten)]
         client: ClientArgs,
@@ -323,6 +331,13 @@ pub async fn fault(config: &Config, cmd: FaultCommand) -> anyhow::Result<()> {
                 duration_ms: duration,
             },
         ),
+        FaultCommand::Clock { client, offset_ms } => {
+            let max = crate::health::fault::MAX_CLOCK_OFFSET_MS;
+            if offset_ms.abs() > max {
+                anyhow::bail!("--offset-ms {offset_ms} is not valid: use -{max} to {max}");
+            }
+            (client, FaultRequest::ClockOffset { offset_ms })
+        }
         FaultCommand::Clear { client } => (client, FaultRequest::Clear),
     };
     if let FaultRequest::Stall { duration_ms, .. } = &req {
@@ -363,7 +378,14 @@ pub async fn fault(config: &Config, cmd: FaultCommand) -> anyhow::Result<()> {
                 }
                 .unwrap_or(0)
             ),
-            FaultRequest::Clear => println!("every stall on the replica at {} cleared", peers[0]),
+            FaultRequest::ClockOffset { offset_ms } => println!(
+                "the clock of the replica at {} now runs {offset_ms} ms from the real clock",
+                peers[0]
+            ),
+            FaultRequest::Clear => println!(
+                "every stall on the replica at {} cleared, its clock restored",
+                peers[0]
+            ),
         }
         Ok(())
     }

@@ -10,7 +10,11 @@
 //!   like a loop blocked on a lock or a channel that never answers.
 //! - The fsync thread waits in [`Stall::wait_blocking`] before `fsync`: a disk that stopped
 //!   answering. Raft writes on this replica then wait, as they would on a dying disk.
+//! - The clock offset is added to every wall-clock reading the replica makes
+//!   ([`crate::server::proposer::now_ms`]): a clock step (NTP jumping, an operator's `date -s`)
+//!   without root and without touching the machine's clock.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +22,17 @@ use serde::{Deserialize, Serialize};
 
 /// The longest stall one request may ask for.
 pub const MAX_STALL: Duration = Duration::from_secs(3600);
+
+/// The largest clock offset one request may set (either way).
+pub const MAX_CLOCK_OFFSET_MS: i64 = 24 * 3600 * 1000;
+
+/// Milliseconds added to this process's wall-clock readings (0 unless a clock fault is set).
+static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
+
+/// The injected clock offset, in milliseconds (0 when none).
+pub fn clock_offset_ms() -> i64 {
+    CLOCK_OFFSET_MS.load(Ordering::Relaxed)
+}
 
 /// One stallable component.
 #[derive(Default)]
@@ -101,7 +116,10 @@ pub enum FaultRequest {
         component: Component,
         duration_ms: u64,
     },
-    /// End every active stall.
+    /// Step this replica's wall clock by `offset_ms` (negative: back) from the real clock;
+    /// 0 restores it.
+    ClockOffset { offset_ms: i64 },
+    /// End every active stall and restore the clock.
     Clear,
 }
 
@@ -114,6 +132,8 @@ pub struct FaultState {
     pub scheduler_stall_left_ms: Option<u64>,
     /// Milliseconds left of an fsync stall.
     pub storage_stall_left_ms: Option<u64>,
+    /// The offset added to this replica's wall clock.
+    pub clock_offset_ms: i64,
 }
 
 /// The replica's fault switches.
@@ -159,10 +179,21 @@ impl FaultInjector {
                 tracing::warn!(%component, duration_ms, "fault injection: stalling");
                 stall.set(Some(Instant::now() + d));
             }
+            FaultRequest::ClockOffset { offset_ms } => {
+                if offset_ms.abs() > MAX_CLOCK_OFFSET_MS {
+                    return Err(format!(
+                        "a clock offset of {offset_ms} ms is not valid: use -{MAX_CLOCK_OFFSET_MS} \
+                         to {MAX_CLOCK_OFFSET_MS} ms"
+                    ));
+                }
+                tracing::warn!(offset_ms, "fault injection: wall clock stepped");
+                CLOCK_OFFSET_MS.store(*offset_ms, Ordering::Relaxed);
+            }
             FaultRequest::Clear => {
-                tracing::warn!("fault injection: every stall cleared");
+                tracing::warn!("fault injection: every stall cleared, clock restored");
                 self.scheduler.set(None);
                 self.storage.set(None);
+                CLOCK_OFFSET_MS.store(0, Ordering::Relaxed);
             }
         }
         Ok(self.state())
@@ -174,6 +205,7 @@ impl FaultInjector {
             enabled: self.enabled,
             scheduler_stall_left_ms: ms(&self.scheduler),
             storage_stall_left_ms: ms(&self.storage),
+            clock_offset_ms: clock_offset_ms(),
         }
     }
 }

@@ -17,8 +17,9 @@ use crate::raft::NodeId;
 
 pub const MAGIC: &[u8; 6] = b"FLEET\0";
 /// The wire protocol version. Bumped on any incompatible change of the handshake or of
-/// [`FleetService`](super::FleetService)'s messages.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// [`FleetService`](super::FleetService)'s messages. Version 2 added [`Role::Worker`] and the
+/// clock fault.
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const MAX_HELLO_BYTES: u32 = 64 * 1024;
 /// How long either side waits for the other's handshake frame.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -49,6 +49,10 @@ pub enum Role {
     Replica,
     /// A CLI or program using the client calls.
     Client,
+    /// A `fleet worker` process (it uses the client and worker calls). Distinct from
+    /// [`Role::Client`] so a replica's logs, and network tools in front of it (the chaos
+    /// harness's proxy), can tell workers from other callers.
+    Worker,
 }
 
 /// One piece of a snapshot on its way from the leader to a follower.

@@ -178,9 +178,12 @@ pub fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Er
     }
 }
 
+/// The wall clock in ms since the Unix epoch: the one place a replica reads it (plus the
+/// injected offset of a clock fault, see `health::fault`).
 pub fn now_ms() -> u64 {
-    SystemTime::now()
+    let real = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+        .unwrap_or(0);
+    real.saturating_add_signed(crate::health::fault::clock_offset_ms())
 }

@@ -113,6 +113,7 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    die_with_the_worker(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -192,6 +193,34 @@ pub async fn run(
         outcome,
         output_tail,
         pid,
+    }
+}
+
+/// Makes the kernel SIGKILL the attempt's process when the worker dies (`kill -9`, a crash, the
+/// OOM killer): a dead worker cannot be fenced or heartbeat, so an attempt that outlived it
+/// would run unfenced while its lease expires and another worker runs the task again. Under
+/// systemd, `KillMode=control-group` also kills whatever the command started; without it,
+/// only the command's own process is covered (its children are left to the command).
+///
+/// The kernel ties the signal to the *thread* that forked: attempts are spawned from the
+/// worker's async runtime threads, which live as long as the process.
+fn die_with_the_worker(cmd: &mut tokio::process::Command) {
+    let worker_pid = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, getppid); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The worker may have died between fork and prctl: then nobody would signal us.
+            if libc::getppid() as u32 != worker_pid {
+                return Err(std::io::Error::other(
+                    "the worker exited before the attempt started",
+                ));
+            }
+            Ok(())
+        });
     }
 }
 

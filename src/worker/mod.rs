@@ -64,7 +64,10 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         running: 0,
         draining: false,
     };
-    let client = |timeout: Duration| Client::new(opts.peers.clone(), &opts.cluster_name, timeout);
+    let client = |timeout: Duration| {
+        Client::new(opts.peers.clone(), &opts.cluster_name, timeout)
+            .map(|c| c.with_role(crate::rpc::Role::Worker))
+    };
     let poll_timeout = Duration::from_millis(cfg.poll_wait_ms) + Duration::from_secs(15);
     let mut poll_client = client(poll_timeout)?;
     let hb_interval = Duration::from_millis(cfg.heartbeat_interval_ms);

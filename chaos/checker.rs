@@ -1,0 +1,465 @@
+//! The invariants, judged on a [`History`] after the run. Pure logic: no IO, no clock.
+//!
+//! 1. **lost**: every acknowledged submission exists at the end and is final (succeeded, dead
+//!    or cancelled).
+//! 2. **double-success**: no task has more than one succeeded attempt.
+//! 3. **stale-success**: a succeeded attempt carries the task's newest fencing token, and an
+//!    execution with that token really ran to a zero exit.
+//! 4. **token-run-twice**: a fencing token (one lease) is executed at most once.
+//! 5. **overlap**: two executions of one task overlap in time only when the one with the older
+//!    lease had lost it and was killed: it never ran to its end while the newer one ran, and
+//!    its attempt did not succeed.
+//! 6. **leader-per-term**: at most one replica leads in any term (no replica claims to lead a
+//!    term another leads, and no two replicas name different leaders for one term).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::history::{ExecEvent, ExecKind, History, TaskRecord};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub task: Option<u64>,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.task {
+            Some(t) => write!(f, "[{}] task {t}: {}", self.invariant, self.detail),
+            None => write!(f, "[{}] {}", self.invariant, self.detail),
+        }
+    }
+}
+
+/// One execution: a start event and what ended it, if anything was recorded.
+#[derive(Debug, Clone)]
+struct Execution {
+    token: u64,
+    worker: String,
+    start_ms: u64,
+    /// (time, completed?) — `completed` false for a SIGTERM kill.
+    end: Option<(u64, bool, Option<i32>)>,
+}
+
+impl Execution {
+    fn end_ms(&self) -> u64 {
+        self.end.map_or(u64::MAX, |(t, _, _)| t)
+    }
+    fn completed(&self) -> bool {
+        matches!(self.end, Some((_, true, _)))
+    }
+}
+
+pub fn check(h: &History) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let tasks: BTreeMap<u64, &TaskRecord> = h.tasks.iter().map(|t| (t.id, t)).collect();
+    check_lost(h, &tasks, &mut out);
+    let execs = executions(&h.executions, &mut out);
+    for t in &h.tasks {
+        check_successes(t, execs.get(&t.id), &mut out);
+    }
+    for (task, list) in &execs {
+        check_overlaps(*task, list, tasks.get(task).copied(), &mut out);
+    }
+    check_leaders(h, &mut out);
+    out
+}
+
+fn v(out: &mut Vec<Violation>, invariant: &'static str, task: Option<u64>, detail: String) {
+    out.push(Violation {
+        invariant,
+        task,
+        detail,
+    });
+}
+
+fn check_lost(h: &History, tasks: &BTreeMap<u64, &TaskRecord>, out: &mut Vec<Violation>) {
+    for s in &h.submissions {
+        let Some(id) = s.acked else { continue };
+        match tasks.get(&id) {
+            None => v(
+                out,
+                "lost",
+                Some(id),
+                format!(
+                    "submission {} was acknowledged but the cluster has no such task",
+                    s.key
+                ),
+            ),
+            Some(t) if !t.is_final() => v(
+                out,
+                "lost",
+                Some(id),
+                format!(
+                    "submission {} ({}) never reached a final state: it is {}",
+                    s.key, s.kind, t.state
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+/// Groups events into executions per task, keyed by fencing token; a token started twice is a
+/// violation.
+fn executions(events: &[ExecEvent], out: &mut Vec<Violation>) -> BTreeMap<u64, Vec<Execution>> {
+    let mut by_token: BTreeMap<(u64, u64), Execution> = BTreeMap::new();
+    let mut events: Vec<&ExecEvent> = events.iter().collect();
+    events.sort_by_key(|e| (e.t_ms, e.kind != ExecKind::Start));
+    for e in events {
+        let key = (e.task, e.token);
+        match e.kind {
+            ExecKind::Start => {
+                if let Some(prev) = by_token.get(&key) {
+                    v(
+                        out,
+                        "token-run-twice",
+                        Some(e.task),
+                        format!(
+                            "fencing token {} ran twice: on {} at {} and on {} at {}",
+                            e.token, prev.worker, prev.start_ms, e.worker, e.t_ms
+                        ),
+                    );
+                    continue;
+                }
+                by_token.insert(
+                    key,
+                    Execution {
+                        token: e.token,
+                        worker: e.worker.clone(),
+                        start_ms: e.t_ms,
+                        end: None,
+                    },
+                );
+            }
+            ExecKind::End | ExecKind::Killed => {
+                if let Some(x) = by_token.get_mut(&key) {
+                    x.end = Some((e.t_ms, e.kind == ExecKind::End, e.exit));
+                }
+            }
+        }
+    }
+    let mut per_task: BTreeMap<u64, Vec<Execution>> = BTreeMap::new();
+    for ((task, _), x) in by_token {
+        per_task.entry(task).or_default().push(x);
+    }
+    per_task
+}
+
+fn check_successes(t: &TaskRecord, execs: Option<&Vec<Execution>>, out: &mut Vec<Violation>) {
+    let successes: Vec<_> = t
+        .attempts
+        .iter()
+        .filter(|a| a.outcome == "succeeded")
+        .collect();
+    if successes.len() > 1 {
+        v(
+            out,
+            "double-success",
+            Some(t.id),
+            format!(
+                "{} attempts succeeded (tokens {:?})",
+                successes.len(),
+                successes.iter().map(|a| a.token).collect::<Vec<_>>()
+            ),
+        );
+    }
+    let newest = t.attempts.iter().map(|a| a.token).max().unwrap_or(0);
+    for a in successes {
+        if a.token != newest {
+            v(
+                out,
+                "stale-success",
+                Some(t.id),
+                format!(
+                    "attempt {} succeeded with fencing token {} but the task's newest lease is {}",
+                    a.number, a.token, newest
+                ),
+            );
+        }
+        let ran = execs.is_some_and(|list| {
+            list.iter()
+                .any(|x| x.token == a.token && matches!(x.end, Some((_, true, Some(0)))))
+        });
+        if !ran {
+            v(
+                out,
+                "stale-success",
+                Some(t.id),
+                format!(
+                    "attempt {} succeeded with fencing token {}, but no execution with that token \
+                     ran to a zero exit",
+                    a.number, a.token
+                ),
+            );
+        }
+    }
+}
+
+fn check_overlaps(
+    task: u64,
+    list: &[Execution],
+    record: Option<&TaskRecord>,
+    out: &mut Vec<Violation>,
+) {
+    for (i, a) in list.iter().enumerate() {
+        for b in &list[i + 1..] {
+            let (old, new) = if a.token < b.token { (a, b) } else { (b, a) };
+            let overlap = old.start_ms < new.end_ms() && new.start_ms < old.end_ms();
+            if !overlap {
+                continue;
+            }
+            if old.completed() {
+                v(
+                    out,
+                    "overlap",
+                    Some(task),
+                    format!(
+                        "the execution with fencing token {} (on {}, {}..{}) ran to its end while \
+                         the one with token {} (on {}, from {}) ran: it was not killed",
+                        old.token,
+                        old.worker,
+                        old.start_ms,
+                        old.end_ms(),
+                        new.token,
+                        new.worker,
+                        new.start_ms
+                    ),
+                );
+                continue;
+            }
+            let old_attempt = record.and_then(|r| r.attempts.iter().find(|x| x.token == old.token));
+            if old_attempt.is_some_and(|x| x.outcome == "succeeded") {
+                v(
+                    out,
+                    "overlap",
+                    Some(task),
+                    format!(
+                        "the execution with fencing token {} overlapped token {} yet its attempt \
+                         is recorded as succeeded",
+                        old.token, new.token
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn check_leaders(h: &History, out: &mut Vec<Violation>) {
+    let mut self_claimed: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    let mut named: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    for o in &h.leaders {
+        if let Some(l) = o.leader {
+            named.entry(o.term).or_default().insert(l);
+            if l == o.node {
+                self_claimed.entry(o.term).or_default().insert(o.node);
+            }
+        }
+    }
+    for (term, leaders) in self_claimed.iter().chain(named.iter()) {
+        if leaders.len() > 1 {
+            v(
+                out,
+                "leader-per-term",
+                None,
+                format!("term {term} has more than one leader: nodes {leaders:?}"),
+            );
+        }
+    }
+    out.dedup();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{AttemptRecord, LeaderObs, Submission};
+
+    fn ev(kind: ExecKind, task: u64, token: u64, worker: &str, t_ms: u64) -> ExecEvent {
+        ExecEvent {
+            kind,
+            key: format!("k{task}"),
+            task,
+            attempt: 1,
+            token,
+            worker: worker.into(),
+            pid: 1,
+            t_ms,
+            exit: (kind == ExecKind::End).then_some(0),
+        }
+    }
+
+    fn attempt(number: u32, token: u64, outcome: &str) -> AttemptRecord {
+        AttemptRecord {
+            number,
+            token,
+            worker: 1,
+            started_at_ms: 0,
+            ended_at_ms: Some(1),
+            outcome: outcome.into(),
+        }
+    }
+
+    fn task(id: u64, state: &str, attempts: Vec<AttemptRecord>) -> TaskRecord {
+        TaskRecord {
+            id,
+            state: state.into(),
+            key: Some(format!("k{id}")),
+            attempts,
+        }
+    }
+
+    fn acked(id: u64) -> Submission {
+        Submission {
+            key: format!("k{id}"),
+            kind: "short".into(),
+            t_ms: 0,
+            acked: Some(id),
+            error: None,
+        }
+    }
+
+    /// A history with no fault in it: task 1 ran once; task 2 lost its first lease (the
+    /// execution was killed after the second started) and succeeded on the second.
+    fn clean() -> History {
+        History {
+            seed: 1,
+            submissions: vec![
+                acked(1),
+                acked(2),
+                Submission {
+                    acked: None,
+                    error: Some("timed out".into()),
+                    ..acked(3)
+                },
+            ],
+            executions: vec![
+                ev(ExecKind::Start, 1, 10, "a", 100),
+                ev(ExecKind::End, 1, 10, "a", 200),
+                ev(ExecKind::Start, 2, 11, "a", 100),
+                ev(ExecKind::Start, 2, 12, "b", 5_000),
+                ev(ExecKind::Killed, 2, 11, "a", 5_500),
+                ev(ExecKind::End, 2, 12, "b", 6_000),
+            ],
+            tasks: vec![
+                task(1, "succeeded", vec![attempt(1, 10, "succeeded")]),
+                task(
+                    2,
+                    "succeeded",
+                    vec![attempt(1, 11, "lost"), attempt(2, 12, "succeeded")],
+                ),
+            ],
+            leaders: vec![
+                LeaderObs {
+                    t_ms: 1,
+                    node: 1,
+                    term: 1,
+                    leader: Some(1),
+                },
+                LeaderObs {
+                    t_ms: 1,
+                    node: 2,
+                    term: 1,
+                    leader: Some(1),
+                },
+                LeaderObs {
+                    t_ms: 9,
+                    node: 2,
+                    term: 2,
+                    leader: Some(2),
+                },
+            ],
+        }
+    }
+
+    fn invariants(h: &History) -> Vec<&'static str> {
+        check(h).iter().map(|v| v.invariant).collect()
+    }
+
+    #[test]
+    fn a_clean_history_passes() {
+        assert_eq!(check(&clean()), vec![]);
+    }
+
+    #[test]
+    fn a_lost_task_is_reported() {
+        let mut h = clean();
+        h.tasks.retain(|t| t.id != 2);
+        let found = check(&h);
+        assert!(
+            found
+                .iter()
+                .any(|v| v.invariant == "lost" && v.task == Some(2)),
+            "{found:?}"
+        );
+        // A task that exists but never finished is lost too.
+        let mut h = clean();
+        h.tasks[0].state = "queued".into();
+        assert_eq!(invariants(&h), vec!["lost"]);
+    }
+
+    #[test]
+    fn a_double_success_is_reported() {
+        let mut h = clean();
+        h.tasks[1].attempts[0].outcome = "succeeded".into();
+        let found = invariants(&h);
+        assert!(found.contains(&"double-success"), "{found:?}");
+    }
+
+    #[test]
+    fn a_stale_token_success_is_reported() {
+        let mut h = clean();
+        // The old lease's attempt is recorded as the success, the new one as lost.
+        h.tasks[1].attempts[0].outcome = "succeeded".into();
+        h.tasks[1].attempts[1].outcome = "lost".into();
+        let found = check(&h);
+        assert!(
+            found
+                .iter()
+                .any(|v| v.invariant == "stale-success" && v.detail.contains("newest lease is 12")),
+            "{found:?}"
+        );
+        // A success nobody ran.
+        let mut h = clean();
+        h.executions
+            .retain(|e| !(e.task == 1 && e.kind == ExecKind::End));
+        assert_eq!(invariants(&h), vec!["stale-success"]);
+    }
+
+    #[test]
+    fn overlapping_executions_are_reported() {
+        // The stale execution ran to its end while the new one ran.
+        let mut h = clean();
+        for e in &mut h.executions {
+            if e.task == 2 && e.token == 11 && e.kind == ExecKind::Killed {
+                e.kind = ExecKind::End;
+                e.exit = Some(0);
+            }
+        }
+        let found = check(&h);
+        assert!(
+            found
+                .iter()
+                .any(|v| v.invariant == "overlap" && v.detail.contains("was not killed")),
+            "{found:?}"
+        );
+        // A token executed twice.
+        let mut h = clean();
+        h.executions.push(ev(ExecKind::Start, 1, 10, "b", 150));
+        assert!(invariants(&h).contains(&"token-run-twice"));
+    }
+
+    #[test]
+    fn two_leaders_in_one_term_are_reported() {
+        let mut h = clean();
+        h.leaders.push(LeaderObs {
+            t_ms: 5,
+            node: 3,
+            term: 1,
+            leader: Some(3),
+        });
+        assert!(invariants(&h).contains(&"leader-per-term"));
+    }
+}

@@ -1,0 +1,155 @@
+//! What a run observed: the history the checker judges.
+//!
+//! - [`Submission`]s: every task the workload tried to submit, acknowledged (with its id) or
+//!   not (with the error). Only acknowledged ones are promised to the user.
+//! - [`ExecEvent`]s: every execution's start and end, as `chaos record` wrote them.
+//! - [`TaskRecord`]s: every task's final record as the cluster reports it (linearizable read
+//!   after the run): state and attempts with their fencing tokens and outcomes.
+//! - [`LeaderObs`]: what each replica said about leadership, polled every 100 ms.
+//!
+//! `history.json` in the run's output folder holds all of it; `chaos check --history FILE`
+//! judges a saved history again.
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch (this machine's real clock, never the injected offset).
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct History {
+    pub seed: u64,
+    pub submissions: Vec<Submission>,
+    pub executions: Vec<ExecEvent>,
+    pub tasks: Vec<TaskRecord>,
+    pub leaders: Vec<LeaderObs>,
+}
+
+/// One submission attempt by the workload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Submission {
+    /// Unique per run; also the task's idempotency key.
+    pub key: String,
+    /// The workload kind (short, long, flaky, timeout, cancel).
+    pub kind: String,
+    pub t_ms: u64,
+    /// The task id, when the cluster acknowledged the submission.
+    pub acked: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecKind {
+    Start,
+    /// Ran to its end; `exit` says how.
+    End,
+    /// Stopped by SIGTERM (the worker's kill).
+    Killed,
+}
+
+/// One line of the execution log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecEvent {
+    #[serde(rename = "ev")]
+    pub kind: ExecKind,
+    pub key: String,
+    pub task: u64,
+    pub attempt: u32,
+    pub token: u64,
+    pub worker: String,
+    pub pid: u32,
+    pub t_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<i32>,
+}
+
+/// One task as the cluster reported it at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: u64,
+    /// queued, running, failed, succeeded, dead or cancelled.
+    pub state: String,
+    pub key: Option<String>,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub number: u32,
+    pub token: u64,
+    pub worker: u64,
+    pub started_at_ms: u64,
+    pub ended_at_ms: Option<u64>,
+    /// succeeded, failed, timed_out, lost, cancelled, or none while running.
+    pub outcome: String,
+}
+
+/// One replica's answer about leadership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderObs {
+    pub t_ms: u64,
+    pub node: u64,
+    pub term: u64,
+    pub leader: Option<u64>,
+}
+
+impl TaskRecord {
+    pub fn from_task(t: &fleet::state::Task) -> TaskRecord {
+        use fleet::state::AttemptOutcome as O;
+        let state = serde_json::to_value(t.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| format!("{:?}", t.state).to_lowercase());
+        TaskRecord {
+            id: t.id.0,
+            state,
+            key: t.spec.idempotency_key.clone(),
+            attempts: t
+                .attempts
+                .iter()
+                .map(|a| AttemptRecord {
+                    number: a.number,
+                    token: a.fencing_token,
+                    worker: a.worker.0,
+                    started_at_ms: a.started_at_ms,
+                    ended_at_ms: a.ended_at_ms,
+                    outcome: match &a.outcome {
+                        None => "none",
+                        Some(O::Succeeded) => "succeeded",
+                        Some(O::Failed { .. }) => "failed",
+                        Some(O::TimedOut) => "timed_out",
+                        Some(O::Lost { .. }) => "lost",
+                        Some(O::Cancelled) => "cancelled",
+                    }
+                    .to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn is_final(&self) -> bool {
+        matches!(self.state.as_str(), "succeeded" | "dead" | "cancelled")
+    }
+}
+
+/// Reads the execution log; a torn last line (a writer killed mid-write) is skipped and counted.
+pub fn read_exec_log(path: &std::path::Path) -> (Vec<ExecEvent>, usize) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut bad = 0;
+    let events = text
+        .lines()
+        .filter_map(|l| match serde_json::from_str(l) {
+            Ok(e) => Some(e),
+            Err(_) => {
+                bad += 1;
+                None
+            }
+        })
+        .collect();
+    (events, bad)
+}
