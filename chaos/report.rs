@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::checker::Violation;
-use crate::history::{ExecKind, History};
+use crate::history::{ExecEvent, ExecKind, History, LeaderObs};
 use crate::run::{RunArgs, Shared};
 use crate::scenario::Plan;
 
@@ -57,6 +57,8 @@ pub struct Figures {
     pub fault_at_s: f64,
     pub hold_ms: u64,
     pub new_leader_ms: Option<u64>,
+    /// (node, term) of the new leader.
+    pub new_leader: Option<(u64, u64)>,
     pub first_lease_ms: Option<u64>,
     pub converged_ms: Option<u64>,
     pub tasks_per_s_before: f64,
@@ -102,7 +104,8 @@ struct Series {
     faults: Vec<(f64, f64, String)>,
 }
 
-const WINDOW_MS: u64 = 5_000;
+/// The length of the before and after windows.
+pub const WINDOW_MS: u64 = 5_000;
 
 fn rate(ends: &[u64], from: u64, to: u64) -> f64 {
     if to <= from {
@@ -110,6 +113,55 @@ fn rate(ends: &[u64], from: u64, to: u64) -> f64 {
     }
     let n = ends.iter().filter(|t| **t >= from && **t < to).count();
     n as f64 * 1000.0 / (to - from) as f64
+}
+
+/// A scenario's figures from the observations (see the module docs). Leadership changes
+/// count only between the fault and the end of the liveness phase.
+pub fn figures(r: &ScenarioResult, leaders: &[LeaderObs], execs: &[ExecEvent], t0: u64) -> Figures {
+    let end = r.converged_at_ms.unwrap_or(u64::MAX);
+    let ends: Vec<u64> = execs
+        .iter()
+        .filter(|e| e.kind == ExecKind::End && e.exit == Some(0))
+        .map(|e| e.t_ms)
+        .collect();
+    let new_leader = r.leader_before.and_then(|(_, term)| {
+        leaders
+            .iter()
+            .filter(|o| {
+                o.t_ms >= r.fault_at_ms
+                    && o.t_ms <= end
+                    && o.term > term
+                    && o.leader == Some(o.node)
+            })
+            .min_by_key(|o| o.t_ms)
+            .map(|o| (o.t_ms, o.node, o.term))
+    });
+    let lease_from = new_leader.map_or(r.fault_at_ms, |(t, _, _)| t.max(r.fault_at_ms));
+    let first_lease = execs
+        .iter()
+        .filter(|e| e.kind == ExecKind::Start && e.t_ms >= lease_from)
+        .map(|e| e.t_ms)
+        .min();
+    Figures {
+        scenario: r.plan.scenario.name().into(),
+        parameters: r.plan.describe(),
+        target: r.target.clone(),
+        fault_at_s: (r.fault_at_ms.saturating_sub(t0)) as f64 / 1000.0,
+        hold_ms: r.heal_at_ms.saturating_sub(r.fault_at_ms),
+        new_leader_ms: new_leader.map(|(t, _, _)| t - r.fault_at_ms),
+        new_leader: new_leader.map(|(_, n, t)| (n, t)),
+        first_lease_ms: first_lease.map(|t| t - r.fault_at_ms),
+        converged_ms: r.converged_at_ms.map(|t| t.saturating_sub(r.heal_at_ms)),
+        tasks_per_s_before: rate(
+            &ends,
+            r.fault_at_ms.saturating_sub(WINDOW_MS),
+            r.fault_at_ms,
+        ),
+        tasks_per_s_during: rate(&ends, r.fault_at_ms, r.heal_at_ms),
+        tasks_per_s_after: rate(&ends, r.heal_at_ms, r.heal_at_ms + WINDOW_MS),
+        liveness_error: r.liveness_error.clone(),
+        notes: r.notes.clone(),
+    }
 }
 
 impl Report {
@@ -142,38 +194,7 @@ impl Report {
         starts.sort_unstable();
         let scenarios = results
             .iter()
-            .map(|r| {
-                let new_leader_at = r.leader_before.and_then(|(_, term)| {
-                    h.leaders
-                        .iter()
-                        .filter(|o| {
-                            o.t_ms >= r.fault_at_ms && o.term > term && o.leader == Some(o.node)
-                        })
-                        .map(|o| o.t_ms)
-                        .min()
-                });
-                let lease_from = new_leader_at.unwrap_or(r.fault_at_ms).max(r.fault_at_ms);
-                let first_lease = starts.iter().find(|t| **t >= lease_from).copied();
-                Figures {
-                    scenario: r.plan.scenario.name().into(),
-                    parameters: r.plan.describe(),
-                    target: r.target.clone(),
-                    fault_at_s: (r.fault_at_ms.saturating_sub(t0)) as f64 / 1000.0,
-                    hold_ms: r.heal_at_ms.saturating_sub(r.fault_at_ms),
-                    new_leader_ms: new_leader_at.map(|t| t - r.fault_at_ms),
-                    first_lease_ms: first_lease.map(|t| t - r.fault_at_ms),
-                    converged_ms: r.converged_at_ms.map(|t| t.saturating_sub(r.heal_at_ms)),
-                    tasks_per_s_before: rate(
-                        &ends,
-                        r.fault_at_ms.saturating_sub(WINDOW_MS),
-                        r.fault_at_ms,
-                    ),
-                    tasks_per_s_during: rate(&ends, r.fault_at_ms, r.heal_at_ms),
-                    tasks_per_s_after: rate(&ends, r.heal_at_ms, r.heal_at_ms + WINDOW_MS),
-                    liveness_error: r.liveness_error.clone(),
-                    notes: r.notes.clone(),
-                }
-            })
+            .map(|r| figures(r, &h.leaders, &h.executions, t0))
             .collect();
         let mut totals = Totals {
             submissions: h.submissions.len(),
@@ -361,15 +382,20 @@ impl Report {
         let (left, right, top, bottom) = (60.0, 20.0, 40.0, 50.0);
         let s = &self.series;
         let n = s.completions.len().max(2);
-        let ymax = s
+        let peak = s
             .completions
             .iter()
             .chain(&s.submissions)
             .copied()
             .max()
             .unwrap_or(1)
-            .max(1) as f64
-            * 1.15;
+            .max(1) as f64;
+        // Round grid lines: 4 steps of 1, 2, 5, 10, 20, 50...
+        let tick = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]
+            .into_iter()
+            .find(|t| t * 4.0 >= peak)
+            .unwrap_or(1000.0);
+        let ymax = tick * 4.0 * 1.15;
         let x = |sec: f64| left + (w - left - right) * sec / (n - 1) as f64;
         let y = |v: f64| top + (h - top - bottom) * (1.0 - v / ymax);
         let mut o = String::new();
@@ -403,7 +429,7 @@ impl Report {
             w - right
         ));
         for k in 0..=4 {
-            let v = ymax / 1.15 * k as f64 / 4.0;
+            let v = tick * k as f64;
             o.push_str(&format!(
                 "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/>\
                  <text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{v:.0}</text>\n",

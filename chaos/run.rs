@@ -323,7 +323,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         }
     }
 
-    // --- drain and judge
+    // --- drain and judge (after a tail, so the last scenario has an "after" window too)
+    tokio::time::sleep(Duration::from_millis(crate::report::WINDOW_MS)).await;
     stop.store(true, Ordering::SeqCst);
     let _ = workload.await;
     shared.say("workload stopped; waiting for every acknowledged task to finish");
@@ -522,19 +523,15 @@ async fn workload(shared: Arc<Shared>, seed: u64, rate: f64, stop: Arc<AtomicBoo
                 acked,
                 error,
             });
+            drop(_permit);
             if let (Some(id), "cancel") = (acked, kind.as_str()) {
                 tokio::time::sleep(cancel_after).await;
-                let give_up = Instant::now() + Duration::from_secs(30);
-                while Instant::now() < give_up {
-                    let Ok(mut c) = client(shared.fronts(), Duration::from_secs(5)) else {
-                        break;
-                    };
-                    let r = c
+                // One call: the client retries through elections until its deadline. A cancel
+                // that fails leaves a 30 s task that simply succeeds; both are final states.
+                if let Ok(mut c) = client(shared.fronts(), Duration::from_secs(10)) {
+                    let _ = c
                         .call(|cl, ctx| async move { cl.cancel_task(ctx, TaskId(id), 0).await })
                         .await;
-                    if r.is_ok() {
-                        break;
-                    }
                 }
             }
         });
@@ -868,7 +865,8 @@ async fn run_plan(
                 shared.say(format!("HEAL {name}: node {leaving} left and stopped"));
             }
             Scenario::ClockStep => {
-                let target = pick(&ids);
+                // The leader: its clock times grants, heartbeats and expiries.
+                let target = leader;
                 let addr = cluster.replicas[&target].real.clone();
                 r.target = format!("node {target}");
                 shared.say(format!(
@@ -903,9 +901,22 @@ async fn run_plan(
     match converge(cluster, shared, r.heal_at_ms, CONVERGE_TIMEOUT).await {
         Ok(()) => {
             r.converged_at_ms = Some(wall_ms());
+            let (events, _) = crate::history::read_exec_log(&shared.exec_log);
+            let leaders = shared.leaders.lock().expect("leaders").clone();
+            let f = crate::report::figures(&r, &leaders, &events, shared.t0_ms);
+            let s = |v: Option<u64>| v.map_or("-".into(), |v| format!("{:.2}s", v as f64 / 1000.0));
             shared.say(format!(
-                "converged {:.1}s after the heal",
-                (wall_ms() - r.heal_at_ms) as f64 / 1000.0
+                "recovered: new leader {}, first lease {}, converged {} after the heal; \
+                 tasks/s {:.1} before, {:.1} during",
+                match (f.new_leader_ms, f.new_leader) {
+                    (Some(ms), Some((n, t))) =>
+                        format!("node {n} term {t} after {:.2}s", ms as f64 / 1000.0),
+                    _ => "- (unchanged)".into(),
+                },
+                s(f.first_lease_ms),
+                s(f.converged_ms),
+                f.tasks_per_s_before,
+                f.tasks_per_s_during
             ));
         }
         Err(e) => {

@@ -451,12 +451,13 @@ impl Replica {
 
         // Workers, as the leader knows them.
         let workers = leading.then(|| {
+            let mono = crate::scheduler::mono_ms();
             let list = self
                 .scheduler
                 .workers
                 .lock()
                 .expect("workers lock")
-                .list(now, cfg.scheduler.worker_liveness_timeout_ms);
+                .list(mono, cfg.scheduler.worker_liveness_timeout_ms);
             let mut w = WorkersHealth {
                 active: 0,
                 draining: 0,
@@ -478,7 +479,7 @@ impl Replica {
                     id: r.info.id.0,
                     name: r.info.name.clone(),
                     state: state.as_str().into(),
-                    last_seen_ms_ago: now.saturating_sub(r.last_seen_ms),
+                    last_seen_ms_ago: mono.saturating_sub(r.last_seen_ms),
                 });
             }
             w

@@ -12,7 +12,9 @@
 //! from the new leader's start plus a grace period, so no lease expires only because the leader
 //! changed; workers reconnect and heartbeat within the grace period.
 //!
-//! The tracker reads no clock: callers pass the leader's `now_ms`. Bounds: one entry per lease
+//! The tracker reads no clock: callers pass `now_ms` from the leader's monotonic clock
+//! ([`super::mono_ms`]), never the wall clock, so a clock step cannot expire healthy leases or
+//! keep dead ones. Bounds: one entry per lease
 //! and per worker known to the state; [`LeaseTracker::sync`] drops entries the state no longer
 //! has.
 
@@ -26,7 +28,7 @@ struct Watched {
     worker: WorkerId,
     fencing_token: u64,
     visibility_timeout_ms: u64,
-    /// The last time the lease was known to be alive (grant or heartbeat), leader's clock.
+    /// The last time the lease was known to be alive (first seen or heartbeat), monotonic ms.
     last_seen_ms: u64,
 }
 
@@ -36,7 +38,9 @@ pub struct LeaseInfo {
     pub task: TaskId,
     pub worker: WorkerId,
     pub fencing_token: u64,
-    pub granted_at_ms: u64,
+    /// When the caller saw the lease (monotonic ms): its window starts here for a lease the
+    /// tracker did not know yet. Not the replicated grant time, which is wall-clock time.
+    pub seen_at_ms: u64,
     pub visibility_timeout_ms: u64,
 }
 
@@ -82,7 +86,7 @@ impl LeaseTracker {
         let mut seen = BTreeSet::new();
         for l in leases {
             seen.insert(l.task);
-            let start = l.granted_at_ms.max(self.grace_until_ms);
+            let start = l.seen_at_ms.max(self.grace_until_ms);
             let w = self.leases.entry(l.task).or_insert(Watched {
                 worker: l.worker,
                 fencing_token: l.fencing_token,
@@ -181,7 +185,7 @@ mod tests {
             task: TaskId(task),
             worker,
             fencing_token: token,
-            granted_at_ms: granted,
+            seen_at_ms: granted,
             visibility_timeout_ms: 1_000,
         }
     }

@@ -131,3 +131,21 @@ impl Scheduler {
         self.inbox.lock().expect("inbox lock").take()
     }
 }
+
+/// Milliseconds on this process's monotonic clock (since its first reading). The lease tracker
+/// and the worker registry measure silence with it, never with the wall clock: a wall-clock
+/// step (NTP, `date -s`, the clock fault) must not make every healthy lease look silent (a
+/// step forward expired them all, found by the chaos harness's clock-step scenario) nor keep a
+/// dead worker's leases alive (a step back).
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// A [`mono_ms`] reading as wall-clock time (ms since the Unix epoch), for display.
+pub fn mono_to_wall_ms(mono: u64) -> u64 {
+    crate::server::proposer::now_ms().saturating_sub(mono_ms().saturating_sub(mono))
+}

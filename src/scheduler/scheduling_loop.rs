@@ -108,12 +108,11 @@ pub async fn run(replica: Arc<Replica>) {
                 next_tick = Instant::now() + tick;
                 continue;
             }
-            let now = now_ms();
             sched
                 .tracker
                 .lock()
                 .expect("tracker lock")
-                .start_term(now, cfg.failover_grace_ms);
+                .start_term(super::mono_ms(), cfg.failover_grace_ms);
             sched.workers.lock().expect("workers lock").clear();
             sync_tracker(&replica).await;
             led_term = Some(term);
@@ -138,7 +137,7 @@ pub async fn run(replica: Arc<Replica>) {
                 .workers
                 .lock()
                 .expect("workers lock")
-                .forget_silent(now_ms(), cfg.forget_workers_after_ms);
+                .forget_silent(super::mono_ms(), cfg.forget_workers_after_ms);
         }
         if !pending.is_empty() {
             grant(&replica, &mut pending, cfg.max_leases_per_request).await;
@@ -161,7 +160,7 @@ pub(crate) async fn sync_tracker(replica: &Replica) {
                     task: t.id,
                     worker: l.worker,
                     fencing_token: l.fencing_token,
-                    granted_at_ms: l.granted_at_ms,
+                    seen_at_ms: super::mono_ms(),
                     visibility_timeout_ms: t.spec.visibility_timeout_ms,
                 })
                 .collect()
@@ -182,7 +181,7 @@ async fn expire_leases(replica: &Replica, liveness_ms: u64) {
         .tracker
         .lock()
         .expect("tracker lock")
-        .expired(now_ms(), liveness_ms);
+        .expired(super::mono_ms(), liveness_ms);
     if expiries.is_empty() {
         return;
     }

@@ -23,7 +23,6 @@ use crate::error::Error;
 use crate::rpc::{
     AttemptReport, HeartbeatReply, HeldLease, LeaseVerdict, LeasedTask, WorkerInfo, WorkerStatus,
 };
-use crate::server::proposer::now_ms;
 use crate::state::{validate_queue_name, Command, CommandOutput, TaskState, WorkerId};
 
 /// Longest long poll a worker may ask for.
@@ -112,7 +111,7 @@ impl Replica {
             .workers
             .lock()
             .expect("workers lock")
-            .seen(&worker, now_ms());
+            .seen(&worker, crate::scheduler::mono_ms());
         // Answer before the caller's deadline, leaving time for the reply to travel.
         let by_ctx = ctx
             .deadline
@@ -227,7 +226,7 @@ impl Replica {
                 "the worker's heartbeat did not name a lease it holds: asking it to adopt it"
             );
         }
-        let now = now_ms();
+        let now = crate::scheduler::mono_ms();
         self.scheduler
             .tracker
             .lock()
@@ -391,19 +390,17 @@ impl Replica {
                 m
             })
             .await;
-        let list = self
-            .scheduler
-            .workers
-            .lock()
-            .expect("workers lock")
-            .list(now_ms(), self.config.scheduler.worker_liveness_timeout_ms);
+        let list = self.scheduler.workers.lock().expect("workers lock").list(
+            crate::scheduler::mono_ms(),
+            self.config.scheduler.worker_liveness_timeout_ms,
+        );
         Ok(list
             .into_iter()
             .map(|(r, state)| WorkerStatus {
                 leases: counts.get(&r.info.id).copied().unwrap_or(0),
                 info: r.info,
                 state: state.as_str().into(),
-                last_seen_ms: r.last_seen_ms,
+                last_seen_ms: crate::scheduler::mono_to_wall_ms(r.last_seen_ms),
             })
             .collect())
     }
