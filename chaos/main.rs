@@ -56,6 +56,12 @@ enum Cmd {
         #[arg(long)]
         history: PathBuf,
     },
+    /// Median and worst recovery figures per scenario over several runs' report.json files.
+    Summarize {
+        /// report.json files (or run output folders).
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+    },
     /// The workload's task command (run by fleet workers, not by hand).
     #[command(hide = true)]
     Record(record::RecordArgs),
@@ -70,6 +76,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Check { history } => check(&history),
+        Cmd::Summarize { reports } => match report::summarize(&reports) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("chaos: {e}");
+                ExitCode::from(2)
+            }
+        },
         Cmd::Run(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

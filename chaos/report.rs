@@ -484,3 +484,72 @@ fn xml_escape(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+/// Median and worst of each figure per scenario over several runs (`chaos summarize`), as a
+/// Markdown table.
+pub fn summarize(paths: &[std::path::PathBuf]) -> Result<String, String> {
+    let mut by: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut seeds = Vec::new();
+    for p in paths {
+        let file = if p.is_dir() {
+            p.join("report.json")
+        } else {
+            p.clone()
+        };
+        let v: serde_json::Value = std::fs::read(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", file.display()))
+            })?;
+        seeds.push(v["seed"].to_string());
+        for s in v["scenarios"]
+            .as_array()
+            .ok_or(format!("{}: no scenarios", file.display()))?
+        {
+            let name = s["scenario"].as_str().unwrap_or("?").to_string();
+            if !order.contains(&name) {
+                order.push(name.clone());
+            }
+            by.entry(name).or_default().push(s.clone());
+        }
+    }
+    let stat = |runs: &[serde_json::Value], key: &str| -> String {
+        let mut v: Vec<u64> = runs.iter().filter_map(|r| r[key].as_u64()).collect();
+        if v.is_empty() {
+            return "-".into();
+        }
+        v.sort_unstable();
+        let med = v[(v.len() - 1) / 2];
+        format!(
+            "{:.2} / {:.2}",
+            med as f64 / 1000.0,
+            *v.last().expect("non-empty") as f64 / 1000.0
+        )
+    };
+    let mut out = format!(
+        "{} runs (seeds {}); seconds, median / worst\n\n| scenario | runs | new leader | first lease | converged after heal | tasks/s during (median) |\n|---|---|---|---|---|---|\n",
+        paths.len(),
+        seeds.join(", ")
+    );
+    for name in order {
+        let runs = &by[&name];
+        let mut during: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r["tasks_per_s_during"].as_f64())
+            .collect();
+        during.sort_by(|a, b| a.total_cmp(b));
+        out.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {:.1} |\n",
+            runs.len(),
+            stat(runs, "new_leader_ms"),
+            stat(runs, "first_lease_ms"),
+            stat(runs, "converged_ms"),
+            during
+                .get((during.len().max(1) - 1) / 2)
+                .copied()
+                .unwrap_or(0.0)
+        ));
+    }
+    Ok(out)
+}

@@ -104,8 +104,8 @@ impl RunArgs {
         }
         if self.hold < Duration::from_millis(500) || self.hold > Duration::from_secs(600) {
             bail!(
-                "--hold {:?} is not valid: use 500ms to 10m",
-                humantime::format_duration(self.hold).to_string()
+                "--hold {} is not valid: use 500ms to 10m",
+                humantime::format_duration(self.hold)
             );
         }
         Ok(scenarios)

@@ -34,13 +34,17 @@ type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<
 pub struct NetworkFactory {
     pool: PeerPool,
     snapshot_chunk_timeout: Duration,
+    append_timeout: Duration,
 }
 
 impl NetworkFactory {
-    pub fn new(pool: PeerPool, snapshot_chunk_timeout: Duration) -> Self {
+    /// `append_timeout` is the least deadline of one AppendEntries (see
+    /// [`PeerNetwork::append_entries`]); the server passes half the minimum election timeout.
+    pub fn new(pool: PeerPool, snapshot_chunk_timeout: Duration, append_timeout: Duration) -> Self {
         NetworkFactory {
             pool,
             snapshot_chunk_timeout,
+            append_timeout,
         }
     }
 }
@@ -53,6 +57,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             peer: self.pool.get(Some(target), &node.addr),
             snapshot_chunk_timeout: self.snapshot_chunk_timeout,
+            append_timeout: self.append_timeout,
         }
     }
 }
@@ -62,6 +67,7 @@ pub struct PeerNetwork {
     target: NodeId,
     peer: Arc<Peer>,
     snapshot_chunk_timeout: Duration,
+    append_timeout: Duration,
 }
 
 impl PeerNetwork {
@@ -96,14 +102,23 @@ impl PeerNetwork {
 impl RaftNetworkV2<TypeConfig> for PeerNetwork {
     type SnapshotData = Cursor<Vec<u8>>;
 
+    /// The deadline is openraft's `soft_ttl` or `append_timeout`, whichever is longer.
+    /// openraft gives an append the heartbeat interval as its time to live (100 ms by
+    /// default, so 75 ms of soft TTL), but one append is a round trip *plus the follower's
+    /// fsync*: on a link with 40 ms of latency each way, or a disk whose fsync takes 80 ms,
+    /// every append missed its deadline, nothing committed, and the stalled scheduling loop
+    /// handed leadership around (found by the chaos harness's latency scenario). An append that
+    /// arrives late is still useful, because the request itself resets the follower's election
+    /// timer; a dead peer is still noticed at once through its transport error.
     async fn append_entries(
         &mut self,
         req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(option.soft_ttl(), |c, ctx| async move {
-            c.raft_append(ctx, req).await
-        })
+        self.call(
+            option.soft_ttl().max(self.append_timeout),
+            |c, ctx| async move { c.raft_append(ctx, req).await },
+        )
         .await
     }
 

@@ -174,6 +174,7 @@ impl Replica {
         let network = NetworkFactory::new(
             pool.clone(),
             Duration::from_millis(config.raft.snapshot_chunk_timeout_ms),
+            config.raft.election_timeout_min() / 2,
         );
         let raft = Raft::new(id, raft_config, network, log.clone(), sm.clone())
             .await

@@ -199,8 +199,8 @@ pub async fn run(
 /// Makes the kernel SIGKILL the attempt's process when the worker dies (`kill -9`, a crash, the
 /// OOM killer): a dead worker cannot be fenced or heartbeat, so an attempt that outlived it
 /// would run unfenced while its lease expires and another worker runs the task again. Under
-/// systemd, `KillMode=control-group` also kills whatever the command started; without it,
-/// only the command's own process is covered (its children are left to the command).
+/// systemd, the unit's `KillMode=mixed` also kills whatever the command started when the
+/// worker dies; without systemd, only the command's own process is covered.
 ///
 /// The kernel ties the signal to the *thread* that forked: attempts are spawned from the
 /// worker's async runtime threads, which live as long as the process.
