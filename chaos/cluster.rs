@@ -179,15 +179,7 @@ impl Cluster {
         if let Some(n) = r.bootstrap_expect {
             cmd.args(["--bootstrap-expect", &n.to_string()]);
         }
-        let child = cmd
-            .env("RUST_LOG", "info")
-            .env_remove("FLEET_PEERS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", self.fleet.display()))?;
-        r.process = Some(child);
+        r.process = Some(spawn_logged(&mut cmd, &log)?);
         r.stopped = false;
         Ok(())
     }
@@ -263,19 +255,12 @@ impl Cluster {
         anyhow::ensure!(w.process.is_none(), "worker {} already runs", w.name);
         w.starts += 1;
         let log = self.dir.join(format!("logs/{}.{}.log", w.name, w.starts));
-        let child = Command::new(&self.fleet)
-            .args(["worker", "--peers", &peers, "--name", &w.name])
+        let mut cmd = Command::new(&self.fleet);
+        cmd.args(["worker", "--peers", &peers, "--name", &w.name])
             .args(["--concurrency", &self.worker_concurrency.to_string()])
             .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .env_remove("FLEET_PEERS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {}", self.fleet.display()))?;
-        w.process = Some(child);
+            .arg(&self.config);
+        w.process = Some(spawn_logged(&mut cmd, &log)?);
         w.stopped = false;
         Ok(())
     }
@@ -353,6 +338,17 @@ impl Drop for Cluster {
             self.kill_worker(i);
         }
     }
+}
+
+/// Starts a fleet process with its stderr (its log, at info level) in `log`.
+fn spawn_logged(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
+    cmd.env("RUST_LOG", "info")
+        .env_remove("FLEET_PEERS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))
 }
 
 /// Polls the child until it exits or `timeout` passes.

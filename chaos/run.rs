@@ -328,12 +328,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     stop.store(true, Ordering::SeqCst);
     let _ = workload.await;
     shared.say("workload stopped; waiting for every acknowledged task to finish");
-    let drain = drain(&cluster, &shared).await;
+    let drain = drain(&shared).await;
     let tasks = match &drain {
         Ok(t) => t.clone(),
         Err(e) => {
             shared.say(format!("drain incomplete: {e}"));
-            read_all_tasks(&cluster, &shared).await.unwrap_or_default()
+            read_all_tasks(&shared).await.unwrap_or_default()
         }
     };
     let agree = replicas_agree(&cluster, &shared).await;
@@ -444,7 +444,7 @@ const KINDS: [(&str, u32); 5] = [
 /// Submits tasks at `rate` per second until `stop`, each recorded as acknowledged or not; a
 /// `cancel` task is cancelled a little after it was acknowledged.
 async fn workload(shared: Arc<Shared>, seed: u64, rate: f64, stop: Arc<AtomicBool>) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_0f_7a5c);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_f7a5);
     let exe = std::env::current_exe().expect("own path");
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_SUBMISSIONS));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
@@ -647,8 +647,7 @@ async fn run_plan(
                 r.target = format!("node {target}");
                 shared.say(format!("FAULT {name}: SIGKILL node {target}"));
                 cluster.kill_replica(target);
-                tokio::time::sleep(hold).await;
-                r.heal_at_ms = wall_ms();
+                hold_fault(&mut r, hold).await;
                 cluster.start_replica(target)?;
                 shared.say(format!("HEAL {name}: node {target} restarted"));
             }
@@ -661,8 +660,7 @@ async fn run_plan(
                 for v in &victims {
                     cluster.kill_replica(*v);
                 }
-                tokio::time::sleep(hold).await;
-                r.heal_at_ms = wall_ms();
+                hold_fault(&mut r, hold).await;
                 for v in &victims {
                     cluster.start_replica(*v)?;
                 }
@@ -673,8 +671,7 @@ async fn run_plan(
                 r.target = format!("worker {w}");
                 shared.say(format!("FAULT {name}: SIGKILL worker {w}"));
                 cluster.kill_worker(widx);
-                tokio::time::sleep(hold).await;
-                r.heal_at_ms = wall_ms();
+                hold_fault(&mut r, hold).await;
                 cluster.start_worker(widx)?;
                 shared.say(format!("HEAL {name}: worker {w} restarted"));
             }
@@ -682,8 +679,7 @@ async fn run_plan(
                 r.target = format!("node {leader}");
                 shared.say(format!("FAULT {name}: SIGSTOP node {leader}"));
                 cluster.stop_replica(leader);
-                tokio::time::sleep(hold).await;
-                r.heal_at_ms = wall_ms();
+                hold_fault(&mut r, hold).await;
                 cluster.cont_replica(leader);
                 shared.say(format!("HEAL {name}: SIGCONT node {leader}"));
             }
@@ -695,8 +691,7 @@ async fn run_plan(
                     "FAULT {name}: SIGSTOP worker {w} and its {} attempts",
                     cluster.workers[widx].frozen_groups.len()
                 ));
-                tokio::time::sleep(hold).await;
-                r.heal_at_ms = wall_ms();
+                hold_fault(&mut r, hold).await;
                 cluster.cont_worker(widx);
                 shared.say(format!("HEAL {name}: SIGCONT worker {w}"));
             }
@@ -717,8 +712,7 @@ async fn run_plan(
                     },
                 )
                 .await?;
-                tokio::time::sleep(hold).await;
-                r.heal_at_ms = wall_ms();
+                hold_fault(&mut r, hold).await;
                 inject(&addr, FaultRequest::Clear).await?;
                 shared.say(format!("HEAL {name}: stall cleared on node {target}"));
             }
@@ -747,8 +741,7 @@ async fn run_plan(
                     }
                 ));
                 cluster.net.set(rules);
-                tokio::time::sleep(hold).await;
-                r.heal_at_ms = wall_ms();
+                hold_fault(&mut r, hold).await;
                 cluster.net.heal();
                 shared.say(format!("HEAL {name}: network healed"));
             }
@@ -760,8 +753,7 @@ async fn run_plan(
                 r.target = "all workers".into();
                 shared.say(format!("FAULT {name}: workers cut off from every replica"));
                 cluster.net.set(rules);
-                tokio::time::sleep(hold).await;
-                r.heal_at_ms = wall_ms();
+                hold_fault(&mut r, hold).await;
                 cluster.net.heal();
                 shared.say(format!("HEAL {name}: network healed"));
             }
@@ -787,8 +779,7 @@ async fn run_plan(
                     plan.latency_ms
                 ));
                 cluster.net.set(rules);
-                tokio::time::sleep(hold).await;
-                r.heal_at_ms = wall_ms();
+                hold_fault(&mut r, hold).await;
                 cluster.net.heal();
                 shared.say(format!("HEAL {name}: latency removed"));
             }
@@ -880,8 +871,7 @@ async fn run_plan(
                     },
                 )
                 .await?;
-                tokio::time::sleep(hold).await;
-                r.heal_at_ms = wall_ms();
+                hold_fault(&mut r, hold).await;
                 inject(&addr, FaultRequest::ClockOffset { offset_ms: 0 }).await?;
                 shared.say(format!("HEAL {name}: node {target}'s clock restored"));
             }
@@ -927,6 +917,13 @@ async fn run_plan(
     r
 }
 
+/// The safety phase: the fault holds (this sleep is the scenario, not synchronization), then
+/// the heal time is stamped.
+async fn hold_fault(r: &mut ScenarioResult, hold: Duration) {
+    tokio::time::sleep(hold).await;
+    r.heal_at_ms = wall_ms();
+}
+
 /// Sends a fault request to one replica directly.
 async fn inject(addr: &str, req: FaultRequest) -> anyhow::Result<()> {
     let mut c = Client::new(vec![addr.to_string()], "fleet", Duration::from_secs(5))?;
@@ -939,8 +936,7 @@ async fn inject(addr: &str, req: FaultRequest) -> anyhow::Result<()> {
 }
 
 /// Every task, read linearizably through the leader, page by page.
-async fn read_all_tasks(cluster: &Cluster, shared: &Shared) -> anyhow::Result<Vec<TaskRecord>> {
-    let _ = cluster;
+async fn read_all_tasks(shared: &Shared) -> anyhow::Result<Vec<TaskRecord>> {
     let mut c = client(shared.fronts(), Duration::from_secs(10))?;
     list_tasks(&mut c, ReadMode::Linearizable).await
 }
@@ -970,7 +966,7 @@ async fn list_tasks(c: &mut Client, mode: ReadMode) -> anyhow::Result<Vec<TaskRe
 }
 
 /// Waits until every acknowledged submission's task is final; returns every task.
-async fn drain(cluster: &Cluster, shared: &Shared) -> Result<Vec<TaskRecord>, String> {
+async fn drain(shared: &Shared) -> Result<Vec<TaskRecord>, String> {
     let acked: Vec<u64> = shared
         .submissions
         .lock()
@@ -980,9 +976,7 @@ async fn drain(cluster: &Cluster, shared: &Shared) -> Result<Vec<TaskRecord>, St
         .collect();
     let last_report = std::cell::Cell::new(Instant::now());
     wait_for(DRAIN_TIMEOUT, || async {
-        let tasks = read_all_tasks(cluster, shared)
-            .await
-            .map_err(|e| e.to_string())?;
+        let tasks = read_all_tasks(shared).await.map_err(|e| e.to_string())?;
         let by_id: BTreeMap<u64, &TaskRecord> = tasks.iter().map(|t| (t.id, t)).collect();
         let open: Vec<u64> = acked
             .iter()
