@@ -254,6 +254,7 @@ mod tests {
                 role: Role::Worker,
                 from_node: None,
                 expect_node: None,
+                auth_token: String::new(),
             },
             bincode::config::standard(),
         )

@@ -71,38 +71,101 @@ pub enum Command {
     /// replica's config sets [fault_injection] enabled = true).
     #[command(subcommand)]
     Fault(health::FaultCommand),
+    /// Show the effective configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Print the configuration a replica started with these flags would use (file, then
+    /// FLEET__SECTION__KEY variables, then flags), validated, with secrets masked.
+    Show {
+        /// Print the built-in defaults instead.
+        #[arg(long)]
+        defaults: bool,
+        #[command(flatten)]
+        node: NodeFlags,
+        /// Output format: text is TOML.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
 }
 
 #[derive(Args, Debug)]
 pub struct JoinArgs {
-    /// Other replicas (any subset), comma-separated host:port.
+    #[command(flatten)]
+    pub node: NodeFlags,
+}
+
+/// The flags of a replica; each overrides one `[node]` or `[raft]` key (flags win over the
+/// file and the environment).
+#[derive(Args, Debug, Clone, Default)]
+pub struct NodeFlags {
+    /// Other replicas (any subset), comma-separated host:port. [node] peers.
     #[arg(long, value_name = "ADDRS")]
     pub peers: Option<String>,
-    /// Form a new cluster once this many replicas see each other.
+    /// Form a new cluster once this many replicas see each other. [node] bootstrap_expect.
     #[arg(long, value_name = "N")]
     pub bootstrap_expect: Option<usize>,
     /// This node's id (unique for the cluster's lifetime). Default: kept in the data directory,
-    /// or drawn at random for a new node.
+    /// or drawn at random for a new node. [node] id.
     #[arg(long, value_name = "N")]
     pub node_id: Option<u64>,
-    /// Address to listen on for peers and clients.
+    /// Address to listen on for peers and clients. [node] listen.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Address other nodes use to reach this one. Default: --listen.
+    /// Address other nodes use to reach this one. Default: --listen. [node] advertise.
     #[arg(long, value_name = "ADDR")]
     pub advertise: Option<String>,
-    /// Address of the HTTP endpoint (/health); port 0 picks a free one; "" turns HTTP off.
+    /// Address of the HTTP endpoint (/health, /metrics); port 0 picks a free one; "" turns HTTP
+    /// off. [node] http_listen.
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<String>,
-    /// Data directory.
+    /// Data directory. [node] data_dir.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Cluster name; nodes of differently named clusters refuse to talk.
+    /// Cluster name; nodes of differently named clusters refuse to talk. [node] cluster_name.
     #[arg(long)]
     pub cluster_name: Option<String>,
     /// Scale all Raft timing (heartbeat, election timeout) by this factor.
+    /// [raft] timing_multiplier.
     #[arg(long, value_name = "X")]
     pub raft_timing_multiplier: Option<f64>,
+}
+
+impl NodeFlags {
+    /// Writes the given flags over `config`.
+    pub fn apply(&self, config: &mut Config) -> anyhow::Result<()> {
+        if let Some(p) = &self.peers {
+            config.node.peers = parse_peer_list("--peers", p)?;
+        }
+        if self.bootstrap_expect.is_some() {
+            config.node.bootstrap_expect = self.bootstrap_expect;
+        }
+        if self.node_id.is_some() {
+            config.node.id = self.node_id;
+        }
+        if let Some(l) = &self.listen {
+            config.node.listen = l.clone();
+        }
+        if self.advertise.is_some() {
+            config.node.advertise = self.advertise.clone();
+        }
+        if let Some(h) = &self.http_listen {
+            config.node.http_listen = h.clone();
+        }
+        if let Some(d) = &self.data_dir {
+            config.node.data_dir = d.clone();
+        }
+        if let Some(n) = &self.cluster_name {
+            config.node.cluster_name = n.clone();
+        }
+        if let Some(m) = self.raft_timing_multiplier {
+            config.raft.timing_multiplier = m;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -221,9 +284,8 @@ pub struct BenchArgs {
     pub seconds: u64,
 }
 
-/// Runs the parsed command.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = load_config(cli.config.as_deref())?;
+/// Runs the parsed command with the configuration from [`load_config`].
+pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Join(args) => join(config, args).await,
         Command::Up(args) => up::up(args).await,
@@ -451,6 +513,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => crate::bench::run(&config, args).await,
         Command::Health(args) => health::health(&config, args).await,
         Command::Fault(cmd) => health::fault(&config, cmd).await,
+        Command::Config(ConfigCommand::Show {
+            defaults,
+            node,
+            output,
+        }) => {
+            let config = if defaults {
+                Config::default()
+            } else {
+                let mut config = config;
+                node.apply(&mut config)?;
+                config.validate()?;
+                config
+            };
+            let shown = crate::config::load::masked(&config)?;
+            if output == Output::Json {
+                print_json(&shown)
+            } else {
+                print!("{}", toml::to_string(&shown)?);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -486,14 +569,16 @@ async fn cluster_status(
     fallback.unwrap_or_else(|| Err(anyhow::anyhow!("no replica address given")))
 }
 
-fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+/// The configuration file (`--config`, else `/etc/fleet/fleet.toml` when it exists) with the
+/// `FLEET__*` environment on top; flags are applied by each command.
+pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
     let default = std::path::Path::new("/etc/fleet/fleet.toml");
-    let config = match path {
-        Some(p) => Config::load(p)?,
-        None if default.exists() => Config::load(default)?,
-        None => Config::default(),
+    let file = match path {
+        Some(p) => Some(p),
+        None if default.exists() => Some(default),
+        None => None,
     };
-    Ok(config)
+    Config::load(file)
 }
 
 pub(crate) fn client_peers(config: &Config, args: &ClientArgs) -> anyhow::Result<Vec<String>> {
@@ -509,11 +594,12 @@ pub(crate) fn connect(config: &Config, args: &ClientArgs) -> anyhow::Result<Clie
     if timeout.is_zero() {
         bail!("--timeout-ms 0 is not valid: use at least 1");
     }
-    Client::new(
+    Ok(Client::new(
         client_peers(config, args)?,
         &config.node.cluster_name,
         timeout,
-    )
+    )?
+    .with_auth_token(&config.node.auth_token))
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
@@ -648,35 +734,15 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 async fn join(mut config: Config, args: JoinArgs) -> anyhow::Result<()> {
-    if let Some(p) = &args.peers {
-        config.node.peers = parse_peer_list("--peers", p)?;
-    }
-    if args.bootstrap_expect.is_some() {
-        config.node.bootstrap_expect = args.bootstrap_expect;
-    }
-    if args.node_id.is_some() {
-        config.node.id = args.node_id;
-    }
-    if let Some(l) = args.listen {
-        config.node.listen = l;
-    }
-    if args.advertise.is_some() {
-        config.node.advertise = args.advertise;
-    }
-    if let Some(h) = args.http_listen {
-        config.node.http_listen = h;
-    }
-    if let Some(d) = args.data_dir {
-        config.node.data_dir = d;
-    }
-    if let Some(n) = args.cluster_name {
-        config.node.cluster_name = n;
-    }
-    if let Some(m) = args.raft_timing_multiplier {
-        config.raft.timing_multiplier = m;
-    }
+    args.node.apply(&mut config)?;
     config.validate()?;
-    let replica = Replica::start(config).await?;
+    // Everything the replica does is logged inside this span; the node id is recorded once the
+    // data directory is open.
+    let span = tracing::info_span!("replica", node = tracing::field::Empty);
+    let replica = {
+        use tracing::Instrument;
+        Replica::start(config).instrument(span).await?
+    };
     let notifier = crate::health::systemd::Notifier::from_env();
     notifier.ready(&format!("serving on {}", replica.addr));
     let watched = replica.clone();

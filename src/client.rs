@@ -67,12 +67,24 @@ impl Client {
 
     /// Introduces this client as `role` in every handshake (a worker says [`Role::Worker`]).
     pub fn with_role(mut self, role: Role) -> Client {
-        self.identity = Arc::new(LocalIdentity::new(
-            role,
-            None,
-            self.identity.cluster_name.clone(),
-            None,
-        ));
+        self.identity = Arc::new(
+            LocalIdentity::new(role, None, self.identity.cluster_name.clone(), None)
+                .with_auth_token(self.identity.auth_token()),
+        );
+        self
+    }
+
+    /// Presents `token` (`node.auth_token`) in every handshake.
+    pub fn with_auth_token(mut self, token: &str) -> Client {
+        self.identity = Arc::new(
+            LocalIdentity::new(
+                self.identity.role,
+                None,
+                self.identity.cluster_name.clone(),
+                None,
+            )
+            .with_auth_token(token),
+        );
         self
     }
 

@@ -1,9 +1,14 @@
-//! Configuration: one documented [`Config`], loaded from a TOML file and overridden by flags.
+//! Configuration: one documented [`Config`], loaded from a TOML file, overridden by
+//! `FLEET__SECTION__KEY` environment variables, then by flags ([`load`] explains the layers and
+//! the `KEY_file` / `KEY_cmd` form of secrets).
 //!
 //! Every field has a default that runs a node on a LAN; `config/fleet.example.toml` lists
-//! each key with its default. Unknown keys are errors (a typo must not be silently ignored), and
-//! [`Config::validate`] checks ranges once, at start, naming the key, the value and what is
-//! accepted.
+//! each key with its default (a test fails when one is missing). Unknown keys are errors (a typo
+//! must not be silently ignored), and [`Config::validate`] checks ranges once, at start, naming
+//! the key, the value and what is accepted. Every `*_ms` key takes milliseconds or a duration
+//! string (`"5s"`).
+
+pub mod load;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -25,6 +30,8 @@ pub struct Config {
     pub queues: std::collections::BTreeMap<String, QueueDefaults>,
     pub worker: WorkerConfig,
     pub health: HealthConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub fault_injection: FaultInjectionConfig,
 }
 
@@ -52,6 +59,12 @@ pub struct NodeConfig {
     /// Form a new cluster once this many replicas (this one included) can see each other.
     /// Every node of the first set must be given the same value. Unset: join an existing cluster.
     pub bootstrap_expect: Option<usize>,
+    /// A shared secret every replica, worker and CLI of the cluster presents when it connects;
+    /// a replica with a token refuses callers without the same one. Empty: no check. A secret:
+    /// give it as `auth_token_file` or `auth_token_cmd` to keep it out of the file. It keeps
+    /// out strangers and misconfigured nodes, but is sent unencrypted (fleet's transport is
+    /// plain TCP): run fleet on a private network or a VPN.
+    pub auth_token: String,
 }
 
 impl Default for NodeConfig {
@@ -65,6 +78,7 @@ impl Default for NodeConfig {
             cluster_name: "fleet".into(),
             peers: Vec::new(),
             bootstrap_expect: None,
+            auth_token: String::new(),
         }
     }
 }
@@ -79,10 +93,13 @@ impl Default for NodeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RaftConfig {
     /// How often the leader sends heartbeats, in milliseconds (before the multiplier).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub heartbeat_interval_ms: u64,
     /// The shortest election timeout, in milliseconds (before the multiplier).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub election_timeout_min_ms: u64,
     /// The longest election timeout, in milliseconds (before the multiplier).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub election_timeout_max_ms: u64,
     /// Scales heartbeat and election timing together: 2.0 doubles every interval.
     pub timing_multiplier: f64,
@@ -92,6 +109,7 @@ pub struct RaftConfig {
     /// log instead of a whole snapshot.
     pub keep_log_entries_after_snapshot: u64,
     /// How long sending one snapshot chunk may take, in milliseconds.
+    #[serde(deserialize_with = "load::duration_ms")]
     pub snapshot_chunk_timeout_ms: u64,
     /// The largest snapshot this node accepts from a leader, in bytes.
     pub max_snapshot_bytes: u64,
@@ -134,6 +152,7 @@ pub struct ClientConfig {
     /// Replica addresses to try, in order (any subset of the cluster).
     pub peers: Vec<String>,
     /// How long a command keeps retrying (elections, unreachable replicas), in milliseconds.
+    #[serde(deserialize_with = "load::duration_ms")]
     pub timeout_ms: u64,
 }
 
@@ -151,18 +170,23 @@ impl Default for ClientConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerConfig {
     /// How often the loop checks leases and delayed tasks when nothing else wakes it (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub tick_ms: u64,
     /// A worker that sends no heartbeat for this long is lost; all its leases are released at
     /// once, sooner than their visibility timeouts (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub worker_liveness_timeout_ms: u64,
     /// After a leader change, no lease expires before this long has passed, so workers can find
     /// the new leader and heartbeat (ms). Every lease also gets a fresh visibility window.
+    #[serde(deserialize_with = "load::duration_ms")]
     pub failover_grace_ms: u64,
     /// Finished tasks (succeeded, dead, cancelled) are kept this long, then purged (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub retention_ms: u64,
     /// Most tasks one lease request can get.
     pub max_leases_per_request: u32,
     /// Workers not heard from for this long disappear from `fleet worker list` (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub forget_workers_after_ms: u64,
 }
 
@@ -187,11 +211,14 @@ impl Default for SchedulerConfig {
 pub struct HealthConfig {
     /// A scheduling loop (or a follower's apply, or an fsync) that has made no progress for this
     /// long is stalled (ms). A stalled leader stops granting and hands leadership over.
+    #[serde(deserialize_with = "load::duration_ms")]
     pub stall_threshold_ms: u64,
     /// How often the replica checks its own progress (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub check_interval_ms: u64,
     /// How often the replica asks the other replicas for their health, for the cluster view
     /// (ms). A replica that has not answered for three intervals is reported unreachable.
+    #[serde(deserialize_with = "load::duration_ms")]
     pub peer_poll_interval_ms: u64,
 }
 
@@ -201,6 +228,60 @@ impl Default for HealthConfig {
             stall_threshold_ms: 3_000,
             check_interval_ms: 250,
             peer_poll_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Logging: `tracing` to standard error (journald under systemd).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `debug`, `fleet=debug,openraft=warn`, ... Empty: `info` for
+    /// replicas and workers, `warn` for other commands. `RUST_LOG`, when set, wins.
+    pub level: String,
+    /// `text` (human; coloured on a terminal) or `json` (one object per line, with the span
+    /// fields: node, worker, task, attempt; for journald, Loki, Elasticsearch).
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Metrics (listed in docs/metrics.md): StatsD export and the Prometheus `/metrics` endpoint
+/// on `node.http_listen`. Replicas emit them; the leader emits the cluster-wide ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Send metrics to a StatsD daemon over UDP.
+    pub statsd: bool,
+    /// The StatsD daemon's host name or address.
+    pub statsd_host: String,
+    /// The StatsD daemon's UDP port.
+    pub statsd_port: u16,
+    /// Prepended to every StatsD name (`fleet.scheduler_heartbeat`) and, with `_`, to every
+    /// Prometheus name (`fleet_scheduler_heartbeat_total`).
+    pub prefix: String,
+    /// Serve `/metrics` in the Prometheus text format on `node.http_listen`.
+    pub prometheus: bool,
+    /// How often gauges (tasks by state, queue age, workers, Raft indexes) are sampled (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
+    pub interval_ms: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            statsd: false,
+            statsd_host: "127.0.0.1".into(),
+            statsd_port: 8125,
+            prefix: "fleet".into(),
+            prometheus: true,
+            interval_ms: 1_000,
         }
     }
 }
@@ -221,15 +302,19 @@ pub struct TaskDefaults {
     /// Attempts before the task is dead (the first run counts).
     pub max_attempts: u32,
     /// Delay before the first retry (ms); each later retry multiplies it.
+    #[serde(deserialize_with = "load::duration_ms")]
     pub backoff_initial_ms: u64,
     /// Longest delay between retries (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub backoff_max_ms: u64,
     /// Factor between consecutive retry delays (1.0 to 10.0). Each delay is jittered down to
     /// half its value by a random draw of the leader.
     pub backoff_multiplier: f64,
     /// How long one attempt may run before it is killed (ms); 0 for no limit.
+    #[serde(deserialize_with = "load::duration_ms")]
     pub execution_timeout_ms: u64,
     /// How long a lease stays valid without a heartbeat (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub visibility_timeout_ms: u64,
 }
 
@@ -254,10 +339,14 @@ impl Default for TaskDefaults {
 pub struct QueueDefaults {
     pub priority: Option<i32>,
     pub max_attempts: Option<u32>,
+    #[serde(deserialize_with = "load::opt_duration_ms")]
     pub backoff_initial_ms: Option<u64>,
+    #[serde(deserialize_with = "load::opt_duration_ms")]
     pub backoff_max_ms: Option<u64>,
     pub backoff_multiplier: Option<f64>,
+    #[serde(deserialize_with = "load::opt_duration_ms")]
     pub execution_timeout_ms: Option<u64>,
+    #[serde(deserialize_with = "load::opt_duration_ms")]
     pub visibility_timeout_ms: Option<u64>,
 }
 
@@ -271,14 +360,18 @@ pub struct WorkerConfig {
     pub concurrency: u32,
     /// One heartbeat covering every lease is sent this often (ms). Keep it well below the
     /// visibility timeouts and `scheduler.worker_liveness_timeout_ms`.
+    #[serde(deserialize_with = "load::duration_ms")]
     pub heartbeat_interval_ms: u64,
     /// How long an idle worker's lease request waits at the leader for work (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub poll_wait_ms: u64,
     /// After SIGTERM to an attempt's process group (timeout, cancel, fencing), SIGKILL follows
     /// after this long (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub kill_grace_ms: u64,
     /// On SIGTERM, running attempts get this long to finish before they are killed and their
     /// leases handed back (ms).
+    #[serde(deserialize_with = "load::duration_ms")]
     pub drain_timeout_ms: u64,
     /// Bytes of each attempt's output (stdout and stderr together) kept and reported.
     pub output_tail_bytes: usize,
@@ -314,12 +407,10 @@ impl Config {
         d
     }
 
-    /// Reads a TOML file. Unknown keys and wrong types are errors naming the key.
-    pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config file {} is not valid: {e}", path.display()))
+    /// Reads a TOML file, then the `FLEET__*` environment (see [`load`]). Unknown keys, wrong
+    /// types and bad durations are errors naming the key.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        load::load(path, std::env::vars())
     }
 
     /// Checks every value once, at start.
@@ -358,6 +449,13 @@ impl Config {
                     named.len()
                 );
             }
+        }
+        if n.auth_token.len() > 4096 || n.auth_token.chars().any(char::is_control) {
+            anyhow::bail!(
+                "node.auth_token ({} bytes) is not valid: use at most 4096 bytes without control \
+                 characters (the value is not shown: it is a secret)",
+                n.auth_token.len()
+            );
         }
         if n.cluster_name.is_empty() || n.cluster_name.len() > 64 {
             anyhow::bail!(
@@ -496,6 +594,29 @@ impl Config {
         check_range("worker.poll_wait_ms", w.poll_wait_ms, 0, 60_000)?;
         check_range("worker.kill_grace_ms", w.kill_grace_ms, 0, 600_000)?;
         check_range("worker.drain_timeout_ms", w.drain_timeout_ms, 0, 86_400_000)?;
+        let m = &self.metrics;
+        if m.statsd {
+            if m.statsd_host.is_empty() {
+                anyhow::bail!("metrics.statsd_host = \"\" is not valid: name the StatsD host");
+            }
+            if m.statsd_port == 0 {
+                anyhow::bail!("metrics.statsd_port = 0 is not valid: use 1 to 65535");
+            }
+        }
+        if m.prefix.is_empty()
+            || !m
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            || m.prefix.starts_with(|c: char| c.is_ascii_digit())
+        {
+            anyhow::bail!(
+                "metrics.prefix = {:?} is not valid: use letters, digits, '_' and '.', not \
+                 starting with a digit",
+                m.prefix
+            );
+        }
+        check_range("metrics.interval_ms", m.interval_ms, 100, 600_000)?;
         check_range(
             "worker.output_tail_bytes",
             w.output_tail_bytes as u64,

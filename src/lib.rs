@@ -19,6 +19,8 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod logging;
+pub mod metrics;
 pub mod raft;
 pub mod rpc;
 pub mod scheduler;

@@ -93,7 +93,8 @@ async fn ask(
     timeout: Duration,
 ) -> Result<HealthReport, String> {
     let client = Client::new(vec![addr.to_string()], &config.node.cluster_name, timeout)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .with_auth_token(&config.node.auth_token);
     let mut client = client.with_attempt_timeout(timeout);
     let call = client.call(|c, ctx| async move {
         c.health(ctx, cluster)

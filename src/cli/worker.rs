@@ -89,6 +89,7 @@ async fn run(mut config: Config, args: WorkerRunArgs) -> anyhow::Result<()> {
             peers
         },
         cluster_name: config.node.cluster_name.clone(),
+        auth_token: config.node.auth_token.clone(),
         name,
         config: config.worker.clone(),
     })

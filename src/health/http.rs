@@ -8,7 +8,10 @@
 //!   sees it is healthy (a healthy, scheduling leader; a healthy quorum; every member healthy),
 //!   503 when it is degraded or unhealthy. Suitable as a monitoring check.
 //!
-//! Both answer from memory (peers' reports are gathered in the background), so a probe never
+//! - `GET /metrics`: every metric in the Prometheus text format (see docs/metrics.md); 404 when
+//!   `[metrics] prometheus = false`.
+//!
+//! All answer from memory (peers' reports are gathered in the background), so a probe never
 //! waits on another replica.
 
 use std::sync::Arc;
@@ -26,6 +29,7 @@ pub async fn serve(replica: Arc<Replica>, listener: TcpListener) {
     let app = Router::new()
         .route("/health", get(replica_health))
         .route("/health/cluster", get(cluster_health))
+        .route("/metrics", get(prometheus_metrics))
         .with_state(replica);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "the HTTP endpoint stopped");
@@ -65,4 +69,23 @@ async fn cluster_health(
         .as_ref()
         .is_some_and(|c| c.status.is_healthy());
     json(ok, &report)
+}
+
+async fn prometheus_metrics() -> Response {
+    match crate::metrics::render_prometheus() {
+        Some(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "the Prometheus endpoint is off on this replica ([metrics] prometheus = false)\n",
+        )
+            .into_response(),
+    }
 }

@@ -143,7 +143,7 @@ fn role_name(s: ServerState) -> &'static str {
 /// Runs the monitor and the peer poller until the replica stops.
 pub fn spawn(replica: Arc<Replica>) {
     let r = replica.clone();
-    tokio::spawn(async move {
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let every = Duration::from_millis(r.config.health.check_interval_ms);
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -151,8 +151,8 @@ pub fn spawn(replica: Arc<Replica>) {
             ticker.tick().await;
             check(&r).await;
         }
-    });
-    tokio::spawn(async move {
+    }));
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         let every = Duration::from_millis(replica.config.health.peer_poll_interval_ms);
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -160,7 +160,7 @@ pub fn spawn(replica: Arc<Replica>) {
             ticker.tick().await;
             poll_peers(&replica, every).await;
         }
-    });
+    }));
 }
 
 /// Milliseconds since the scheduling loop's last iteration (since start if none yet).

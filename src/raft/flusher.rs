@@ -94,6 +94,11 @@ fn run(db: sled::Db, rx: mpsc::Receiver<Done>, stats: Arc<Mutex<FlushStats>>, st
         // The fsync: `Db::flush` writes sled's buffers and fsyncs its files.
         let result = db.flush().map(|_| ());
         let latency = started.elapsed();
+        metrics::histogram!(
+            crate::metrics::names::STORAGE_FSYNC_DURATION,
+            "node" => crate::metrics::node()
+        )
+        .record(latency);
         {
             let mut s = stats.lock().expect("flush stats lock");
             s.in_flight_since = None;

@@ -97,6 +97,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let started = std::time::Instant::now();
         let (meta, data) = {
             let inner = self.inner.read().await;
             let meta = SnapshotMeta {
@@ -115,6 +116,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             bytes = data.len(),
             "built and saved a snapshot"
         );
+        let node = crate::metrics::node();
+        metrics::gauge!(crate::metrics::names::RAFT_SNAPSHOT_SIZE, "node" => node.clone())
+            .set(data.len() as f64);
+        metrics::histogram!(crate::metrics::names::RAFT_SNAPSHOT_DURATION, "node" => node)
+            .record(started.elapsed());
         let mut inner = self.inner.write().await;
         inner.current = Some((meta.clone(), Arc::new(data.clone())));
         Ok(Snapshot {

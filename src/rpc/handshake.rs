@@ -18,8 +18,8 @@ use crate::raft::NodeId;
 pub const MAGIC: &[u8; 6] = b"FLEET\0";
 /// The wire protocol version. Bumped on any incompatible change of the handshake or of
 /// [`FleetService`](super::FleetService)'s messages. Version 2 added [`Role::Worker`] and the
-/// clock fault.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// clock fault; version 3 the auth token.
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const MAX_HELLO_BYTES: u32 = 64 * 1024;
 /// How long either side waits for the other's handshake frame.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,6 +36,9 @@ pub struct Hello {
     /// The node the caller meant to reach; a callee with another id refuses, so a Raft message
     /// never lands on whichever node now holds an old address.
     pub expect_node: Option<NodeId>,
+    /// The cluster's shared secret (`node.auth_token`), empty when none is configured. Sent in
+    /// the clear: the transport is plain TCP.
+    pub auth_token: String,
 }
 
 /// The callee's answer.

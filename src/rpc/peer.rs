@@ -31,6 +31,8 @@ pub struct LocalIdentity {
     pub node_id: Option<NodeId>,
     pub cluster_name: String,
     cluster_id: Mutex<Option<u128>>,
+    /// Presented in every handshake (`node.auth_token`).
+    auth_token: String,
 }
 
 impl LocalIdentity {
@@ -45,7 +47,16 @@ impl LocalIdentity {
             node_id,
             cluster_name,
             cluster_id: Mutex::new(cluster_id),
+            auth_token: String::new(),
         }
+    }
+    /// This identity presenting `token` in handshakes.
+    pub fn with_auth_token(mut self, token: &str) -> Self {
+        self.auth_token = token.to_string();
+        self
+    }
+    pub fn auth_token(&self) -> &str {
+        &self.auth_token
     }
     pub fn cluster_id(&self) -> Option<u128> {
         *self.cluster_id.lock().expect("identity lock")
@@ -60,6 +71,7 @@ impl LocalIdentity {
             role: self.role,
             from_node: self.node_id,
             expect_node,
+            auth_token: self.auth_token.clone(),
         }
     }
 }

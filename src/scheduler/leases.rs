@@ -59,6 +59,8 @@ pub struct Expiry {
     pub task: TaskId,
     pub fencing_token: u64,
     pub reason: String,
+    /// `worker_lost` or `visibility_timeout` (the `cause` label of `lease.expired`).
+    pub cause: &'static str,
 }
 
 /// The leader's record of lease and worker liveness.
@@ -143,17 +145,23 @@ impl LeaseTracker {
                     .get(&w.worker)
                     .copied()
                     .unwrap_or(w.last_seen_ms);
-                let reason = if now_ms >= worker_seen.saturating_add(worker_liveness_ms) {
-                    format!(
-                        "worker {} lost: no heartbeat for {} ms",
-                        w.worker.0,
-                        now_ms - worker_seen
+                let (reason, cause) = if now_ms >= worker_seen.saturating_add(worker_liveness_ms) {
+                    (
+                        format!(
+                            "worker {} lost: no heartbeat for {} ms",
+                            w.worker.0,
+                            now_ms - worker_seen
+                        ),
+                        "worker_lost",
                     )
                 } else if now_ms >= w.last_seen_ms.saturating_add(w.visibility_timeout_ms) {
-                    format!(
-                        "no heartbeat for {} ms (visibility timeout {} ms)",
-                        now_ms - w.last_seen_ms,
-                        w.visibility_timeout_ms
+                    (
+                        format!(
+                            "no heartbeat for {} ms (visibility timeout {} ms)",
+                            now_ms - w.last_seen_ms,
+                            w.visibility_timeout_ms
+                        ),
+                        "visibility_timeout",
                     )
                 } else {
                     return None;
@@ -162,6 +170,7 @@ impl LeaseTracker {
                     task: *task,
                     fencing_token: w.fencing_token,
                     reason,
+                    cause,
                 })
             })
             .collect()

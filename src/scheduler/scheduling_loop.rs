@@ -30,6 +30,7 @@ use openraft::ReadPolicy;
 use super::leases::LeaseInfo;
 use super::Poll;
 use crate::error::Error;
+use crate::metrics::names as m;
 use crate::rpc::LeasedTask;
 use crate::server::proposer::now_ms;
 use crate::server::Replica;
@@ -74,6 +75,7 @@ pub async fn run(replica: Arc<Replica>) {
         }
         // Fault injection (tests only): a stalled loop hangs here, alive but making no progress.
         replica.health.faults.scheduler.wait().await;
+        let iteration_started = Instant::now();
         let (leading, term) = {
             let m = metrics.borrow_watched();
             (
@@ -143,6 +145,7 @@ pub async fn run(replica: Arc<Replica>) {
             grant(&replica, &mut pending, cfg.max_leases_per_request).await;
         }
         record_iteration(&replica);
+        metrics::histogram!(m::SCHEDULER_LOOP_DURATION).record(iteration_started.elapsed());
     }
 }
 
@@ -197,15 +200,39 @@ async fn expire_leases(replica: &Replica, liveness_ms: u64) {
         })
         .collect();
     let outputs = replica.proposer.propose_many(commands).await;
+    let dead: Vec<TaskId> = expiries
+        .iter()
+        .zip(&outputs)
+        .filter(|(_, o)| {
+            matches!(o, Ok(CommandOutput::TaskUpdated { state, .. }) if *state == crate::state::TaskState::Dead)
+        })
+        .map(|(e, _)| e.task)
+        .collect();
+    if !dead.is_empty() {
+        replica
+            .sm
+            .read(|s| {
+                for id in &dead {
+                    if let Some(t) = s.task(*id) {
+                        metrics::counter!(m::TASKS_DEAD, "queue" => t.spec.queue.clone())
+                            .increment(1);
+                    }
+                }
+            })
+            .await;
+    }
     for (e, out) in expiries.iter().zip(outputs) {
         match out {
-            Ok(CommandOutput::TaskUpdated { state, .. }) => tracing::warn!(
-                task = %e.task,
-                fencing_token = e.fencing_token,
-                reason = %e.reason,
-                state = state.as_str(),
-                "lease expired"
-            ),
+            Ok(CommandOutput::TaskUpdated { state, .. }) => {
+                metrics::counter!(m::LEASE_EXPIRED, "cause" => e.cause).increment(1);
+                tracing::warn!(
+                    task = %e.task,
+                    fencing_token = e.fencing_token,
+                    reason = %e.reason,
+                    state = state.as_str(),
+                    "lease expired"
+                )
+            }
             Ok(_) => {}
             Err(err) => tracing::debug!(task = %e.task, error = %err, "expiry not applied"),
         }
@@ -311,12 +338,21 @@ async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request:
     let mut specs = if granted.is_empty() {
         Default::default()
     } else {
+        let granted_at = now_ms();
         replica
             .sm
             .read(|s| {
                 granted
                     .iter()
-                    .filter_map(|id| s.task(*id).map(|t| (*id, t.spec.clone())))
+                    .filter_map(|id| {
+                        let t = s.task(*id)?;
+                        let queue = t.spec.queue.clone();
+                        metrics::counter!(m::LEASE_GRANTED, "queue" => queue.clone()).increment(1);
+                        metrics::histogram!(m::TASK_QUEUED_DURATION, "queue" => queue).record(
+                            crate::metrics::seconds_between_ms(t.ready_at_ms, granted_at),
+                        );
+                        Some((*id, t.spec.clone()))
+                    })
                     .collect::<std::collections::HashMap<_, _>>()
             })
             .await
@@ -391,6 +427,8 @@ async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request:
                 )
             })
             .collect();
-        replica.proposer.propose_many(commands).await;
+        let outputs = replica.proposer.propose_many(commands).await;
+        let handed = outputs.iter().filter(|o| o.is_ok()).count();
+        metrics::counter!(m::LEASE_EXPIRED, "cause" => "handed_back").increment(handed as u64);
     }
 }

@@ -27,6 +27,7 @@ use futures::StreamExt;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::raft::log_store::{Identity, LogStore};
@@ -141,13 +142,18 @@ impl Replica {
             }
         };
         let id = identity.node_id;
+        tracing::Span::current().record("node", id);
+        crate::metrics::install(&config.metrics, id)?;
         let addr = config.advertise_addr();
-        let local = Arc::new(LocalIdentity::new(
-            Role::Replica,
-            Some(id),
-            identity.cluster_name.clone(),
-            identity.cluster_id,
-        ));
+        let local = Arc::new(
+            LocalIdentity::new(
+                Role::Replica,
+                Some(id),
+                identity.cluster_name.clone(),
+                identity.cluster_id,
+            )
+            .with_auth_token(&config.node.auth_token),
+        );
         let pool = PeerPool::new(local.clone());
 
         let listener = TcpListener::bind(&config.node.listen)
@@ -206,22 +212,26 @@ impl Replica {
             data_dir = %data_dir.display(),
             "replica started"
         );
-        tokio::spawn(replica.clone().serve(listener));
+        tokio::spawn(replica.clone().serve(listener).in_current_span());
         if let Some(l) = http_listener {
             let addr = l.local_addr()?;
             replica.health.set_http_addr(addr);
             tracing::info!(%addr, "serving /health over HTTP");
-            tokio::spawn(crate::health::http::serve(replica.clone(), l));
+            tokio::spawn(crate::health::http::serve(replica.clone(), l).in_current_span());
         }
         crate::health::monitor::spawn(replica.clone());
-        tokio::spawn(replica.clone().watch_for_fatal());
-        tokio::spawn(crate::scheduler::scheduling_loop::run(replica.clone()));
+        tokio::spawn(replica.clone().watch_for_fatal().in_current_span());
+        tokio::spawn(crate::scheduler::scheduling_loop::run(replica.clone()).in_current_span());
+        tokio::spawn(crate::metrics::sampler::run(replica.clone()).in_current_span());
         let r = replica.clone();
-        tokio::spawn(async move {
-            if let Err(e) = formation::run(r.clone()).await {
-                let _ = r.stop.send(Some(format!("{e:#}")));
+        tokio::spawn(
+            async move {
+                if let Err(e) = formation::run(r.clone()).await {
+                    let _ = r.stop.send(Some(format!("{e:#}")));
+                }
             }
-        });
+            .in_current_span(),
+        );
         Ok(replica)
     }
 
@@ -288,10 +298,13 @@ impl Replica {
                 }
             };
             let me = self.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                me.serve_connection(stream, remote).await;
-            });
+            tokio::spawn(
+                async move {
+                    let _permit = permit;
+                    me.serve_connection(stream, remote).await;
+                }
+                .in_current_span(),
+            );
         }
     }
 
@@ -343,6 +356,15 @@ impl Replica {
     /// Decides whether to talk to the caller. Adopts the caller's cluster id when this node
     /// has none yet (it is new, and the caller is a member of the cluster it is joining).
     async fn accept_hello(&self, hello: &Hello) -> Result<(), String> {
+        if !tokens_match(self.identity.auth_token(), &hello.auth_token) {
+            return Err(if hello.auth_token.is_empty() {
+                "this cluster requires an auth token: set node.auth_token (or auth_token_file, \
+                 auth_token_cmd, FLEET__NODE__AUTH_TOKEN) to the cluster's token"
+                    .to_string()
+            } else {
+                "the auth token does not match this cluster's node.auth_token".to_string()
+            });
+        }
         if hello.cluster_name != self.identity.cluster_name {
             return Err(format!(
                 "the caller belongs to cluster {:?}, this node (node {}) to cluster {:?}",
@@ -449,4 +471,14 @@ impl Replica {
             }
         }
     }
+}
+
+/// Whether a caller's token is acceptable: any token when this node has none, else the same
+/// bytes, compared in time independent of where they differ.
+fn tokens_match(ours: &str, theirs: &str) -> bool {
+    if ours.is_empty() {
+        return true;
+    }
+    let (a, b) = (ours.as_bytes(), theirs.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

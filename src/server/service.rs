@@ -402,10 +402,12 @@ impl Replica {
         let mut results: Vec<Option<Result<Submitted, Error>>> = Vec::with_capacity(tasks.len());
         let mut commands = Vec::new();
         let now = crate::server::proposer::now_ms();
+        let mut queues = Vec::new();
         for t in tasks {
             match t.task.resolve(&self.config, now) {
                 Ok(spec) => {
                     results.push(None);
+                    queues.push(spec.queue.clone());
                     commands.push(Command::SubmitTask {
                         request_id: t.request_id,
                         spec,
@@ -423,6 +425,15 @@ impl Replica {
             .find(|r| matches!(r, Err(e) if e.is_retryable()))
         {
             return Err(e.clone());
+        }
+        for (queue, out) in queues.into_iter().zip(&outputs) {
+            if let Ok(CommandOutput::TaskSubmitted {
+                duplicate: false, ..
+            }) = out
+            {
+                metrics::counter!(crate::metrics::names::TASKS_SUBMITTED, "queue" => queue)
+                    .increment(1);
+            }
         }
         let mut outputs = outputs.into_iter();
         Ok(results

@@ -20,6 +20,7 @@ use tarpc::context::Context;
 
 use super::Replica;
 use crate::error::Error;
+use crate::metrics::names as m;
 use crate::rpc::{
     AttemptReport, HeartbeatReply, HeldLease, LeaseVerdict, LeasedTask, WorkerInfo, WorkerStatus,
 };
@@ -237,6 +238,14 @@ impl Replica {
             .lock()
             .expect("workers lock")
             .seen(&worker, now);
+        let fenced = verdicts
+            .iter()
+            .filter(|v| **v == LeaseVerdict::Fenced)
+            .count() as u64;
+        metrics::counter!(m::LEASE_EXTENDED).increment(verdicts.len() as u64 - fenced);
+        if fenced > 0 {
+            metrics::counter!(m::LEASE_FENCED, "call" => "heartbeat").increment(fenced);
+        }
         for (l, v) in leases.iter().zip(&verdicts) {
             if *v == LeaseVerdict::Fenced {
                 tracing::warn!(
@@ -297,6 +306,7 @@ impl Replica {
         {
             return Err(e.clone());
         }
+        self.record_reports(&reports, &outputs).await;
         let results = reports
             .iter()
             .zip(outputs)
@@ -316,6 +326,62 @@ impl Replica {
             .collect();
         crate::scheduler::scheduling_loop::sync_tracker(self).await;
         Ok(results)
+    }
+
+    /// Metrics of committed reports: outcomes, run time, dead tasks, fenced reports.
+    async fn record_reports(
+        &self,
+        reports: &[AttemptReport],
+        outputs: &[Result<CommandOutput, Error>],
+    ) {
+        let fenced = outputs
+            .iter()
+            .filter(|o| matches!(o, Err(Error::StaleToken(_))))
+            .count() as u64;
+        if fenced > 0 {
+            metrics::counter!(m::LEASE_FENCED, "call" => "report").increment(fenced);
+        }
+        let done: Vec<(&AttemptReport, TaskState)> = reports
+            .iter()
+            .zip(outputs)
+            .filter_map(|(r, o)| match o {
+                Ok(CommandOutput::TaskUpdated { state, .. }) => Some((r, *state)),
+                _ => None,
+            })
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        self.sm
+            .read(|s| {
+                for (r, state) in &done {
+                    let Some(t) = s.task(r.task) else { continue };
+                    let queue = t.spec.queue.clone();
+                    let name = match r.outcome {
+                        crate::state::AttemptOutcome::Succeeded => m::ATTEMPTS_SUCCEEDED,
+                        crate::state::AttemptOutcome::Failed { .. } => m::ATTEMPTS_FAILED,
+                        crate::state::AttemptOutcome::TimedOut => m::ATTEMPTS_TIMED_OUT,
+                        _ => "",
+                    };
+                    if !name.is_empty() {
+                        metrics::counter!(name, "queue" => queue.clone()).increment(1);
+                    }
+                    if *state == TaskState::Dead {
+                        metrics::counter!(m::TASKS_DEAD, "queue" => queue.clone()).increment(1);
+                    }
+                    if let Some(a) = t
+                        .attempts
+                        .iter()
+                        .find(|a| a.fencing_token == r.fencing_token)
+                    {
+                        if let Some(end) = a.ended_at_ms {
+                            metrics::histogram!(m::TASK_DURATION, "queue" => queue)
+                                .record(crate::metrics::seconds_between_ms(a.started_at_ms, end));
+                        }
+                    }
+                }
+            })
+            .await;
     }
 
     pub(crate) async fn worker_leave(
@@ -363,6 +429,7 @@ impl Replica {
             .expect("workers lock")
             .remove(worker);
         let handed = outputs.iter().filter(|r| r.is_ok()).count() as u32;
+        metrics::counter!(m::LEASE_EXPIRED, "cause" => "handed_back").increment(u64::from(handed));
         tracing::info!(worker = worker.0, handed_back = handed, "worker left");
         crate::scheduler::scheduling_loop::sync_tracker(self).await;
         Ok(handed)

@@ -431,6 +431,11 @@ pub struct QueueStats {
     pub running: u64,
     pub failed: u64,
     pub dead: u64,
+    /// Finished tasks still kept (until `scheduler.retention_ms`).
+    #[serde(default)]
+    pub succeeded: u64,
+    #[serde(default)]
+    pub cancelled: u64,
     /// When the oldest ready task became ready (ms since the epoch).
     pub oldest_ready_since_ms: Option<u64>,
 }
@@ -930,7 +935,8 @@ impl State {
                 TaskState::Failed => s.failed += 1,
                 TaskState::Running => s.running += 1,
                 TaskState::Dead => s.dead += 1,
-                TaskState::Succeeded | TaskState::Cancelled => {}
+                TaskState::Succeeded => s.succeeded += 1,
+                TaskState::Cancelled => s.cancelled += 1,
             }
         }
         out

@@ -45,6 +45,8 @@ const REPORT_GIVE_UP: Duration = Duration::from_secs(600);
 pub struct WorkerOptions {
     pub peers: Vec<String>,
     pub cluster_name: String,
+    /// The cluster's shared secret (`node.auth_token`), empty for none.
+    pub auth_token: String,
     pub name: String,
     pub config: WorkerConfig,
 }
@@ -55,6 +57,13 @@ const HEARTBEAT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     let id = WorkerId(rand::random_range(1..(1u64 << 53)));
+    // Every line the worker logs carries its id and name; an attempt's lines also its task,
+    // attempt number and fencing token.
+    let span = tracing::info_span!("worker", worker = id.0, name = %opts.name);
+    tracing::Instrument::instrument(run_as(opts, id), span).await
+}
+
+async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
     let cfg = opts.config.clone();
     let info = WorkerInfo {
         id,
@@ -65,8 +74,10 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
         draining: false,
     };
     let client = |timeout: Duration| {
-        Client::new(opts.peers.clone(), &opts.cluster_name, timeout)
-            .map(|c| c.with_role(crate::rpc::Role::Worker))
+        Client::new(opts.peers.clone(), &opts.cluster_name, timeout).map(|c| {
+            c.with_role(crate::rpc::Role::Worker)
+                .with_auth_token(&opts.auth_token)
+        })
     };
     let poll_timeout = Duration::from_millis(cfg.poll_wait_ms) + Duration::from_secs(15);
     let mut poll_client = client(poll_timeout)?;
@@ -333,11 +344,20 @@ impl Launcher {
         ctx.shared.running.fetch_add(1, Ordering::Relaxed);
         self.alive.send_modify(|n| *n += 1);
         let alive = self.alive.clone();
-        tokio::spawn(async move {
-            ctx.run(lease, kill_rx).await;
-            drop(permit);
-            alive.send_modify(|n| *n -= 1);
-        });
+        let span = tracing::info_span!(
+            "attempt",
+            task = %lease.task,
+            attempt = lease.attempt,
+            fencing_token = lease.fencing_token
+        );
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                ctx.run(lease, kill_rx).await;
+                drop(permit);
+                alive.send_modify(|n| *n -= 1);
+            },
+            span,
+        ));
     }
 }
 

@@ -1,0 +1,170 @@
+//! The gauges: sampled every `metrics.interval_ms` by each replica.
+//!
+//! Every replica reports its own Raft position and scheduling-loop lag (label `node`). The
+//! leader also reports the cluster: tasks by queue and state, the oldest ready task's age,
+//! starving tasks, workers and open slots, replication lag per follower, and counts
+//! `scheduler_heartbeat` while its loop makes progress. A replica that stops leading sets the
+//! cluster gauges it reported to 0 once, so a Prometheus scrape of a follower shows no stale
+//! queue, and never sends them again (StatsD names carry no node: only the leader may write
+//! them).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::names::*;
+use crate::scheduler::workers::WorkerState;
+use crate::server::Replica;
+
+/// Runs until the replica stops.
+pub async fn run(replica: Arc<Replica>) {
+    let interval = Duration::from_millis(replica.config.metrics.interval_ms);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stop = replica.stop.subscribe();
+    let mut state = Sampled::default();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| s.is_some()) => return,
+        }
+        sample(&replica, &mut state).await;
+        crate::metrics::upkeep();
+    }
+}
+
+/// What the previous samples reported, to notice changes and zero what disappeared.
+#[derive(Default)]
+struct Sampled {
+    leader: Option<u64>,
+    first: bool,
+    /// Cluster gauges (name, labels) last set by this replica as leader.
+    cluster: BTreeSet<(&'static str, Vec<(&'static str, String)>)>,
+}
+
+async fn sample(replica: &Replica, sampled: &mut Sampled) {
+    let node = crate::metrics::node();
+    let status = replica.local_status();
+    metrics::gauge!(RAFT_TERM, "node" => node.clone()).set(status.term as f64);
+    let leading = status.leader_id == Some(replica.id);
+    metrics::gauge!(RAFT_IS_LEADER, "node" => node.clone()).set(if leading { 1.0 } else { 0.0 });
+    for (name, v) in [
+        (RAFT_LAST_LOG_INDEX, status.last_log_index),
+        (RAFT_COMMIT_INDEX, status.commit_index),
+        (RAFT_APPLIED_INDEX, status.applied_index),
+    ] {
+        metrics::gauge!(name, "node" => node.clone()).set(v.unwrap_or(0) as f64);
+    }
+    if sampled.first && sampled.leader != status.leader_id {
+        metrics::counter!(RAFT_LEADER_CHANGES, "node" => node.clone()).increment(1);
+    }
+    sampled.first = true;
+    sampled.leader = status.leader_id;
+    let (_, last_iteration_ms) = replica.scheduler.progress();
+    let now = crate::server::proposer::now_ms();
+    let lag = crate::metrics::seconds_between_ms(last_iteration_ms, now);
+    metrics::gauge!(SCHEDULER_LOOP_LAG, "node" => node.clone()).set(lag);
+
+    let scheduling = leading && replica.scheduler.ready_term() == Some(status.term);
+    if !scheduling {
+        // Zero what this replica reported while it led, once.
+        for (name, labels) in std::mem::take(&mut sampled.cluster) {
+            let labels: Vec<metrics::Label> = labels
+                .into_iter()
+                .map(|(k, v)| metrics::Label::new(k, v))
+                .collect();
+            metrics::gauge!(name, labels).set(0.0);
+        }
+        return;
+    }
+    let mut now_set: BTreeSet<(&'static str, Vec<(&'static str, String)>)> = BTreeSet::new();
+    let mut set = |name: &'static str, labels: Vec<(&'static str, String)>, v: f64| {
+        let l: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+            .collect();
+        metrics::gauge!(name, l).set(v);
+        now_set.insert((name, labels));
+    };
+    let stall_ms = replica.config.health.stall_threshold_ms as f64;
+    if lag * 1000.0 < stall_ms && !replica.health.is_stalled() {
+        metrics::counter!(SCHEDULER_HEARTBEAT).increment(1);
+    }
+    for m in &status.members {
+        if m.id != replica.id {
+            let behind = status
+                .last_log_index
+                .unwrap_or(0)
+                .saturating_sub(m.match_index.unwrap_or(0));
+            set(
+                RAFT_REPLICATION_LAG,
+                vec![("node", node.clone()), ("follower", m.id.to_string())],
+                behind as f64,
+            );
+        }
+    }
+    let stats = replica.sm.read(|s| s.queue_stats()).await;
+    let workers = replica
+        .scheduler
+        .workers
+        .lock()
+        .expect("workers lock")
+        .list(
+            crate::scheduler::mono_ms(),
+            replica.config.scheduler.worker_liveness_timeout_ms,
+        );
+    let mut by_state: BTreeMap<&'static str, u64> =
+        [("active", 0), ("draining", 0), ("lost", 0)].into();
+    let mut open_slots = 0u64;
+    let mut free_per_queue: BTreeMap<&str, u64> = BTreeMap::new();
+    for (w, state) in &workers {
+        *by_state.entry(state.as_str()).or_default() += 1;
+        if *state == WorkerState::Active {
+            let free = u64::from(w.info.slots.saturating_sub(w.info.running));
+            open_slots += free;
+            for q in &w.info.queues {
+                *free_per_queue.entry(q.as_str()).or_default() += free;
+            }
+        }
+    }
+    for (state, n) in by_state {
+        set(WORKERS, vec![("state", state.to_string())], n as f64);
+    }
+    set(WORKERS_OPEN_SLOTS, vec![], open_slots as f64);
+    for (queue, st) in &stats {
+        for (state, n) in [
+            ("ready", st.ready),
+            ("delayed", st.delayed),
+            ("running", st.running),
+            ("failed", st.failed),
+            ("succeeded", st.succeeded),
+            ("dead", st.dead),
+            ("cancelled", st.cancelled),
+        ] {
+            set(
+                TASKS,
+                vec![("queue", queue.clone()), ("state", state.to_string())],
+                n as f64,
+            );
+        }
+        let age = st
+            .oldest_ready_since_ms
+            .map_or(0.0, |t| crate::metrics::seconds_between_ms(t, now));
+        set(QUEUE_OLDEST_READY_AGE, vec![("queue", queue.clone())], age);
+        let free = free_per_queue.get(queue.as_str()).copied().unwrap_or(0);
+        set(
+            SCHEDULER_TASKS_STARVING,
+            vec![("queue", queue.clone())],
+            st.ready.saturating_sub(free) as f64,
+        );
+    }
+    // Series that disappeared (a queue purged, a follower removed) go to 0.
+    for (name, labels) in sampled.cluster.difference(&now_set) {
+        let l: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+            .collect();
+        metrics::gauge!(*name, l).set(0.0);
+    }
+    sampled.cluster = now_set;
+}
