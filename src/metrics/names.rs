@@ -205,6 +205,34 @@ mod tests {
         }
     }
 
+    /// config/statsd-mapping.yml has one mapping per metric, turning the flattened StatsD name
+    /// back into the Prometheus name and labels that `/metrics` shows.
+    #[test]
+    fn statsd_mapping_matches_the_catalog() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/statsd-mapping.yml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let (_, mappings) = text.split_once("\nmappings:\n").expect("a mappings list");
+        let mut want = String::new();
+        for d in CATALOG {
+            let pattern = std::iter::once(format!("fleet.{}", d.name))
+                .chain(d.labels.iter().map(|_| "*".to_string()))
+                .collect::<Vec<_>>()
+                .join(".");
+            want.push_str(&format!("  - match: \"{pattern}\"\n"));
+            want.push_str(&format!("    name: \"{}\"\n", d.prometheus_name("fleet")));
+            if !d.labels.is_empty() {
+                want.push_str("    labels:\n");
+                for (i, l) in d.labels.iter().enumerate() {
+                    want.push_str(&format!("      {l}: \"${}\"\n", i + 1));
+                }
+            }
+        }
+        assert_eq!(
+            mappings, want,
+            "config/statsd-mapping.yml is out of step with CATALOG"
+        );
+    }
+
     #[test]
     fn names_are_unique() {
         let mut names: Vec<&str> = CATALOG.iter().map(|d| d.name).collect();

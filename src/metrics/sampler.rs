@@ -55,6 +55,7 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
     ] {
         metrics::gauge!(name, "node" => node.clone()).set(v.unwrap_or(0) as f64);
     }
+    metrics::counter!(RAFT_LEADER_CHANGES, "node" => node.clone()).increment(0);
     if sampled.first && sampled.leader != status.leader_id {
         metrics::counter!(RAFT_LEADER_CHANGES, "node" => node.clone()).increment(1);
     }
@@ -86,6 +87,16 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
         metrics::gauge!(name, l).set(v);
         now_set.insert((name, labels));
     };
+    // Counters exist from the first sample, at 0, so rate() and alerts see them before the
+    // first event.
+    metrics::counter!(SCHEDULER_HEARTBEAT).increment(0);
+    metrics::counter!(LEASE_EXTENDED).increment(0);
+    for cause in ["visibility_timeout", "worker_lost", "handed_back"] {
+        metrics::counter!(LEASE_EXPIRED, "cause" => cause).increment(0);
+    }
+    for call in ["heartbeat", "report"] {
+        metrics::counter!(LEASE_FENCED, "call" => call).increment(0);
+    }
     let stall_ms = replica.config.health.stall_threshold_ms as f64;
     if lag * 1000.0 < stall_ms && !replica.health.is_stalled() {
         metrics::counter!(SCHEDULER_HEARTBEAT).increment(1);
@@ -132,6 +143,16 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
     }
     set(WORKERS_OPEN_SLOTS, vec![], open_slots as f64);
     for (queue, st) in &stats {
+        for name in [
+            TASKS_SUBMITTED,
+            TASKS_DEAD,
+            ATTEMPTS_SUCCEEDED,
+            ATTEMPTS_FAILED,
+            ATTEMPTS_TIMED_OUT,
+            LEASE_GRANTED,
+        ] {
+            metrics::counter!(name, "queue" => queue.clone()).increment(0);
+        }
         for (state, n) in [
             ("ready", st.ready),
             ("delayed", st.delayed),

@@ -560,6 +560,13 @@ pub fn command_file(
 
 /// `GET path` from an HTTP endpoint, over a plain socket: the status code and the JSON body.
 pub fn http_get(addr: &str, path: &str) -> Result<(u16, Value), String> {
+    let (code, body) = http_get_text(addr, path)?;
+    let json = serde_json::from_str(&body).map_err(|e| format!("bad json ({e}): {body}"))?;
+    Ok((code, json))
+}
+
+/// `GET path` from an HTTP endpoint, over a plain socket: the status code and the body.
+pub fn http_get_text(addr: &str, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -576,8 +583,7 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, Value), String> {
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("no status line in {text:?}"))?;
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let json = serde_json::from_str(body).map_err(|e| format!("bad json ({e}): {body}"))?;
-    Ok((code, json))
+    Ok((code, body.to_string()))
 }
 
 /// `fleet health --peers ADDR --output json` for one replica: its exit code and its report.
