@@ -735,14 +735,19 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 async fn join(mut config: Config, args: JoinArgs) -> anyhow::Result<()> {
     args.node.apply(&mut config)?;
-    config.validate()?;
-    // Everything the replica does is logged inside this span; the node id is recorded once the
+    // Everything the replica logs is inside this span; a new node's id is recorded once its
     // data directory is open.
     let span = tracing::info_span!("replica", node = tracing::field::Empty);
-    let replica = {
-        use tracing::Instrument;
-        Replica::start(config).instrument(span).await?
-    };
+    if let Some(id) = config.node.id {
+        span.record("node", id);
+    }
+    use tracing::Instrument;
+    run_replica(config).instrument(span).await
+}
+
+async fn run_replica(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
+    let replica = Replica::start(config).await?;
     let notifier = crate::health::systemd::Notifier::from_env();
     notifier.ready(&format!("serving on {}", replica.addr));
     let watched = replica.clone();
