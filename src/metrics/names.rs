@@ -83,7 +83,7 @@ pub const CATALOG: &[Def] = &[
     Def { name: SCHEDULER_HEARTBEAT, kind: Counter, labels: &[], unit: None,
         help: "Incremented every metrics interval while this replica leads and its scheduling loop is making progress." },
     Def { name: SCHEDULER_LOOP_DURATION, kind: Histogram, labels: &[], unit: S,
-        help: "Time one iteration of the leader's scheduling loop took (expiries, purges, grants)." },
+        help: "Time one working iteration of the leader's scheduling loop took (a tick: expiries and purges; or answering lease requests)." },
     Def { name: SCHEDULER_LOOP_LAG, kind: Gauge, labels: &["node"], unit: S,
         help: "Time since this replica's scheduling loop last completed an iteration." },
     Def { name: SCHEDULER_TASKS_STARVING, kind: Gauge, labels: &["queue"], unit: None,

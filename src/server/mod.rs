@@ -142,7 +142,10 @@ impl Replica {
             }
         };
         let id = identity.node_id;
-        tracing::Span::current().record("node", id);
+        if config.node.id.is_none() {
+            // A new node drew its id just now (`fleet join` records a configured one).
+            tracing::Span::current().record("node", id);
+        }
         crate::metrics::install(&config.metrics, id)?;
         let addr = config.advertise_addr();
         let local = Arc::new(
