@@ -288,7 +288,7 @@ pub struct BenchArgs {
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Join(args) => join(config, args).await,
-        Command::Up(args) => up::up(args).await,
+        Command::Up(args) => up::up(&config, args).await,
         Command::Worker(args) => worker::worker(config, args).await,
         Command::Logs(args) => logs::logs(&config, args).await,
         Command::Submit(args) => submit::submit(&config, args).await,

@@ -72,7 +72,9 @@ fn signal(c: &Child, sig: i32) {
     }
 }
 
-pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+/// `config` is what the children read too (the same file and `FLEET__*` environment): the
+/// cluster name and auth token come from it.
+pub async fn up(config: &crate::config::Config, args: UpArgs) -> anyhow::Result<()> {
     if !(1..=9).contains(&args.replicas) {
         bail!("--replicas {} is not valid: use 1 to 9", args.replicas);
     }
@@ -132,7 +134,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         );
         replicas.push(c);
     }
-    let mut client = Client::new(addrs.clone(), "fleet", Duration::from_secs(30))?;
+    let mut client = Client::new(
+        addrs.clone(),
+        &config.node.cluster_name,
+        Duration::from_secs(30),
+    )?
+    .with_auth_token(&config.node.auth_token);
     let started = Instant::now();
     // Wait for the election (bounded); the pause paces the status reads.
     let mut status = client
@@ -187,6 +194,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("  fleet task show ID; fleet logs ID");
         println!("  fleet task list; fleet queue stats; fleet worker list; fleet cluster status");
         println!("  fleet health; fleet health --cluster");
+        println!(
+            "  curl -s http://{}/metrics | grep ^fleet_   # Prometheus metrics (docs/metrics.md)",
+            http_addr(args.base_port, 0)
+        );
         println!();
         println!("Ctrl-C stops the fleet (data stays in {}).", dir.display());
         std::future::pending::<()>().await
