@@ -39,6 +39,14 @@ fn show(config: &Path, flags: &[&str], env: &[(&str, &str)]) -> Value {
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
+/// `fleet --config PATH config show` (text) with the given environment.
+fn config_show(config: &Path, env: &[(&str, &str)]) -> Output {
+    fleet_env(
+        &["--config", config.to_str().unwrap(), "config", "show"],
+        env,
+    )
+}
+
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -96,10 +104,7 @@ fn file_then_environment_then_flags() {
     let v = show(&config, &["--defaults"], &env);
     assert_eq!(v["node"]["cluster_name"], "fleet");
     // The text form is TOML that fleet reads back as the same configuration.
-    let out = fleet_env(
-        &["--config", config.to_str().unwrap(), "config", "show"],
-        &env,
-    );
+    let out = config_show(&config, &env);
     let round = dir.path().join("round.toml");
     std::fs::write(&round, &out.stdout).unwrap();
     assert_eq!(show(&round, &[], &[]), show(&config, &[], &env));
@@ -116,10 +121,7 @@ fn secrets_come_from_files_and_commands_and_are_masked() {
         format!("[node]\nauth_token_file = \"{}\"\n", token.display()),
     )
     .unwrap();
-    let out = fleet_env(
-        &["--config", config.to_str().unwrap(), "config", "show"],
-        &[],
-    );
+    let out = config_show(&config, &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert!(text.contains("auth_token = \"********\""), "{text}");
@@ -127,16 +129,16 @@ fn secrets_come_from_files_and_commands_and_are_masked() {
     // From a command, given in the environment; its output never appears.
     let empty = dir.path().join("empty.toml");
     std::fs::write(&empty, "").unwrap();
-    let out = fleet_env(
-        &["--config", empty.to_str().unwrap(), "config", "show"],
+    let out = config_show(
+        &empty,
         &[("FLEET__NODE__AUTH_TOKEN_CMD", "echo cmd-secret-2")],
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("auth_token = \"********\""), "{text}");
     assert!(!text.contains("cmd-secret-2"), "{text}");
     // A failing command is an error naming the key, not an empty secret.
-    let out = fleet_env(
-        &["--config", empty.to_str().unwrap(), "config", "show"],
+    let out = config_show(
+        &empty,
         &[(
             "FLEET__NODE__AUTH_TOKEN_CMD",
             "echo vault is sealed >&2; exit 2",
@@ -149,8 +151,8 @@ fn secrets_come_from_files_and_commands_and_are_masked() {
         "{e}"
     );
     // Only secret keys take _file / _cmd.
-    let out = fleet_env(
-        &["--config", empty.to_str().unwrap(), "config", "show"],
+    let out = config_show(
+        &empty,
         &[("FLEET__NODE__LISTEN_FILE", token.to_str().unwrap())],
     );
     let e = stderr_of(&out);
@@ -202,7 +204,7 @@ fn unknown_keys_wrong_types_and_bad_durations_are_named() {
     for (i, (text, needles)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad-{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        let out = fleet_env(&["--config", path.to_str().unwrap(), "config", "show"], &[]);
+        let out = config_show(&path, &[]);
         let e = stderr_of(&out);
         assert_eq!(out.status.code(), Some(1), "{text}: {e}");
         for n in *needles {
@@ -217,10 +219,7 @@ fn unknown_keys_wrong_types_and_bad_durations_are_named() {
     // The same through the environment names the variable.
     let empty = dir.path().join("empty.toml");
     std::fs::write(&empty, "").unwrap();
-    let out = fleet_env(
-        &["--config", empty.to_str().unwrap(), "config", "show"],
-        &[("FLEET__RAFT__ELECTION_TIMEOUT_MIN_MS", "soon")],
-    );
+    let out = config_show(&empty, &[("FLEET__RAFT__ELECTION_TIMEOUT_MIN_MS", "soon")]);
     let e = stderr_of(&out);
     assert!(
         e.contains("raft.election_timeout_min_ms")
@@ -228,20 +227,14 @@ fn unknown_keys_wrong_types_and_bad_durations_are_named() {
             && e.contains("soon"),
         "{e}"
     );
-    let out = fleet_env(
-        &["--config", empty.to_str().unwrap(), "config", "show"],
-        &[("FLEET__RAFT__HEARTBEAT", "1")],
-    );
+    let out = config_show(&empty, &[("FLEET__RAFT__HEARTBEAT", "1")]);
     let e = stderr_of(&out);
     assert!(
         e.contains("heartbeat") && e.contains("unknown field"),
         "{e}"
     );
     // A bad filter is named too (validated once, at start, before anything runs).
-    let out = fleet_env(
-        &["--config", empty.to_str().unwrap(), "config", "show"],
-        &[("FLEET__LOG__LEVEL", "fleet=loud")],
-    );
+    let out = config_show(&empty, &[("FLEET__LOG__LEVEL", "fleet=loud")]);
     let e = stderr_of(&out);
     assert!(
         !out.status.success() && e.contains("log.level") && e.contains("fleet=loud"),

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -347,22 +347,6 @@ fn a_statsd_daemon_receives_counters_gauges_and_timers_that_the_mapping_covers()
 // ---------------------------------------------------------------------------------------------
 // Prometheus
 
-/// `GET` over HTTP/1.0 (no chunked encoding): status and body.
-fn get(addr: &str, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status line in {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok((code, body.to_string()))
-}
-
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| {
@@ -377,7 +361,7 @@ fn urlencode(s: &str) -> String {
 
 /// A PromQL instant query through Prometheus's HTTP API: the result vector.
 fn promql(prometheus: &str, query: &str) -> Result<Vec<Value>, String> {
-    let (code, body) = get(
+    let (code, body) = http_get_text(
         prometheus,
         &format!("/api/v1/query?query={}", urlencode(query)),
     )?;

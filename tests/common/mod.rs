@@ -566,15 +566,12 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, Value), String> {
 }
 
 /// `GET path` from an HTTP endpoint, over a plain socket: the status code and the body.
+/// HTTP/1.0, so the server sends the body plainly (no chunked encoding) and closes.
 pub fn http_get_text(addr: &str, path: &str) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(|e| e.to_string())?;
     let code = text
