@@ -950,6 +950,34 @@ mod tests {
     const W1: WorkerId = WorkerId(1);
     const W2: WorkerId = WorkerId(2);
 
+    /// How long one `queue_stats` scan takes with many retained tasks (the metrics sampler runs
+    /// one per interval on the leader, under the state machine's read lock). Run with
+    /// `cargo test --release --lib -- --ignored queue_stats_cost --nocapture`.
+    #[test]
+    #[ignore]
+    fn queue_stats_cost() {
+        let mut sm = Sm::new();
+        let n = 1_000_000u128;
+        for batch in 0..(n / 1000) {
+            let cmds = (0..1000)
+                .map(|i| {
+                    let mut sp = spec(&["true"]);
+                    sp.queue = format!("q{}", (batch * 1000 + i) % 8);
+                    Command::SubmitTask {
+                        request_id: RequestId(batch * 1000 + i + 1),
+                        spec: sp,
+                    }
+                })
+                .collect();
+            sm.at(1_000, cmds);
+        }
+        let started = std::time::Instant::now();
+        let stats = sm.state.queue_stats();
+        let took = started.elapsed();
+        assert_eq!(stats.values().map(|s| s.ready).sum::<u64>(), n as u64);
+        eprintln!("queue_stats over {n} tasks in 8 queues: {took:?}");
+    }
+
     fn spec(cmd: &[&str]) -> TaskSpec {
         TaskSpec::new(cmd.iter().map(|s| s.to_string()).collect(), DEFAULT_QUEUE)
     }
