@@ -30,7 +30,14 @@ fn run_up(dir: &std::path::Path, port: u16) -> (std::process::Child, mpsc::Recei
     (child, rx)
 }
 
-fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, seen: &mut Vec<String>) {
+/// Waits for a line of `fleet up`'s output; on failure shows the output and the end of every
+/// replica's and worker's log in `dir`.
+fn wait_for_line(
+    dir: &std::path::Path,
+    rx: &mpsc::Receiver<String>,
+    needle: &str,
+    seen: &mut Vec<String>,
+) {
     wait_until(
         &format!("fleet up to print {needle:?}"),
         Duration::from_secs(90),
@@ -41,7 +48,15 @@ fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, seen: &mut Vec<Strin
             if seen.iter().any(|l| l.contains(needle)) {
                 Ok(())
             } else {
-                Err(seen.join("\n"))
+                let logs: String = ["node-1", "node-2", "node-3", "worker-1", "worker-2"]
+                    .iter()
+                    .map(|n| {
+                        let text = std::fs::read_to_string(dir.join(format!("{n}.log")))
+                            .unwrap_or_default();
+                        format!("\n===== {n}.log =====\n{}", tail(&text, 15))
+                    })
+                    .collect();
+                Err(format!("{}{logs}", seen.join("\n")))
             }
         },
     );
@@ -50,14 +65,15 @@ fn wait_for_line(rx: &mpsc::Receiver<String>, needle: &str, seen: &mut Vec<Strin
 #[test]
 fn fleet_up_runs_the_demo_and_a_submitted_task_then_restarts_on_its_data() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_consecutive_ports(3);
+    // fleet up's replicas listen on PORT..PORT+2 and serve HTTP 100 above.
+    let port = free_consecutive_ports_and(3, &[100]);
     let peers = (0..3)
         .map(|i| format!("127.0.0.1:{}", port + i))
         .collect::<Vec<_>>()
         .join(",");
     let (mut up, rx) = run_up(dir.path(), port);
     let mut seen = Vec::new();
-    wait_for_line(&rx, "demo: all 20 tasks finished", &mut seen);
+    wait_for_line(dir.path(), &rx, "demo: all 20 tasks finished", &mut seen);
     let id = fleet_json(&[
         "submit",
         "--peers",
@@ -90,7 +106,7 @@ fn fleet_up_runs_the_demo_and_a_submitted_task_then_restarts_on_its_data() {
     // Again, on the same data: the earlier tasks are still there, and the new demo batch runs.
     let (mut up, rx) = run_up(dir.path(), port);
     let mut seen = Vec::new();
-    wait_for_line(&rx, "demo: all 20 tasks finished", &mut seen);
+    wait_for_line(dir.path(), &rx, "demo: all 20 tasks finished", &mut seen);
     assert_eq!(show_task(&peers, id).unwrap()["state"], "succeeded");
     assert!(
         seen.iter().any(|l| l.contains(&format!("({} to", id + 1))),

@@ -148,6 +148,11 @@ pub async fn up(config: &crate::config::Config, args: UpArgs) -> anyhow::Result<
     while matches!(&status, Ok(s) if s.leader_id.is_none())
         && started.elapsed() < Duration::from_secs(20)
     {
+        // A replica that could not start (a port taken, a bad config) will never vote: say so
+        // now instead of waiting for an election that cannot happen.
+        if let Some(why) = first_exit(&mut replicas) {
+            anyhow::bail!("{why}");
+        }
         tokio::time::sleep(POLL_EVERY).await;
         status = client
             .call(|c, ctx| async move { c.cluster_status(ctx, 0).await })
@@ -319,6 +324,24 @@ async fn run_demo(client: &mut Client, n: usize) -> anyhow::Result<()> {
         // Pacing the progress display.
         tokio::time::sleep(POLL_EVERY).await;
     }
+}
+
+/// The first child that has exited, with its status and the last lines of its log.
+fn first_exit(children: &mut [Child]) -> Option<String> {
+    for c in children.iter_mut() {
+        if let Ok(Some(status)) = c.process.try_wait() {
+            let log = std::fs::read_to_string(&c.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Some(format!(
+                "{} exited at start ({status}); the end of {}:\n{}",
+                c.name,
+                c.log.display(),
+                tail.join("\n")
+            ));
+        }
+    }
+    None
 }
 
 /// The HTTP ports of `fleet up`'s replicas are this far above their RPC ports.

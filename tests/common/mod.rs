@@ -42,12 +42,20 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 /// A base port whose `n` consecutive ports are free right now (for `fleet up`, which takes
 /// consecutive ports).
 pub fn free_consecutive_ports(n: u16) -> u16 {
+    free_consecutive_ports_and(n, &[])
+}
+
+/// [`free_consecutive_ports`] where the `n` ports at each of `offsets` above the base are free
+/// too (`fleet up` puts its HTTP ports 100 above its RPC ports).
+pub fn free_consecutive_ports_and(n: u16, offsets: &[u16]) -> u16 {
     for _ in 0..1000 {
         let base: u16 = rand::rng().random_range(20_000..60_000);
-        let ok: Vec<_> = (0..n)
-            .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok())
+        let ok: Vec<_> = std::iter::once(0)
+            .chain(offsets.iter().copied())
+            .flat_map(|o| (0..n).map(move |i| base + o + i))
+            .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
             .collect();
-        if ok.len() == n as usize {
+        if ok.len() == n as usize * (1 + offsets.len()) {
             return base;
         }
     }
