@@ -148,31 +148,41 @@ impl TaskSpec {
                 )));
             }
         }
-        let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if env_bytes > MAX_COMMAND_BYTES {
-            return Err(CommandError::Invalid(format!(
-                "the environment is {env_bytes} bytes long; at most {MAX_COMMAND_BYTES} are accepted"
-            )));
-        }
+        check_task_size(
+            &self.command,
+            self.env.iter().map(|(k, v)| k.len() + v.len()).sum(),
+        )?;
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err(CommandError::Invalid(
                 "the task command is empty: give a program and its arguments after `--`".into(),
             ));
         }
-        if self.command.len() > MAX_COMMAND_ARGS {
-            return Err(CommandError::Invalid(format!(
-                "the task command has {} arguments; at most {MAX_COMMAND_ARGS} are accepted",
-                self.command.len()
-            )));
-        }
-        let bytes: usize = self.command.iter().map(|a| a.len()).sum();
-        if bytes > MAX_COMMAND_BYTES {
-            return Err(CommandError::Invalid(format!(
-                "the task command is {bytes} bytes long; at most {MAX_COMMAND_BYTES} are accepted"
-            )));
-        }
         validate_queue_name(&self.queue)
     }
+}
+
+/// The per-task size limits: at most [`MAX_COMMAND_ARGS`] arguments, [`MAX_COMMAND_BYTES`] of
+/// command and as much of environment. The client checks them too, before it sends anything,
+/// so an oversized line of a task file is named by its line number.
+pub fn check_task_size(command: &[String], env_bytes: usize) -> Result<(), CommandError> {
+    if env_bytes > MAX_COMMAND_BYTES {
+        return Err(CommandError::Invalid(format!(
+            "the environment is {env_bytes} bytes long; at most {MAX_COMMAND_BYTES} are accepted"
+        )));
+    }
+    if command.len() > MAX_COMMAND_ARGS {
+        return Err(CommandError::Invalid(format!(
+            "the task command has {} arguments; at most {MAX_COMMAND_ARGS} are accepted",
+            command.len()
+        )));
+    }
+    let bytes: usize = command.iter().map(|a| a.len()).sum();
+    if bytes > MAX_COMMAND_BYTES {
+        return Err(CommandError::Invalid(format!(
+            "the task command is {bytes} bytes long; at most {MAX_COMMAND_BYTES} are accepted"
+        )));
+    }
+    Ok(())
 }
 
 /// A queue name is 1 to 64 characters of `A-Z a-z 0-9 _ - .`.
@@ -604,27 +614,27 @@ impl State {
                 finished_before_ms,
                 max,
             } => {
-                let mut count = 0u32;
-                while count < *max {
-                    let Some(&(at, id)) = self.finished.first() else {
-                        break;
-                    };
-                    if at > *finished_before_ms {
-                        break;
-                    }
-                    // A cancelled task whose attempt still runs keeps its record until the
-                    // attempt ends, so the worker's report is not mistaken for a stranger's.
-                    if self.tasks[&id].lease.is_some() {
-                        break;
-                    }
-                    self.finished.pop_first();
+                // A cancelled task whose attempt still runs keeps its record until the attempt
+                // ends, so the worker's report is not mistaken for a stranger's. It is skipped,
+                // not waited for: tasks that finished after it are purged meanwhile. The skipped
+                // entries are bounded by the running attempts.
+                let purgeable: Vec<(u64, TaskId)> = self
+                    .finished
+                    .iter()
+                    .take_while(|(at, _)| *at <= *finished_before_ms)
+                    .filter(|(_, id)| self.tasks[id].lease.is_none())
+                    .take(*max as usize)
+                    .copied()
+                    .collect();
+                let count = purgeable.len() as u32;
+                for (at, id) in purgeable {
+                    self.finished.remove(&(at, id));
                     let t = self.tasks.remove(&id).expect("finished tasks exist");
                     if let Some(k) = &t.spec.idempotency_key {
                         if self.idempotency_keys.get(k) == Some(&id) {
                             self.idempotency_keys.remove(k);
                         }
                     }
-                    count += 1;
                 }
                 Ok(CommandOutput::Purged { count })
             }
@@ -1551,6 +1561,47 @@ mod tests {
         );
         assert_eq!(sm.state.task_count(), 1);
         assert_eq!(sm.task(running).state, TaskState::Running);
+    }
+
+    #[test]
+    fn retention_skips_a_cancelled_task_whose_attempt_still_runs() {
+        let mut sm = Sm::new();
+        // Cancelled at 1 while its attempt runs: finished first, but not purgeable yet.
+        let held = sm.submit_spec(0, 1, spec(&["sleep"]));
+        let g = sm.grant(0, W1, 1).remove(0);
+        sm.one(1, Command::Cancel { task: held }).unwrap();
+        let mut later = Vec::new();
+        for i in 2..6u64 {
+            let id = sm.submit_spec(i, u128::from(i), spec(&["true"]));
+            sm.one(i, Command::Cancel { task: id }).unwrap();
+            later.push(id);
+        }
+        assert_eq!(
+            sm.one(
+                10,
+                Command::PurgeFinished {
+                    finished_before_ms: 10,
+                    max: 3
+                }
+            ),
+            Ok(CommandOutput::Purged { count: 3 }),
+            "tasks that finished after the held one are purged"
+        );
+        assert_eq!(sm.state.task_count(), 2);
+        assert_eq!(sm.task(held).state, TaskState::Cancelled);
+        // Its attempt ends: now it goes too.
+        sm.complete(11, &g, failed()).unwrap();
+        assert_eq!(
+            sm.one(
+                12,
+                Command::PurgeFinished {
+                    finished_before_ms: 12,
+                    max: 10
+                }
+            ),
+            Ok(CommandOutput::Purged { count: 2 })
+        );
+        assert_eq!(sm.state.task_count(), 0);
     }
 
     #[test]
