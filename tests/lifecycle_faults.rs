@@ -130,6 +130,49 @@ fn a_frozen_worker_is_fenced_after_its_visibility_timeout() {
 }
 
 #[test]
+fn a_frozen_worker_does_not_get_its_own_lost_task_back() {
+    let (c, config, peers) = start_fleet(3, 200);
+    let dir = c.dir.path().to_path_buf();
+    // Two slots: while one attempt runs, the worker's lease request for the other slot waits
+    // at the leader, and stays open while the worker is frozen.
+    let a = TestWorker::start(&dir, "a", &peers, &config, &["--concurrency", "2"]);
+    let marks = dir.join("marks");
+    let cmd = marker_command(&marks, "if [ $FLEET_ATTEMPT = 1 ]; then exec sleep 600; fi");
+    let id = submit_task(
+        &peers,
+        &["--visibility-timeout", "2s", "--backoff-initial", "100ms"],
+        &cmd,
+    );
+    wait_until("the task to start on a", Duration::from_secs(20), || {
+        read_marks(&marks)
+            .first()
+            .cloned()
+            .ok_or_else(|| "no mark".to_string())
+    });
+    a.signal(libc::SIGSTOP);
+    eprintln!("--- the lease is lost for silence; the retry must not go to the frozen worker");
+    wait_until("attempt 1 to be lost", Duration::from_secs(20), || {
+        let t = show_task(&peers, id)?;
+        match t["attempts"][0]["outcome"]["lost"]["reason"].as_str() {
+            Some(r) => Ok(r.to_string()),
+            None => Err(t.to_string()),
+        }
+    });
+    // Only now does another worker start: had the retry gone to the frozen worker's open
+    // request, it would be lost again there (a third attempt), not run here as the second.
+    let _b = TestWorker::start(&dir, "b", &peers, &config, &["--concurrency", "1"]);
+    let t = wait_for_state(&peers, id, "succeeded", Duration::from_secs(30));
+    assert_eq!(
+        t["attempts"].as_array().unwrap().len(),
+        2,
+        "one lost attempt, then one success on b: {t}"
+    );
+    let m = read_marks(&marks);
+    assert_eq!(m.last().map(|m| m.worker.as_str()), Some("b"), "{m:?}");
+    a.signal(libc::SIGCONT);
+}
+
+#[test]
 fn killing_the_leader_during_2000_tasks_loses_nothing_and_expires_nothing() {
     let (mut c, config, peers) = start_fleet(3, 5000);
     let status = c.wait_for_leader(&peers, 3, Duration::from_secs(30));

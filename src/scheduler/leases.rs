@@ -57,6 +57,8 @@ pub enum LeaseStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expiry {
     pub task: TaskId,
+    /// The worker that held the lease (and went silent).
+    pub worker: WorkerId,
     pub fencing_token: u64,
     pub reason: String,
     /// `worker_lost` or `visibility_timeout` (the `cause` label of `lease.expired`).
@@ -71,6 +73,12 @@ pub struct LeaseTracker {
     workers: BTreeMap<WorkerId, u64>,
     /// No expiry before this time (the grace period after becoming leader).
     grace_until_ms: u64,
+    /// Workers that lost a lease for silence and have not heartbeated since, with when. They
+    /// get no new lease until they heartbeat again: a frozen worker's lease request may still
+    /// be open, and granting to it would only lose another visibility timeout and another
+    /// attempt. Bounded by the workers that held leases; dropped on their next heartbeat or
+    /// by [`LeaseTracker::forget_silenced`].
+    silenced: BTreeMap<WorkerId, u64>,
 }
 
 impl LeaseTracker {
@@ -79,6 +87,7 @@ impl LeaseTracker {
     pub fn start_term(&mut self, now_ms: u64, grace_ms: u64) {
         self.leases.clear();
         self.workers.clear();
+        self.silenced.clear();
         self.grace_until_ms = now_ms + grace_ms;
     }
 
@@ -118,6 +127,7 @@ impl LeaseTracker {
         now_ms: u64,
     ) -> Vec<LeaseStatus> {
         self.workers.insert(worker, now_ms);
+        self.silenced.remove(&worker);
         leases
             .iter()
             .map(|(task, token)| match self.leases.get_mut(task) {
@@ -168,12 +178,30 @@ impl LeaseTracker {
                 };
                 Some(Expiry {
                     task: *task,
+                    worker: w.worker,
                     fencing_token: w.fencing_token,
                     reason,
                     cause,
                 })
             })
             .collect()
+    }
+
+    /// Records that `worker` lost a lease for silence at `now_ms` (the expiry was applied).
+    pub fn silence(&mut self, worker: WorkerId, now_ms: u64) {
+        self.silenced.insert(worker, now_ms);
+    }
+
+    /// Whether `worker` may be granted leases: not while it is silenced (see `silenced`).
+    pub fn may_grant(&self, worker: WorkerId) -> bool {
+        !self.silenced.contains_key(&worker)
+    }
+
+    /// Forgets silenced workers unheard for `after_ms` (they are gone; a new worker process
+    /// has a new id).
+    pub fn forget_silenced(&mut self, now_ms: u64, after_ms: u64) {
+        self.silenced
+            .retain(|_, at| now_ms < at.saturating_add(after_ms));
     }
 
     /// Workers heard from, with their last heartbeat.
@@ -218,6 +246,30 @@ mod tests {
         );
         assert!(t.expired(1_899, 60_000).iter().all(|e| e.task != TaskId(1)));
         assert!(t.expired(1_900, 60_000).iter().any(|e| e.task == TaskId(1)));
+    }
+
+    #[test]
+    fn a_worker_silenced_by_an_expiry_gets_nothing_until_it_heartbeats() {
+        let mut t = LeaseTracker::default();
+        t.sync([lease(1, W1, 10, 0)]);
+        assert!(t.may_grant(W1));
+        let e = t.expired(1_000, 60_000);
+        assert_eq!(e[0].worker, W1);
+        t.silence(W1, 1_000);
+        assert!(!t.may_grant(W1), "its open lease request must not get the retry");
+        assert!(t.may_grant(W2));
+        // It wakes and heartbeats (learning its old lease is fenced): it may take work again.
+        assert_eq!(
+            t.heartbeat(W1, &[(TaskId(1), 10)], 5_000),
+            vec![LeaseStatus::Extended]
+        );
+        assert!(t.may_grant(W1));
+        // A silenced worker that never comes back is forgotten.
+        t.silence(W2, 1_000);
+        t.forget_silenced(60_999, 60_000);
+        assert!(!t.may_grant(W2));
+        t.forget_silenced(61_000, 60_000);
+        assert!(t.may_grant(W2));
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::metrics::names as m;
 use crate::rpc::LeasedTask;
 use crate::server::proposer::now_ms;
 use crate::server::Replica;
-use crate::state::{Command, CommandOutput, LeaseGrant, TaskId};
+use crate::state::{Command, CommandOutput, LeaseGrant, TaskId, WorkerId};
 
 /// How often finished tasks past their retention are looked for.
 const PURGE_EVERY: Duration = Duration::from_secs(1);
@@ -132,7 +132,18 @@ pub async fn run(replica: Arc<Replica>) {
         let working = now >= next_tick || !pending.is_empty();
         if now >= next_tick {
             next_tick = now + tick;
-            expire_leases(&replica, cfg.worker_liveness_timeout_ms).await;
+            let silenced = expire_leases(&replica, cfg.worker_liveness_timeout_ms).await;
+            // A worker that just lost a lease for silence is frozen or gone: its open lease
+            // requests are answered empty now, not with the task it just lost.
+            if !silenced.is_empty() {
+                let (drop, keep): (Vec<Poll>, Vec<Poll>) = pending
+                    .drain(..)
+                    .partition(|p| silenced.contains(&p.worker.id));
+                pending.extend(keep);
+                for p in drop {
+                    let _ = p.reply.send(Ok(Vec::new()));
+                }
+            }
             if now >= next_purge {
                 next_purge = now + PURGE_EVERY;
                 purge(&replica, cfg.retention_ms).await;
@@ -142,6 +153,11 @@ pub async fn run(replica: Arc<Replica>) {
                 .lock()
                 .expect("workers lock")
                 .forget_silent(super::mono_ms(), cfg.forget_workers_after_ms);
+            sched
+                .tracker
+                .lock()
+                .expect("tracker lock")
+                .forget_silenced(super::mono_ms(), cfg.forget_workers_after_ms);
         }
         if !pending.is_empty() {
             grant(&replica, &mut pending, cfg.max_leases_per_request).await;
@@ -181,7 +197,9 @@ pub(crate) async fn sync_tracker(replica: &Replica) {
         .sync(infos);
 }
 
-async fn expire_leases(replica: &Replica, liveness_ms: u64) {
+/// Proposes the due expiries; returns the workers that lost a lease for silence (now
+/// silenced in the tracker until they heartbeat again).
+async fn expire_leases(replica: &Replica, liveness_ms: u64) -> HashSet<WorkerId> {
     sync_tracker(replica).await;
     let expiries = replica
         .scheduler
@@ -190,7 +208,7 @@ async fn expire_leases(replica: &Replica, liveness_ms: u64) {
         .expect("tracker lock")
         .expired(super::mono_ms(), liveness_ms);
     if expiries.is_empty() {
-        return;
+        return HashSet::new();
     }
     let commands = expiries
         .iter()
@@ -225,9 +243,11 @@ async fn expire_leases(replica: &Replica, liveness_ms: u64) {
             })
             .await;
     }
+    let mut silenced = HashSet::new();
     for (e, out) in expiries.iter().zip(outputs) {
         match out {
             Ok(CommandOutput::TaskUpdated { state, .. }) => {
+                silenced.insert(e.worker);
                 metrics::counter!(m::LEASE_EXPIRED, "cause" => e.cause).increment(1);
                 tracing::warn!(
                     task = %e.task,
@@ -241,7 +261,14 @@ async fn expire_leases(replica: &Replica, liveness_ms: u64) {
             Err(err) => tracing::debug!(task = %e.task, error = %err, "expiry not applied"),
         }
     }
+    {
+        let mut tracker = replica.scheduler.tracker.lock().expect("tracker lock");
+        for w in &silenced {
+            tracker.silence(*w, super::mono_ms());
+        }
+    }
     sync_tracker(replica).await;
+    silenced
 }
 
 async fn purge(replica: &Replica, retention_ms: u64) {
@@ -275,6 +302,22 @@ async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request:
     // A worker that hung up gets nothing (a lease granted to it would only wait for expiry),
     // and neither does one whose latest heartbeat says it is draining.
     polls.retain(|p| !p.reply.is_closed());
+    // Nor one that lost a lease for silence and has not heartbeated since (frozen, or its
+    // heartbeats cannot get through): its request waits until it heartbeats or times out.
+    {
+        let tracker = replica.scheduler.tracker.lock().expect("tracker lock");
+        let (keep, wait): (Vec<Poll>, Vec<Poll>) =
+            polls.into_iter().partition(|p| tracker.may_grant(p.worker.id));
+        polls = keep;
+        let now = Instant::now();
+        for p in wait {
+            if now >= p.deadline {
+                let _ = p.reply.send(Ok(Vec::new()));
+            } else {
+                pending.push_back(p);
+            }
+        }
+    }
     {
         let registry = replica.scheduler.workers.lock().expect("workers lock");
         let (keep, draining): (Vec<Poll>, Vec<Poll>) = polls
