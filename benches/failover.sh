@@ -35,7 +35,7 @@ start_node() {
 }
 for i in 1 2 3; do start_node "$i"; done
 leader() {
-    "$bin" cluster status --peers "$1" --timeout-ms 2000 --output json 2>/dev/null |
+    "$bin" cluster status --peers "$1" --retry-for 2s --output json 2>/dev/null |
         python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["leader_id"] if s["leader_view"] else "")' 2>/dev/null || true
 }
 healthy() { "$bin" health --cluster --peers "$peers" >/dev/null 2>&1; }

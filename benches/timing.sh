@@ -20,7 +20,7 @@ start_node() { # id multiplier dir
         --bootstrap-expect 3 --data-dir "$3/node-$1" --raft-timing-multiplier "$2" 2>>"$3/node-$1.log" &
     pid[$1]=$!
 }
-status() { "$bin" cluster status --peers "$1" --output json --timeout-ms 500 2>/dev/null || true; }
+status() { "$bin" cluster status --peers "$1" --output json --retry-for 500ms 2>/dev/null || true; }
 field() { sed -n "s/.*\"$1\": \([0-9]*\).*/\1/p" | head -1; }
 for m in $multipliers; do
     dir=$(mktemp -d)
@@ -48,7 +48,7 @@ for m in $multipliers; do
         echo "  multiplier $m, kill $k: node $leader killed, new leader after ${times[-1]} ms" >&2
         start_node "$leader" "$m" "$dir"
         # Wait until the restarted node has caught up and the cluster has a leader again.
-        until [ "$("$bin" cluster status --local --peers 127.0.0.1:${ports[$((leader-1))]} --output json --timeout-ms 500 2>/dev/null | field leader_id)" != "" ]; do sleep 0.1; done
+        until [ "$("$bin" cluster status --local --peers 127.0.0.1:${ports[$((leader-1))]} --output json --retry-for 500ms 2>/dev/null | field leader_id)" != "" ]; do sleep 0.1; done
     done
     sorted=$(printf '%s\n' "${times[@]}" | sort -n | paste -sd' ')
     echo "multiplier $m: writes/s under load: $wps; term changes during ${load_s}s of 64-client load: $((term1 - term0)); failover after kill -9 (ms, sorted): $sorted"

@@ -47,6 +47,8 @@ pub enum Command {
     /// Run a local fleet on loopback: 3 replicas, 2 workers and a demo batch (for trying fleet
     /// out).
     Up(UpArgs),
+    /// Stop the `fleet up` running on a data directory (e.g. one started in the background).
+    Down(up::DownArgs),
     /// Run a worker (`fleet worker --peers ...`), or list workers (`fleet worker list`).
     Worker(worker::WorkerArgs),
     /// Print the recorded output of a task's attempts.
@@ -74,6 +76,18 @@ pub enum Command {
     /// Show the effective configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+impl Command {
+    /// Whether the command runs part of a fleet (a replica, a worker, or `fleet up`) rather than
+    /// being a client that prints and exits.
+    pub fn runs_a_fleet(&self) -> bool {
+        match self {
+            Command::Join(_) | Command::Up(_) => true,
+            Command::Worker(w) => w.command.is_none(),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -176,9 +190,11 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
-    /// How long to keep retrying through elections, in milliseconds.
-    #[arg(long, value_name = "MS")]
-    pub timeout_ms: Option<u64>,
+    /// How long to keep trying to reach the cluster (through elections and failovers), e.g.
+    /// `30s`. Default: [client] timeout_ms. (Not a task option: a task's execution timeout is
+    /// `fleet submit --timeout`.)
+    #[arg(long, value_name = "DURATION", value_parser = submit::parse_duration_ms)]
+    pub retry_for: Option<u64>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +253,8 @@ pub enum TaskCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum QueueCommand {
-    /// Ready, delayed, running, failed and dead tasks per queue, and the oldest ready task's age.
+    /// Tasks per queue in each state (ready, delayed, running, failed, dead, and the succeeded and
+    /// cancelled ones still retained), and the oldest ready task's age.
     Stats {
         #[command(flatten)]
         client: ClientArgs,
@@ -289,6 +306,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Join(args) => join(config, args).await,
         Command::Up(args) => up::up(&config, args).await,
+        Command::Down(args) => up::down(args).await,
         Command::Worker(args) => worker::worker(config, args).await,
         Command::Logs(args) => logs::logs(&config, args).await,
         Command::Submit(args) => submit::submit(&config, args).await,
@@ -459,9 +477,18 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                 return print_json(&reply);
             }
             let now = crate::server::proposer::now_ms();
+            // Every state a task can be in, so a finished demo shows its succeeded tasks.
             println!(
-                "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>12}",
-                "QUEUE", "READY", "DELAYED", "RUNNING", "FAILED", "DEAD", "OLDEST READY"
+                "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
+                "QUEUE",
+                "READY",
+                "DELAYED",
+                "RUNNING",
+                "FAILED",
+                "DEAD",
+                "SUCCEEDED",
+                "CANCELLED",
+                "OLDEST READY"
             );
             for (q, st) in &reply.value {
                 let age = st
@@ -469,8 +496,16 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                     .map(|t| format!("{:.1}s", now.saturating_sub(t) as f64 / 1000.0))
                     .unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>12}",
-                    q, st.ready, st.delayed, st.running, st.failed, st.dead, age
+                    "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
+                    q,
+                    st.ready,
+                    st.delayed,
+                    st.running,
+                    st.failed,
+                    st.dead,
+                    st.succeeded,
+                    st.cancelled,
+                    age
                 );
             }
             Ok(())
@@ -590,9 +625,9 @@ pub(crate) fn client_peers(config: &Config, args: &ClientArgs) -> anyhow::Result
 
 pub(crate) fn connect(config: &Config, args: &ClientArgs) -> anyhow::Result<Client> {
     config.validate()?;
-    let timeout = Duration::from_millis(args.timeout_ms.unwrap_or(config.client.timeout_ms));
+    let timeout = Duration::from_millis(args.retry_for.unwrap_or(config.client.timeout_ms));
     if timeout.is_zero() {
-        bail!("--timeout-ms 0 is not valid: use at least 1");
+        bail!("--retry-for 0s is not valid: use at least 1ms");
     }
     Ok(Client::new(
         client_peers(config, args)?,

@@ -19,6 +19,17 @@ fn main() {
         fail(e);
     }
 
+    // A client command whose stdout is closed (`fleet task show 1 | head -1`) ends quietly, as
+    // Unix tools do: with SIGPIPE's default action, the first write to the closed pipe ends the
+    // process, where Rust's ignored SIGPIPE would make `println!` panic. Sockets are unaffected
+    // (the standard library sends with MSG_NOSIGNAL). Processes that run a fleet keep SIGPIPE
+    // ignored: a replica, a worker or `fleet up` must not die because a reader went away
+    // (`fleet up` writes its own output without panicking; see `cli::up`).
+    if !cli.command.runs_a_fleet() {
+        // SAFETY: resetting a signal disposition before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

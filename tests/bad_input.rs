@@ -128,8 +128,8 @@ fn malformed_addresses_and_values_are_named() {
             "node.http_listen: \"nope\"",
         ),
         (
-            vec!["health", "--timeout-ms", "0", "--peers", "127.0.0.1:1"],
-            "--timeout-ms 0",
+            vec!["health", "--retry-for", "0s", "--peers", "127.0.0.1:1"],
+            "--retry-for 0s",
         ),
         (
             vec![

@@ -69,8 +69,8 @@ fn three_nodes_form_replicate_fail_over_and_restart() {
             "status",
             "--peers",
             &survivors,
-            "--timeout-ms",
-            "1000",
+            "--retry-for",
+            "1000ms",
         ])?;
         match s["leader_id"].as_u64() {
             Some(l) if l != leader && s["leader_view"] == true => Ok(s),

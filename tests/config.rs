@@ -285,8 +285,8 @@ fn a_cluster_with_an_auth_token_refuses_callers_without_it() {
                 "status",
                 "--peers",
                 &peers,
-                "--timeout-ms",
-                "2000",
+                "--retry-for",
+                "2000ms",
             ],
             env,
         );

@@ -78,8 +78,8 @@ pub enum ComponentArg {
 }
 
 fn health_timeout(args: &ClientArgs) -> anyhow::Result<Duration> {
-    match args.timeout_ms {
-        Some(0) => anyhow::bail!("--timeout-ms 0 is not valid: use at least 1"),
+    match args.retry_for {
+        Some(0) => anyhow::bail!("--retry-for 0s is not valid: use at least 1ms"),
         Some(ms) => Ok(Duration::from_millis(ms)),
         None => Ok(DEFAULT_HEALTH_TIMEOUT),
     }

@@ -17,8 +17,14 @@ use crate::config::Config;
 use crate::rpc::{NewTask, SubmitTask, Submitted};
 use crate::state::RequestId;
 
-/// Tasks per `submit` call when reading a file.
+/// Most tasks per `submit` call when reading a file.
 const SUBMIT_FILE_BATCH: usize = 1000;
+/// Most encoded bytes per `submit` call: batches are cut by size as well as by count, so a file
+/// of large lines never makes a call larger than the wire's frame limit
+/// ([`MAX_FRAME_BYTES`](crate::rpc::MAX_FRAME_BYTES), 32 MiB). One task is at most ~130 KiB
+/// (the per-task limits of [`check_task_size`](crate::state::check_task_size)), so it always
+/// fits.
+const SUBMIT_BATCH_BYTES: usize = 4 << 20;
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
@@ -151,15 +157,24 @@ fn precheck(t: &NewTask) -> anyhow::Result<()> {
     if let Some(q) = &t.queue {
         crate::state::validate_queue_name(q)?;
     }
+    crate::state::check_task_size(
+        &t.command,
+        t.env.iter().map(|(k, v)| k.len() + v.len()).sum(),
+    )?;
     Ok(())
 }
 
 pub async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
     let template = args.template();
+    // For a file, the line number of each task (blank lines are skipped).
+    let mut lines: Vec<usize> = Vec::new();
     let tasks: Vec<NewTask> = match &args.file {
         Some(path) => read_task_file(path)?
             .into_iter()
-            .map(|t| merge(t, &template))
+            .map(|(line, t)| {
+                lines.push(line);
+                merge(t, &template)
+            })
             .collect(),
         None => {
             if args.command.is_empty() {
@@ -174,19 +189,15 @@ pub async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
         }
     };
     for (i, t) in tasks.iter().enumerate() {
-        precheck(t).map_err(|e| anyhow::anyhow!("task {}: {e}", i + 1))?;
+        precheck(t).map_err(|e| match &args.file {
+            Some(path) => anyhow::anyhow!("{}:{}: {e}", path.display(), t_line(&lines, i)),
+            None => e,
+        })?;
     }
     let mut client = connect(config, &args.client)?;
     let mut results: Vec<Submitted> = Vec::with_capacity(tasks.len());
     let many = args.file.is_some();
-    for chunk in tasks.chunks(SUBMIT_FILE_BATCH) {
-        let batch: Vec<SubmitTask> = chunk
-            .iter()
-            .map(|t| SubmitTask {
-                request_id: RequestId(rand::random()),
-                task: t.clone(),
-            })
-            .collect();
+    for batch in batches(&tasks) {
         let out = client
             .call(|c, ctx| {
                 let b = batch.clone();
@@ -194,10 +205,10 @@ pub async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
             })
             .await?;
         for (i, r) in out.into_iter().enumerate() {
-            let n = results.len() + i + 1;
+            let n = results.len() + i;
             results.push(r.map_err(|e| {
                 if many {
-                    anyhow::anyhow!("task {n}: {e}")
+                    anyhow::anyhow!("line {}: {e}", t_line(&lines, n))
                 } else {
                     anyhow::anyhow!("{e}")
                 }
@@ -218,7 +229,39 @@ pub async fn submit(config: &Config, args: SubmitArgs) -> anyhow::Result<()> {
     }
 }
 
-fn read_task_file(path: &std::path::Path) -> anyhow::Result<Vec<NewTask>> {
+/// Cuts the tasks into `submit` calls of at most [`SUBMIT_FILE_BATCH`] tasks and
+/// [`SUBMIT_BATCH_BYTES`] encoded bytes, each task with a fresh request id.
+fn batches(tasks: &[NewTask]) -> Vec<Vec<SubmitTask>> {
+    let mut out: Vec<Vec<SubmitTask>> = Vec::new();
+    let mut bytes = 0;
+    for t in tasks {
+        let one = SubmitTask {
+            request_id: RequestId(rand::random()),
+            task: t.clone(),
+        };
+        let size = bincode::serde::encode_to_vec(&one, bincode::config::standard())
+            .map_or(usize::MAX, |b| b.len());
+        match out.last_mut() {
+            Some(b) if b.len() < SUBMIT_FILE_BATCH && bytes + size <= SUBMIT_BATCH_BYTES => {
+                bytes += size;
+                b.push(one);
+            }
+            _ => {
+                bytes = size;
+                out.push(vec![one]);
+            }
+        }
+    }
+    out
+}
+
+/// The line number of the `i`th task of a file (or its position, for a single task).
+fn t_line(lines: &[usize], i: usize) -> usize {
+    lines.get(i).copied().unwrap_or(i + 1)
+}
+
+/// The tasks of a JSON-lines file, each with its line number.
+fn read_task_file(path: &std::path::Path) -> anyhow::Result<Vec<(usize, NewTask)>> {
     let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
     } else {
@@ -239,7 +282,7 @@ fn read_task_file(path: &std::path::Path) -> anyhow::Result<Vec<NewTask>> {
                 n + 1
             )
         })?;
-        tasks.push(t);
+        tasks.push((n + 1, t));
     }
     if tasks.is_empty() {
         bail!("{} contains no tasks", path.display());
@@ -264,6 +307,30 @@ mod tests {
         assert!(parse_time_ms("tomorrow").unwrap_err().contains("RFC 3339"));
         assert!(parse_env("NOVALUE").is_err());
         assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+    }
+
+    #[test]
+    fn batches_are_cut_by_encoded_size_and_by_count() {
+        let big = NewTask {
+            command: vec!["echo".into(), "x".repeat(60_000)],
+            ..Default::default()
+        };
+        // 1,000 lines of 60 kB would be a 60 MB call; cut by size, each call is under 4 MiB.
+        let b = batches(&vec![big; 1000]);
+        assert!(b.len() >= 15, "{} calls", b.len());
+        for call in &b {
+            let bytes = bincode::serde::encode_to_vec(call, bincode::config::standard())
+                .unwrap()
+                .len();
+            assert!(bytes <= SUBMIT_BATCH_BYTES + 64, "{bytes}");
+        }
+        assert_eq!(b.iter().map(Vec::len).sum::<usize>(), 1000);
+        let small = NewTask {
+            command: vec!["true".into()],
+            ..Default::default()
+        };
+        let b = batches(&vec![small; 2500]);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [1000, 1000, 500]);
     }
 
     #[test]

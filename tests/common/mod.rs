@@ -329,7 +329,7 @@ fn listed_ids(args: &[&str]) -> Result<Vec<u64>, String> {
 
 /// The task ids a replica holds locally (a stale read from exactly that replica).
 pub fn local_task_ids(addr: &str) -> Result<Vec<u64>, String> {
-    listed_ids(&["--stale", "--peers", addr, "--timeout-ms", "2000"])
+    listed_ids(&["--stale", "--peers", addr, "--retry-for", "2000ms"])
 }
 
 /// A JSON-lines file of `n` tasks.
@@ -608,8 +608,8 @@ pub fn cluster_status(peers: &str) -> Result<Value, String> {
         "status",
         "--peers",
         peers,
-        "--timeout-ms",
-        "2000",
+        "--retry-for",
+        "2000ms",
     ])
 }
 

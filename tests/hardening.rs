@@ -1,0 +1,92 @@
+//! What a newcomer and a hostile tester broke (issue 13), each as it was found: a closed
+//! stdout, task files with large lines, escaped task processes, connection floods on the RPC
+//! and HTTP ports.
+
+mod common;
+
+use std::io::Write as _;
+use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// Runs `fleet ARGS` with a stdout whose reader is already gone (what `| head -1` becomes after
+/// its first line); returns the exit status and stderr.
+fn run_with_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two fds that we then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both fds were just created and are owned here only.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    let out = Command::new(fleet_bin())
+        .args(args)
+        .env_remove("FLEET_PEERS")
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run fleet");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn every_command_ends_quietly_on_a_closed_stdout() {
+    let (_c, _config, peers) = start_fleet(1, 200);
+    let id = submit_task(&peers, &[], &["true".to_string()]).to_string();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["task", "show", &id, "--peers", &peers],
+        vec!["task", "list", "--peers", &peers],
+        vec!["task", "show", &id, "--peers", &peers, "--output", "json"],
+        vec!["queue", "stats", "--peers", &peers],
+        vec!["cluster", "status", "--peers", &peers],
+        vec!["worker", "list", "--peers", &peers],
+        vec!["logs", &id, "--peers", &peers],
+        vec!["config", "show", "--defaults"],
+        vec!["--help"],
+    ];
+    for args in &commands {
+        let (status, stderr) = run_with_closed_stdout(args);
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+        // Like a Unix tool: ended by SIGPIPE (what `head` does to `cat`) or a clean exit.
+        assert!(
+            status.success() || status.signal() == Some(libc::SIGPIPE),
+            "{args:?}: {status:?} {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_task_file_of_large_lines_is_submitted_in_batches_cut_by_size() {
+    let (c, _config, peers) = start_fleet(1, 200);
+    // 600 lines of 60 kB: 36 MB, more than one 32 MiB frame, and far fewer lines than one
+    // 1,000-line batch. Cut by count alone, nothing was submitted.
+    let file = c.dir.path().join("big.jsonl");
+    let arg = "x".repeat(60_000);
+    let mut f = std::fs::File::create(&file).unwrap();
+    for i in 0..600 {
+        writeln!(f, r#"{{"command": ["echo", "{i}", "{arg}"], "queue": "big"}}"#).unwrap();
+    }
+    drop(f);
+    submit_file(&peers, &file, 600);
+    let stats = fleet_json(&["queue", "stats", "--peers", &peers]).unwrap();
+    assert_eq!(stats["value"]["big"]["ready"], 600, "{stats}");
+
+    // A line over the per-task limit is named by its line number, and nothing is submitted.
+    let bad = c.dir.path().join("bad.jsonl");
+    let mut f = std::fs::File::create(&bad).unwrap();
+    writeln!(f, r#"{{"command": ["true"], "queue": "bad"}}"#).unwrap();
+    writeln!(f).unwrap();
+    writeln!(f, r#"{{"command": ["echo", "{}"], "queue": "bad"}}"#, "y".repeat(70_000)).unwrap();
+    drop(f);
+    let path = bad.to_str().unwrap().to_string();
+    assert_fails_naming(
+        &["submit", "--file", &path, "--peers", &peers],
+        &format!("{path}:3: the task command is 70004 bytes long; at most 65536 are accepted"),
+    );
+    let stats = fleet_json(&["queue", "stats", "--peers", &peers]).unwrap();
+    assert!(stats["value"].get("bad").is_none(), "{stats}");
+}
