@@ -12,6 +12,7 @@
 //! - [`client`]: finding the cluster and retrying through elections (used by the CLI).
 //! - [`cli`]: the `fleet` command line; [`bench`]: the built-in write benchmark.
 //! - [`config`]: the one documented configuration; [`error`]: the wire error type.
+//! - [`pidlock`]: lock files that name their holder (data directories, `fleet up`).
 
 pub mod bench;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod error;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod pidlock;
 pub mod raft;
 pub mod rpc;
 pub mod scheduler;

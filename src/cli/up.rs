@@ -3,8 +3,12 @@
 //! Starts the replicas (one process each, own data directory, loopback ports) and the workers,
 //! all as child processes in their own process groups (so Ctrl-C reaches only `fleet up`, which
 //! then stops them in order: workers drain first, then replicas hand over and stop). Runs a
-//! demo batch with a progress bar, then keeps running until Ctrl-C or SIGTERM. Run again, it
-//! reuses the data directories.
+//! demo batch with a progress bar, then supervises: a replica or worker that exits (`kill -9`,
+//! a crash) is reported with what the fleet still runs on and restarted after a back-off, so
+//! the fleet keeps running tasks meanwhile and the replica catches up when it is back. Ctrl-C,
+//! SIGTERM (`fleet down`) and SIGHUP (the terminal closed) stop everything; children also get
+//! SIGTERM if `fleet up` itself dies (`PR_SET_PDEATHSIG`). One `fleet up` per data directory
+//! (a lock file naming its pid); run again, it reuses the data directories.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,6 +19,7 @@ use clap::Args;
 
 use super::submit::POLL_EVERY;
 use crate::client::Client;
+use crate::pidlock::{LockError, PidLock};
 use crate::rpc::{NewTask, ReadMode, SubmitTask};
 use crate::state::{RequestId, TaskFilter, TaskId, TaskState};
 
@@ -38,43 +43,253 @@ pub struct UpArgs {
     pub demo_tasks: usize,
 }
 
-struct Child {
+/// `println!` that never panics: `fleet up` keeps running (and stops its children in order)
+/// even when its terminal or pipe went away.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    /// The data directory of the `fleet up` to stop.
+    #[arg(long, default_value = "fleet-data")]
+    pub data_dir: PathBuf,
+    /// How long to wait for it to stop (workers drain, replicas hand over), in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+/// The first restart of an exited process waits this long; each further exit within
+/// [`STABLE_AFTER`] of its start doubles it, up to [`RESTART_BACKOFF_MAX`].
+const RESTART_BACKOFF_INITIAL: Duration = Duration::from_secs(3);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A process that ran this long before exiting starts the back-off afresh.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// How often `fleet up` looks at its children.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Replica,
+    Worker,
+}
+
+/// One process `fleet up` runs and restarts.
+struct Member {
+    kind: Kind,
     name: String,
+    args: Vec<String>,
     log: PathBuf,
-    process: tokio::process::Child,
+    process: Option<tokio::process::Child>,
+    started: Instant,
+    /// Exits in a row, each within [`STABLE_AFTER`] of its start.
+    quick_exits: u32,
+    restart_at: Option<Instant>,
 }
 
-fn spawn(exe: &Path, name: &str, args: &[String], log: PathBuf) -> anyhow::Result<Child> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .with_context(|| format!("cannot open {}", log.display()))?;
-    let process = tokio::process::Command::new(exe)
-        .args(args)
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {name}"))?;
-    Ok(Child {
-        name: name.into(),
-        log,
-        process,
-    })
-}
+impl Member {
+    fn new(kind: Kind, name: String, args: Vec<String>, log: PathBuf) -> Member {
+        Member {
+            kind,
+            name,
+            args,
+            log,
+            process: None,
+            started: Instant::now(),
+            quick_exits: 0,
+            restart_at: None,
+        }
+    }
 
-fn signal(c: &Child, sig: i32) {
-    if let Some(pid) = c.process.id() {
-        // SAFETY: sends a signal to our own child process.
-        unsafe { libc::kill(pid as i32, sig) };
+    fn start(&mut self, exe: &Path) -> anyhow::Result<u32> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("cannot open {}", self.log.display()))?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.args(&self.args)
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .stdin(std::process::Stdio::null())
+            // Own process group: Ctrl-C and a closed terminal reach `fleet up` only, which then
+            // stops its children in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        let parent = std::process::id();
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // If `fleet up` dies without stopping its children (kill -9), they get SIGTERM
+                // and stop as on Ctrl-C instead of living on with nobody to stop them. Set on
+                // the main thread, which lives as long as `fleet up`.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if libc::getppid() != parent as i32 {
+                    libc::raise(libc::SIGTERM);
+                }
+                Ok(())
+            });
+        }
+        let process = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.name))?;
+        let pid = process.id().unwrap_or(0);
+        self.process = Some(process);
+        self.started = Instant::now();
+        self.restart_at = None;
+        Ok(pid)
+    }
+
+    fn running(&self) -> bool {
+        self.process.is_some()
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(pid) = self.process.as_ref().and_then(|p| p.id()) {
+            // SAFETY: sends a signal to our own child process.
+            unsafe { libc::kill(pid as i32, sig) };
+        }
+    }
+
+    /// The exit status if the process has exited since the last look.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.process.as_mut()?.try_wait().ok()??;
+        self.process = None;
+        Some(status)
+    }
+
+    /// Schedules the restart after an exit and says how long it waits.
+    fn schedule_restart(&mut self) -> Duration {
+        if self.started.elapsed() < STABLE_AFTER {
+            self.quick_exits += 1;
+        } else {
+            self.quick_exits = 1;
+        }
+        let backoff = RESTART_BACKOFF_INITIAL
+            .saturating_mul(1 << (self.quick_exits - 1).min(5))
+            .min(RESTART_BACKOFF_MAX);
+        self.restart_at = Some(Instant::now() + backoff);
+        backoff
+    }
+
+    /// Waits (bounded) for the process to exit; true when it did.
+    async fn wait(&mut self, within: Duration) -> bool {
+        match self.process.as_mut() {
+            Some(p) => tokio::time::timeout(within, p.wait()).await.is_ok(),
+            None => true,
+        }
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 }
 
 /// `config` is what the children read too (the same file and `FLEET__*` environment): the
 /// cluster name and auth token come from it.
 pub async fn up(config: &crate::config::Config, args: UpArgs) -> anyhow::Result<()> {
+    validate(&args)?;
+    let exe = std::env::current_exe()?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let dir = args.data_dir.canonicalize()?;
+    // One `fleet up` per data directory: a second one says at once who runs it.
+    let _lock = PidLock::acquire(&dir.join(UP_LOCK)).map_err(|e| match e {
+        LockError::Held { pid, .. } => anyhow::anyhow!(
+            "fleet up is already running on {} (pid {pid}); stop it with Ctrl-C in its \
+             terminal, or with `fleet down --data-dir {}`",
+            dir.display(),
+            dir.display()
+        ),
+        other => other.into(),
+    })?;
+    // Ctrl-C, SIGTERM (`fleet down`) and SIGHUP (the terminal closed) all stop the fleet.
+    let mut stop = Signals::new()?;
+    let addrs: Vec<String> = (0..args.replicas)
+        .map(|i| format!("127.0.0.1:{}", args.base_port as usize + i))
+        .collect();
+    let peers = addrs.join(",");
+    let mut replicas = replica_members(&args, &addrs, &dir);
+    for (i, r) in replicas.iter_mut().enumerate() {
+        let pid = r.start(&exe)?;
+        say!(
+            "{}  pid {pid}  {}  http://{}/health  log {}",
+            r.name,
+            addrs[i],
+            http_addr(args.base_port, i),
+            r.log.display()
+        );
+    }
+    let mut client = Client::new(
+        addrs.clone(),
+        &config.node.cluster_name,
+        Duration::from_secs(30),
+    )?
+    .with_auth_token(&config.node.auth_token);
+    tokio::select! {
+        r = wait_for_leader(&mut client, &mut replicas) => r?,
+        _ = stop.recv() => {
+            say!("\nstopping before the cluster was ready");
+            stop_all(&mut [], &mut replicas).await;
+            return Ok(());
+        }
+    }
+    let mut workers: Vec<Member> = (1..=args.workers)
+        .map(|i| {
+            let a = vec![
+                "worker".into(),
+                "--peers".into(),
+                peers.clone(),
+                "--name".into(),
+                format!("worker-{i}"),
+            ];
+            Member::new(
+                Kind::Worker,
+                format!("worker-{i}"),
+                a,
+                dir.join(format!("worker-{i}.log")),
+            )
+        })
+        .collect();
+    for w in &mut workers {
+        let pid = w.start(&exe)?;
+        say!("{}  pid {pid}  log {}", w.name, w.log.display());
+    }
+    let hints = Hints {
+        exe: exe.clone(),
+        peers: peers.clone(),
+        metrics: http_addr(args.base_port, 0),
+        dir: dir.clone(),
+    };
+    let demo_tasks = args.demo_tasks;
+    tokio::spawn(async move {
+        if demo_tasks > 0 {
+            if let Err(e) = run_demo(&mut client, demo_tasks).await {
+                say!("\ndemo batch: {e:#}");
+            }
+        }
+        hints.print();
+    });
+    loop {
+        tokio::select! {
+            why = stop.recv() => {
+                say!("\n{why}: stopping; workers drain, then replicas stop");
+                break;
+            }
+            _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
+        }
+        supervise(&exe, &mut replicas, &mut workers);
+    }
+    stop_all(&mut workers, &mut replicas).await;
+    Ok(())
+}
+
+fn validate(args: &UpArgs) -> anyhow::Result<()> {
     if !(1..=9).contains(&args.replicas) {
         bail!("--replicas {} is not valid: use 1 to 9", args.replicas);
     }
@@ -94,162 +309,251 @@ pub async fn up(config: &crate::config::Config, args: UpArgs) -> anyhow::Result<
             args.replicas
         );
     }
-    let exe = std::env::current_exe()?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let dir = args.data_dir.canonicalize()?;
-    let addrs: Vec<String> = (0..args.replicas)
-        .map(|i| format!("127.0.0.1:{}", args.base_port as usize + i))
-        .collect();
-    let peers = addrs.join(",");
-    let mut replicas = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let id = i + 1;
-        let a: Vec<String> = vec![
-            "join".into(),
-            "--node-id".into(),
-            id.to_string(),
-            "--listen".into(),
-            addr.clone(),
-            "--http-listen".into(),
-            http_addr(args.base_port, i),
-            "--peers".into(),
-            peers.clone(),
-            "--bootstrap-expect".into(),
-            args.replicas.to_string(),
-            "--data-dir".into(),
-            dir.join(format!("node-{id}")).display().to_string(),
-        ];
-        let c = spawn(
-            &exe,
-            &format!("replica {id}"),
-            &a,
-            dir.join(format!("node-{id}.log")),
-        )?;
-        println!(
-            "replica {id}  {addr}  http://{}/health  data {}  log {}",
-            http_addr(args.base_port, i),
-            dir.join(format!("node-{id}")).display(),
-            c.log.display()
-        );
-        replicas.push(c);
-    }
-    let mut client = Client::new(
-        addrs.clone(),
-        &config.node.cluster_name,
-        Duration::from_secs(30),
-    )?
-    .with_auth_token(&config.node.auth_token);
-    let started = Instant::now();
-    // Wait for the election (bounded); the pause paces the status reads.
-    let mut status = client
-        .call(|c, ctx| async move { c.cluster_status(ctx, 0).await })
-        .await;
-    while matches!(&status, Ok(s) if s.leader_id.is_none())
-        && started.elapsed() < Duration::from_secs(20)
-    {
-        // A replica that could not start (a port taken, a bad config) will never vote: say so
-        // now instead of waiting for an election that cannot happen.
-        if let Some(why) = first_exit(&mut replicas) {
-            anyhow::bail!("{why}");
-        }
-        tokio::time::sleep(POLL_EVERY).await;
-        status = client
-            .call(|c, ctx| async move { c.cluster_status(ctx, 0).await })
-            .await;
-    }
-    match status {
-        Ok(s) if s.leader_id.is_some() => println!(
-            "cluster ready in {:.1}s: leader is node {}",
-            started.elapsed().as_secs_f64(),
-            s.leader_id.unwrap_or(0)
-        ),
-        Ok(_) => println!("cluster started; the leader election is still under way"),
-        Err(e) => println!("cluster did not answer yet: {e}"),
-    }
-    let mut workers = Vec::new();
-    for i in 1..=args.workers {
-        let a: Vec<String> = vec![
-            "worker".into(),
-            "--peers".into(),
-            peers.clone(),
-            "--name".into(),
-            format!("worker-{i}"),
-        ];
-        let c = spawn(
-            &exe,
-            &format!("worker {i}"),
-            &a,
-            dir.join(format!("worker-{i}.log")),
-        )?;
-        println!("worker-{i}  log {}", c.log.display());
-        workers.push(c);
-    }
+    Ok(())
+}
 
-    let demo = async {
-        if args.demo_tasks > 0 {
-            if let Err(e) = run_demo(&mut client, args.demo_tasks).await {
-                println!("\ndemo batch: {e:#}");
+fn replica_members(args: &UpArgs, addrs: &[String], dir: &Path) -> Vec<Member> {
+    let peers = addrs.join(",");
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let id = i + 1;
+            let a: Vec<String> = vec![
+                "join".into(),
+                "--node-id".into(),
+                id.to_string(),
+                "--listen".into(),
+                addr.clone(),
+                "--http-listen".into(),
+                http_addr(args.base_port, i),
+                "--peers".into(),
+                peers.clone(),
+                "--bootstrap-expect".into(),
+                args.replicas.to_string(),
+                "--data-dir".into(),
+                dir.join(format!("node-{id}")).display().to_string(),
+            ];
+            Member::new(
+                Kind::Replica,
+                format!("replica {id}"),
+                a,
+                dir.join(format!("node-{id}.log")),
+            )
+        })
+        .collect()
+}
+
+/// Waits (bounded) for the first leader. A replica that exits meanwhile (a port taken, its data
+/// directory in use, a bad config) will never vote: that is an error at once, with its log's
+/// last lines, instead of a wait for an election that cannot happen.
+async fn wait_for_leader(client: &mut Client, replicas: &mut [Member]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        for r in replicas.iter_mut() {
+            if let Some(status) = r.exited() {
+                bail!(
+                    "{} exited at start ({status}); the end of {}:\n{}",
+                    r.name,
+                    r.log.display(),
+                    r.log_tail(5)
+                );
             }
         }
-        println!();
-        println!("try, in another terminal:");
-        println!("  export FLEET_PEERS={peers}");
-        println!("  fleet submit -- echo hello        # prints the task id");
-        println!("  fleet task show ID; fleet logs ID");
-        println!("  fleet task list; fleet queue stats; fleet worker list; fleet cluster status");
-        println!("  fleet health; fleet health --cluster");
-        println!(
-            "  curl -s http://{}/metrics | grep ^fleet_   # Prometheus metrics (docs/metrics.md)",
-            http_addr(args.base_port, 0)
-        );
-        println!();
-        println!("Ctrl-C stops the fleet (data stays in {}).", dir.display());
-        std::future::pending::<()>().await
-    };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let exited = async {
-        let all = replicas.iter_mut().chain(workers.iter_mut());
-        let (r, i, _) =
-            futures::future::select_all(all.map(|c| {
-                Box::pin(async { (c.process.wait().await, c.name.clone(), c.log.clone()) })
-            }))
+        let status = client
+            .call(|c, ctx| async move { c.cluster_status(ctx, 0).await })
             .await;
-        let _ = i;
-        r
-    };
-    let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = term.recv() => Ok(()),
-        _ = demo => Ok(()),
-        (r, name, log) = exited => Err(anyhow::anyhow!(
-            "{name} exited ({}); see {}",
-            r.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-            log.display()
-        )),
-    };
-    println!("\nstopping: workers drain, then replicas stop");
-    for w in &workers {
-        signal(w, libc::SIGTERM);
+        match status {
+            Ok(s) if s.leader_id.is_some() => {
+                say!(
+                    "cluster ready in {:.1}s: leader is node {}",
+                    started.elapsed().as_secs_f64(),
+                    s.leader_id.unwrap_or(0)
+                );
+                return Ok(());
+            }
+            Ok(_) if started.elapsed() > Duration::from_secs(20) => {
+                say!("cluster started; the leader election is still under way");
+                return Ok(());
+            }
+            Err(e) if started.elapsed() > Duration::from_secs(20) => {
+                say!("cluster did not answer yet: {e}");
+                return Ok(());
+            }
+            _ => {}
+        }
+        // Pacing the status reads.
+        tokio::time::sleep(POLL_EVERY).await;
     }
-    for w in &mut workers {
-        if tokio::time::timeout(Duration::from_secs(10), w.process.wait())
-            .await
-            .is_err()
-        {
-            // A second SIGTERM stops the running attempts and hands their leases back.
-            signal(w, libc::SIGTERM);
-            let _ = tokio::time::timeout(Duration::from_secs(10), w.process.wait()).await;
+}
+
+/// One look at the children: reports exits, schedules and performs restarts.
+fn supervise(exe: &Path, replicas: &mut [Member], workers: &mut [Member]) {
+    let total = replicas.len();
+    for i in 0..total {
+        if let Some(status) = replicas[i].exited() {
+            let wait = replicas[i].schedule_restart();
+            let up = replicas.iter().filter(|r| r.running()).count();
+            let quorum = total / 2 + 1;
+            let state = if up >= quorum {
+                format!("the fleet runs on {up} of {total} replicas")
+            } else {
+                format!("{up} of {total} replicas run: no quorum, so tasks wait until {quorum} run")
+            };
+            report_exit(&replicas[i], status, &state, wait);
         }
     }
-    for r in &replicas {
-        signal(r, libc::SIGTERM);
+    for w in workers.iter_mut() {
+        if let Some(status) = w.exited() {
+            let wait = w.schedule_restart();
+            report_exit(w, status, "its running tasks are retried elsewhere", wait);
+        }
     }
-    for r in &mut replicas {
-        let _ = tokio::time::timeout(Duration::from_secs(10), r.process.wait()).await;
+    for m in replicas.iter_mut().chain(workers.iter_mut()) {
+        if m.restart_at.is_some_and(|t| Instant::now() >= t) {
+            match m.start(exe) {
+                Ok(pid) if m.kind == Kind::Replica => say!(
+                    "{} restarted (pid {pid}); it catches up from its data directory and the leader",
+                    m.name
+                ),
+                Ok(pid) => say!("{} restarted (pid {pid})", m.name),
+                Err(e) => {
+                    let wait = m.schedule_restart();
+                    say!("{} could not be restarted: {e:#}; next try in {wait:?}", m.name);
+                }
+            }
+        }
     }
-    outcome
 }
+
+fn report_exit(m: &Member, status: std::process::ExitStatus, state: &str, wait: Duration) {
+    say!(
+        "\n{} exited ({status}); {state}. fleet up restarts it in {}s (log {})",
+        m.name,
+        wait.as_secs(),
+        m.log.display()
+    );
+    // An exit on its own (not a signal) is an error worth reading here, not only in the log.
+    if status.code().is_some_and(|c| c != 0) {
+        say!("the end of its log:\n{}", m.log_tail(5));
+    }
+}
+
+/// Workers drain first (a second SIGTERM hands their leases back), then replicas stop (a
+/// leader hands over first).
+async fn stop_all(workers: &mut [Member], replicas: &mut [Member]) {
+    for w in workers.iter() {
+        w.signal(libc::SIGTERM);
+    }
+    for w in workers.iter_mut() {
+        if !w.wait(Duration::from_secs(10)).await {
+            w.signal(libc::SIGTERM);
+            w.wait(Duration::from_secs(10)).await;
+        }
+    }
+    for r in replicas.iter() {
+        r.signal(libc::SIGTERM);
+    }
+    for r in replicas.iter_mut() {
+        r.wait(Duration::from_secs(10)).await;
+    }
+}
+
+/// The signals that stop `fleet up`.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for one and names it.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "interrupted",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP (the terminal closed)",
+        }
+    }
+}
+
+/// What to try next, printed after the demo batch.
+struct Hints {
+    exe: PathBuf,
+    peers: String,
+    metrics: String,
+    dir: PathBuf,
+}
+
+impl Hints {
+    fn print(&self) {
+        say!();
+        say!("try, in another terminal:");
+        say!("  export FLEET_PEERS={}", self.peers);
+        say!(
+            "  alias fleet={}   # or install it: cargo install --path .",
+            self.exe.display()
+        );
+        say!("  fleet submit -- echo hello        # prints the task id");
+        say!("  fleet task show ID; fleet logs ID");
+        say!("  fleet task list; fleet queue stats; fleet worker list; fleet cluster status");
+        say!("  fleet health; fleet health --cluster");
+        say!(
+            "  curl -s http://{}/metrics | grep ^fleet_   # Prometheus metrics (docs/metrics.md)",
+            self.metrics
+        );
+        say!();
+        say!("kill -9 a replica (pids above): the fleet keeps running, and fleet up restarts it.");
+        say!(
+            "Ctrl-C (or `fleet down --data-dir {}`) stops the fleet; data stays in {}.",
+            self.dir.display(),
+            self.dir.display()
+        );
+    }
+}
+
+/// `fleet down`: stops the `fleet up` running on a data directory (as Ctrl-C would) and waits
+/// until it has stopped.
+pub async fn down(args: DownArgs) -> anyhow::Result<()> {
+    let lock = args.data_dir.join(UP_LOCK);
+    let Some(pid) = PidLock::holder(&lock) else {
+        say!("no fleet up is running on {}", args.data_dir.display());
+        return Ok(());
+    };
+    // SAFETY: sends SIGTERM to the process that holds the lock.
+    if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
+        bail!(
+            "cannot signal fleet up (pid {pid}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    say!("stopping fleet up (pid {pid}): workers drain, then replicas stop");
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    while PidLock::holder(&lock).is_some() {
+        if Instant::now() >= deadline {
+            bail!(
+                "fleet up (pid {pid}) is still stopping after {} s",
+                args.timeout
+            );
+        }
+        // Pacing the checks of the lock.
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    say!("stopped");
+    Ok(())
+}
+
+/// The lock file of `fleet up` in its data directory.
+const UP_LOCK: &str = "up.pid";
 
 /// Submits `n` small real tasks and shows their progress until all are final.
 async fn run_demo(client: &mut Client, n: usize) -> anyhow::Result<()> {
@@ -277,7 +581,7 @@ async fn run_demo(client: &mut Client, n: usize) -> anyhow::Result<()> {
         .map(|r| r.map(|s| s.id))
         .collect::<Result<_, _>>()?;
     let first = ids.iter().min().copied().unwrap_or(TaskId(1));
-    println!(
+    say!(
         "\ndemo: submitted {} tasks ({} to {}); running them on the workers",
         ids.len(),
         first,
@@ -301,7 +605,9 @@ async fn run_demo(client: &mut Client, n: usize) -> anyhow::Result<()> {
         let done = tasks.iter().filter(|t| t.state.is_final()).count();
         let width = 30;
         let filled = done * width / ids.len().max(1);
-        print!(
+        let mut out = std::io::stdout();
+        let _ = write!(
+            out,
             "\r[{}{}] {done}/{} done: {} succeeded, {} running, {} queued, {} failed or dead  ",
             "#".repeat(filled),
             "-".repeat(width - filled),
@@ -311,9 +617,9 @@ async fn run_demo(client: &mut Client, n: usize) -> anyhow::Result<()> {
             count(TaskState::Queued),
             count(TaskState::Failed) + count(TaskState::Dead),
         );
-        let _ = std::io::stdout().flush();
+        let _ = out.flush();
         if done >= ids.len() {
-            println!(
+            say!(
                 "\ndemo: all {} tasks finished in {:.1}s; see one with `fleet logs {}`",
                 ids.len(),
                 started.elapsed().as_secs_f64(),
@@ -324,24 +630,6 @@ async fn run_demo(client: &mut Client, n: usize) -> anyhow::Result<()> {
         // Pacing the progress display.
         tokio::time::sleep(POLL_EVERY).await;
     }
-}
-
-/// The first child that has exited, with its status and the last lines of its log.
-fn first_exit(children: &mut [Child]) -> Option<String> {
-    for c in children.iter_mut() {
-        if let Ok(Some(status)) = c.process.try_wait() {
-            let log = std::fs::read_to_string(&c.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(3).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Some(format!(
-                "{} exited at start ({status}); the end of {}:\n{}",
-                c.name,
-                c.log.display(),
-                tail.join("\n")
-            ));
-        }
-    }
-    None
 }
 
 /// The HTTP ports of `fleet up`'s replicas are this far above their RPC ports.

@@ -65,6 +65,8 @@ pub struct Replica {
     pub stop: watch::Sender<Option<String>>,
     started_at: Instant,
     shutting_down: Mutex<bool>,
+    /// Held while the process runs: the data directory is this replica's alone.
+    _data_lock: crate::pidlock::PidLock,
 }
 
 impl Replica {
@@ -74,6 +76,14 @@ impl Replica {
         let data_dir = config.node.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        // Before sled: a second process on this directory is told who holds it.
+        let data_lock =
+            crate::pidlock::PidLock::acquire(&data_dir.join("fleet.pid")).map_err(|e| {
+                anyhow::anyhow!(
+                    "data directory {} is {e}; stop that process first",
+                    data_dir.display()
+                )
+            })?;
         let db = sled::Config::new()
             .path(data_dir.join("db"))
             .open()
@@ -207,6 +217,7 @@ impl Replica {
             stop,
             started_at: Instant::now(),
             shutting_down: Mutex::new(false),
+            _data_lock: data_lock,
         });
         tracing::info!(
             node_id = id,
