@@ -27,7 +27,10 @@ fn run_with_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
         .stderr(Stdio::piped())
         .output()
         .expect("run fleet");
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -68,7 +71,11 @@ fn a_task_file_of_large_lines_is_submitted_in_batches_cut_by_size() {
     let arg = "x".repeat(60_000);
     let mut f = std::fs::File::create(&file).unwrap();
     for i in 0..600 {
-        writeln!(f, r#"{{"command": ["echo", "{i}", "{arg}"], "queue": "big"}}"#).unwrap();
+        writeln!(
+            f,
+            r#"{{"command": ["echo", "{i}", "{arg}"], "queue": "big"}}"#
+        )
+        .unwrap();
     }
     drop(f);
     submit_file(&peers, &file, 600);
@@ -80,7 +87,12 @@ fn a_task_file_of_large_lines_is_submitted_in_batches_cut_by_size() {
     let mut f = std::fs::File::create(&bad).unwrap();
     writeln!(f, r#"{{"command": ["true"], "queue": "bad"}}"#).unwrap();
     writeln!(f).unwrap();
-    writeln!(f, r#"{{"command": ["echo", "{}"], "queue": "bad"}}"#, "y".repeat(70_000)).unwrap();
+    writeln!(
+        f,
+        r#"{{"command": ["echo", "{}"], "queue": "bad"}}"#,
+        "y".repeat(70_000)
+    )
+    .unwrap();
     drop(f);
     let path = bad.to_str().unwrap().to_string();
     assert_fails_naming(

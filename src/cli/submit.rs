@@ -330,7 +330,10 @@ mod tests {
             ..Default::default()
         };
         let b = batches(&vec![small; 2500]);
-        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [1000, 1000, 500]);
+        assert_eq!(
+            b.iter().map(Vec::len).collect::<Vec<_>>(),
+            [1000, 1000, 500]
+        );
     }
 
     #[test]

@@ -256,7 +256,10 @@ mod tests {
         let e = t.expired(1_000, 60_000);
         assert_eq!(e[0].worker, W1);
         t.silence(W1, 1_000);
-        assert!(!t.may_grant(W1), "its open lease request must not get the retry");
+        assert!(
+            !t.may_grant(W1),
+            "its open lease request must not get the retry"
+        );
         assert!(t.may_grant(W2));
         // It wakes and heartbeats (learning its old lease is fenced): it may take work again.
         assert_eq!(

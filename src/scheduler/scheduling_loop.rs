@@ -306,8 +306,9 @@ async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request:
     // heartbeats cannot get through): its request waits until it heartbeats or times out.
     {
         let tracker = replica.scheduler.tracker.lock().expect("tracker lock");
-        let (keep, wait): (Vec<Poll>, Vec<Poll>) =
-            polls.into_iter().partition(|p| tracker.may_grant(p.worker.id));
+        let (keep, wait): (Vec<Poll>, Vec<Poll>) = polls
+            .into_iter()
+            .partition(|p| tracker.may_grant(p.worker.id));
         polls = keep;
         let now = Instant::now();
         for p in wait {
