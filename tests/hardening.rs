@@ -102,3 +102,63 @@ fn a_task_file_of_large_lines_is_submitted_in_batches_cut_by_size() {
     let stats = fleet_json(&["queue", "stats", "--peers", &peers]).unwrap();
     assert!(stats["value"].get("bad").is_none(), "{stats}");
 }
+
+/// Resident memory of a process, in KiB (`VmRSS` in /proc).
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn slowloris_on_the_http_port_does_not_silence_health_probes() {
+    use std::io::{Read as _, Write as _};
+    let (mut c, _config, peers) = start_fleet(1, 200);
+    let (_, report) = health_of(&peers);
+    let http = report["http_addr"].as_str().unwrap().to_string();
+    let pid = c.node(1).process.pid();
+    let before = rss_kib(pid);
+    // 400 connections whose request headers never finish, more than the connection limit.
+    let mut slow: Vec<std::net::TcpStream> = (0..400)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&http).unwrap();
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .unwrap();
+            s
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let (code, body) = http_get(&http, "/health").expect("a probe is answered under attack");
+        assert_eq!(code, 200, "{body}");
+    }
+    let probes = started.elapsed();
+    let during = rss_kib(pid);
+    eprintln!(
+        "20 probes under 400 slow connections took {probes:?}; RSS {before} KiB before, {during} KiB during"
+    );
+    // Every slow connection is closed by the server: evicted for newer ones, or at the header
+    // timeout (5 s).
+    let closed_by = std::time::Instant::now();
+    for s in &mut slow {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = s
+            .read(&mut buf)
+            .expect("the server closes a slow connection (no header timeout?)");
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            n == 0 || text.starts_with("HTTP/1.1 408"),
+            "a slow request got {text:?}"
+        );
+    }
+    eprintln!(
+        "all slow connections closed within {:?}",
+        closed_by.elapsed()
+    );
+    assert!(closed_by.elapsed() < std::time::Duration::from_secs(12));
+}

@@ -13,17 +13,38 @@
 //!
 //! All answer from memory (peers' reports are gathered in the background), so a probe never
 //! waits on another replica.
+//!
+//! Bounds, so that a slow or hostile client cannot make the endpoint unanswerable for probes
+//! (a slowloris attack: connections whose request headers never finish):
+//! - a request's headers must arrive within [`HEADER_READ_TIMEOUT`]; the same timer runs while
+//!   a kept-alive connection waits for its next request, so it is also the idle timeout;
+//! - a connection lives at most [`CONNECTION_LIFETIME`];
+//! - at most [`MAX_HTTP_CONNECTIONS`] connections are open; a new one beyond that closes the
+//!   oldest, so the newest (a probe) is always served. The kernel's accept queue is drained at
+//!   once: an attacker cannot fill it either.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::task::AbortHandle;
 
 use super::report::HealthReport;
 use crate::server::Replica;
+
+/// Most HTTP connections open at once; the oldest is closed for a new one.
+pub const MAX_HTTP_CONNECTIONS: usize = 128;
+/// How long a client may take to send a request's headers, or stay idle between requests.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may live, requests included.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 pub async fn serve(replica: Arc<Replica>, listener: TcpListener) {
     let app = Router::new()
@@ -31,8 +52,39 @@ pub async fn serve(replica: Arc<Replica>, listener: TcpListener) {
         .route("/health/cluster", get(cluster_health))
         .route("/metrics", get(prometheus_metrics))
         .with_state(replica);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "the HTTP endpoint stopped");
+    let mut open: VecDeque<AbortHandle> = VecDeque::new();
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors, most likely: pace the retries.
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        open.retain(|h| !h.is_finished());
+        while open.len() >= MAX_HTTP_CONNECTIONS {
+            if let Some(oldest) = open.pop_front() {
+                oldest.abort();
+            }
+        }
+        let service = TowerToHyperService::new(app.clone());
+        let task = tokio::spawn(async move {
+            let io = TokioIo::new(stream);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(true);
+            let conn = builder.serve_connection(io, service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Err(e)) => tracing::debug!(%remote, error = %e, "HTTP connection ended"),
+                Err(_) => tracing::debug!(%remote, "HTTP connection closed at its lifetime"),
+                Ok(Ok(())) => {}
+            }
+        });
+        open.push_back(task.abort_handle());
     }
 }
 
