@@ -162,3 +162,45 @@ fn slowloris_on_the_http_port_does_not_silence_health_probes() {
     );
     assert!(closed_by.elapsed() < std::time::Duration::from_secs(12));
 }
+
+#[test]
+fn a_flood_of_idle_client_connections_locks_out_neither_clients_nor_workers() {
+    let (mut c, config, peers) = start_fleet(3, 200);
+    let leader = leader_of(&peers).unwrap();
+    let addr = c.addr(leader);
+    let pid = c.node(leader).process.pid();
+    let before = rss_kib(pid);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let me =
+        fleet::rpc::peer::LocalIdentity::new(fleet::rpc::Role::Client, None, "fleet".into(), None);
+    // 1,100 connections that complete the handshake as clients, then sit idle. Before the
+    // bounds per role, these took every slot and new callers timed out in the handshake.
+    let mut flood = Vec::new();
+    let mut refused = 0;
+    for _ in 0..1100 {
+        match rt.block_on(fleet::rpc::peer::dial(&addr, &me, None)) {
+            Ok(client) => flood.push(client),
+            Err(_) => refused += 1,
+        }
+    }
+    let during = rss_kib(pid);
+    eprintln!(
+        "flood: {} connections held, {refused} refused; leader RSS {before} KiB before, {during} KiB during",
+        flood.len()
+    );
+    // A new client is served at once: it takes the place of an idle flooding connection.
+    let started = std::time::Instant::now();
+    let status = fleet_json(&["cluster", "status", "--peers", &addr, "--retry-for", "10s"])
+        .expect("a new client is served");
+    assert_eq!(status["leader_id"], leader, "{status}");
+    eprintln!("a new client was served in {:?}", started.elapsed());
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    // The cluster's own traffic: a worker gets a lease and reports, replicas replicate.
+    let dir = c.dir.path().to_path_buf();
+    let _w = TestWorker::start(&dir, "w", &addr, &config, &[]);
+    let id = submit_task(&addr, &[], &["true".to_string()]);
+    wait_for_state(&addr, id, "succeeded", std::time::Duration::from_secs(20));
+    let after = rss_kib(pid);
+    eprintln!("leader RSS after the flood was served: {after} KiB");
+    drop(flood);
+}

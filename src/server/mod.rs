@@ -8,10 +8,12 @@
 //! Shutdown ([`Replica::shutdown`]): a leader first hands leadership to the most up-to-date
 //! voter, then Raft is shut down and the database flushed.
 //!
-//! Bounds: at most [`MAX_CONNECTIONS`] connections are served at once (more wait in the
-//! kernel's accept queue); each connection runs at most [`MAX_REQUESTS_PER_CONNECTION`]
-//! requests concurrently.
+//! Bounds: connections are admitted per role and per peer address ([`admission`]: handshaking,
+//! clients, workers and replicas each have their own share, idle clients are closed), and each
+//! connection runs at most [`MAX_REQUESTS_PER_CONNECTION`] requests concurrently. The process
+//! raises its open-file limit to what the bounds need ([`raise_open_file_limit`]).
 
+pub mod admission;
 pub mod formation;
 pub mod proposer;
 pub mod service;
@@ -26,7 +28,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -38,7 +40,8 @@ use crate::rpc::handshake::{self, Hello, HelloReply};
 use crate::rpc::peer::{LocalIdentity, PeerPool};
 use crate::rpc::{FleetService, Role};
 
-pub const MAX_CONNECTIONS: usize = 1024;
+/// How often client connections idle past [`admission::Limits::client_idle_ms`] are closed.
+const IDLE_SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub const MAX_REQUESTS_PER_CONNECTION: usize = 256;
 
 /// A snapshot being received in chunks.
@@ -76,6 +79,7 @@ impl Replica {
         let data_dir = config.node.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        raise_open_file_limit();
         // Before sled: a second process on this directory is told who holds it.
         let data_lock =
             crate::pidlock::PidLock::acquire(&data_dir.join("fleet.pid")).map_err(|e| {
@@ -295,34 +299,53 @@ impl Replica {
         }
     }
 
-    /// Accepts connections until the process exits.
+    /// Accepts connections until the process exits. Admission ([`admission`]) bounds them per
+    /// role and per peer address; the kernel's accept queue is always drained, so a flood of
+    /// connections makes room among its own kind instead of waiting in front of everyone.
     async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let admission = admission::Admission::new(admission::Limits::default());
+        let sweeper = admission.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(IDLE_SWEEP_EVERY).await;
+                sweeper.close_idle();
+            }
+        });
         loop {
-            let permit = slots
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
             let (stream, remote) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
+                    // Out of file descriptors, most likely: pace the retries.
                     tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
+            let ticket = admission.open(remote.ip());
             let me = self.clone();
+            let admission = admission.clone();
             tokio::spawn(
                 async move {
-                    let _permit = permit;
-                    me.serve_connection(stream, remote).await;
+                    let closed = ticket.closed.clone();
+                    tokio::select! {
+                        _ = me.serve_connection(stream, remote, &admission, &ticket) => {}
+                        _ = closed.notified() => {
+                            tracing::debug!(%remote, "connection closed to make room, or idle");
+                        }
+                    }
                 }
                 .in_current_span(),
             );
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, mut stream: TcpStream, remote: SocketAddr) {
+    async fn serve_connection(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        remote: SocketAddr,
+        admission: &Arc<admission::Admission>,
+        ticket: &admission::Ticket,
+    ) {
         let _ = stream.set_nodelay(true);
         let hello: Hello = match handshake::read_frame(&mut stream).await {
             Ok(h) => h,
@@ -340,7 +363,11 @@ impl Replica {
                 return;
             }
         };
-        let reply = match self.accept_hello(&hello).await {
+        let verdict = match self.accept_hello(&hello).await {
+            Ok(()) => admission.promote(ticket, hello.role),
+            Err(reason) => Err(reason),
+        };
+        let reply = match verdict {
             Ok(()) => HelloReply::Accepted {
                 node_id: self.id,
                 cluster_id: self.identity.cluster_id(),
@@ -360,10 +387,16 @@ impl Replica {
             role: hello.role,
             remote,
         };
+        let id = ticket.id;
         BaseChannel::with_defaults(transport)
             .max_concurrent_requests(MAX_REQUESTS_PER_CONNECTION)
             .execute(conn.serve())
-            .for_each_concurrent(None, |response| response)
+            .for_each_concurrent(None, |response| async move {
+                // In-flight requests keep a client connection from counting as idle.
+                admission.request_started(id);
+                response.await;
+                admission.request_ended(id);
+            })
             .await;
     }
 
@@ -496,3 +529,39 @@ fn tokens_match(ours: &str, theirs: &str) -> bool {
     let (a, b) = (ours.as_bytes(), theirs.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+/// Raises the soft limit on open files to the hard limit (at most [`OPEN_FILES_WANTED`]): the
+/// connection bounds of [`admission::Limits`] need more than the usual soft default of 1024,
+/// and without it a flood of connections would make `accept` fail for everyone.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let want = lim.rlim_max.min(OPEN_FILES_WANTED);
+        if lim.rlim_cur < want {
+            let before = lim.rlim_cur;
+            lim.rlim_cur = want;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(before, after = want, "raised the open-file limit");
+            }
+        }
+        if lim.rlim_cur < OPEN_FILES_NEEDED {
+            tracing::warn!(
+                limit = lim.rlim_cur,
+                needed = OPEN_FILES_NEEDED,
+                "the open-file limit is below what the connection bounds need; raise LimitNOFILE"
+            );
+        }
+    }
+}
+
+/// The open files the connection bounds can take, plus storage and margin.
+const OPEN_FILES_NEEDED: u64 = admission::Limits::DEFAULT.total() as u64 + 256;
+/// What the replica raises its soft limit to, when the hard limit allows.
+const OPEN_FILES_WANTED: u64 = 65_536;
