@@ -375,6 +375,11 @@ pub struct WorkerConfig {
     pub drain_timeout_ms: u64,
     /// Bytes of each attempt's output (stdout and stderr together) kept and reported.
     pub output_tail_bytes: usize,
+    /// How the processes an attempt starts are ended with it, even those that left its process
+    /// group: "cgroup" (a cgroup v2 per attempt; needs a writable cgroup tree: root or
+    /// systemd's Delegate=yes), "subreaper" (PR_SET_CHILD_SUBREAPER and the attempt's fencing
+    /// token in the environment), or "auto" (cgroup when possible). See docs/tasks.md.
+    pub containment: String,
 }
 
 impl Default for WorkerConfig {
@@ -387,6 +392,7 @@ impl Default for WorkerConfig {
             kill_grace_ms: 5_000,
             drain_timeout_ms: 60_000,
             output_tail_bytes: 4 * 1024,
+            containment: "auto".into(),
         }
     }
 }
@@ -593,6 +599,12 @@ impl Config {
         }
         check_range("worker.poll_wait_ms", w.poll_wait_ms, 0, 60_000)?;
         check_range("worker.kill_grace_ms", w.kill_grace_ms, 0, 600_000)?;
+        if !["auto", "cgroup", "subreaper"].contains(&w.containment.as_str()) {
+            anyhow::bail!(
+                "worker.containment = {:?} is not valid: use \"auto\", \"cgroup\" or \"subreaper\"",
+                w.containment
+            );
+        }
         check_range("worker.drain_timeout_ms", w.drain_timeout_ms, 0, 86_400_000)?;
         let m = &self.metrics;
         if m.statsd {

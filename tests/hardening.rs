@@ -204,3 +204,112 @@ fn a_flood_of_idle_client_connections_locks_out_neither_clients_nor_workers() {
     eprintln!("leader RSS after the flood was served: {after} KiB");
     drop(flood);
 }
+
+/// Whether `pid` runs (a zombie, killed but not yet reaped by whoever inherited it, does not).
+fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 2..].split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// A task that starts `setsid sleep 600 &` (a process outside its process group), writes that
+/// process's pid to `file`, then runs `then`.
+fn escaping_task(file: &std::path::Path, then: &str) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!("setsid sleep 600 & echo $! > {}; {then}", file.display()),
+    ]
+}
+
+fn escaped_pid(file: &std::path::Path) -> i32 {
+    wait_until(
+        "the escaped pid",
+        std::time::Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(|| "no pid yet".to_string())
+        },
+    )
+}
+
+fn escaped_processes_end_with_their_attempt(containment: &str) {
+    let (c, _config, peers) = start_fleet_with(1, 200, &format!("containment = \"{containment}\""));
+    let dir = c.dir.path().to_path_buf();
+    let config = dir.join("fleet.toml");
+    let w = TestWorker::start(&dir, "w", &peers, &config, &[]);
+    wait_until(
+        "the worker to start",
+        std::time::Duration::from_secs(20),
+        || {
+            let log = w.log_text();
+            if log.contains(&format!("containment=\"{containment}\""))
+                || log.contains(&format!("containment={containment}"))
+            {
+                Ok(())
+            } else {
+                Err(tail(&log, 10))
+            }
+        },
+    );
+    // The task ends soon; the process it left outside its group must end too. (The short
+    // pause lets `setsid` leave the group before the task ends: otherwise the group kill at
+    // the end of the attempt could catch it still inside, and this would not test escaping.)
+    let f1 = dir.join("escaped-1");
+    let id = submit_task(&peers, &[], &escaping_task(&f1, "sleep 0.3"));
+    wait_for_state(&peers, id, "succeeded", std::time::Duration::from_secs(20));
+    let pid = escaped_pid(&f1);
+    wait_until(
+        "the escaped process to end",
+        std::time::Duration::from_secs(10),
+        || {
+            if running(pid) {
+                Err(format!("pid {pid} still runs"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    // The task times out; both its own process and the escaped one end.
+    let f2 = dir.join("escaped-2");
+    let id = submit_task(
+        &peers,
+        &["--timeout", "1s", "--max-attempts", "1"],
+        &escaping_task(&f2, "exec sleep 600"),
+    );
+    let pid = escaped_pid(&f2);
+    wait_for_state(&peers, id, "dead", std::time::Duration::from_secs(20));
+    wait_until(
+        "the timed-out attempt's escaped process to end",
+        std::time::Duration::from_secs(10),
+        || {
+            if running(pid) {
+                Err(format!("pid {pid} still runs"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+}
+
+#[test]
+fn processes_that_escape_the_process_group_end_with_the_attempt_subreaper() {
+    escaped_processes_end_with_their_attempt("subreaper");
+}
+
+#[test]
+fn processes_that_escape_the_process_group_end_with_the_attempt_cgroup() {
+    // Needs a writable cgroup v2 tree (root here; systemd's Delegate=yes in production).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: creating cgroups needs root (or a delegated cgroup tree)");
+        return;
+    }
+    escaped_processes_end_with_their_attempt("cgroup");
+}

@@ -3,7 +3,9 @@
 //!
 //! Kills go to the whole process group (the command and anything it started): SIGTERM first,
 //! SIGKILL after the grace period. After the command exits, any process left in its group is
-//! SIGKILLed too, so no stray child of an attempt outlives it.
+//! SIGKILLed too, and so is any process that escaped the group (`setsid`, a daemon): those are
+//! found through the attempt's cgroup or its fencing token ([`super::containment`]), so no
+//! process of an attempt outlives it.
 
 use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt;
@@ -14,6 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 
+use super::containment::Containment;
 use crate::rpc::LeasedTask;
 use crate::state::AttemptOutcome;
 
@@ -87,6 +90,7 @@ fn signal_group(pgid: i32, sig: i32) {
 /// and the shutdown path.
 pub async fn run(
     lease: &LeasedTask,
+    containment: &Containment,
     worker_name: &str,
     output_tail_bytes: usize,
     kill_grace: Duration,
@@ -114,7 +118,10 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0);
     die_with_the_worker(&mut cmd);
-    let mut child = match cmd.spawn() {
+    let spawned = containment
+        .prepare(&mut cmd, lease.task.0, lease.fencing_token)
+        .and_then(|c| containment.spawn(&mut cmd).map(|child| (c, child)));
+    let (contained, mut child) = match spawned {
         Ok(c) => c,
         Err(e) => {
             return Ended {
@@ -151,9 +158,14 @@ pub async fn run(
     let mut stopped_by: Option<Result<KillReason, ()>> = None;
     let status = tokio::select! {
         s = child.wait() => s,
-        _ = timer => { stopped_by = Some(Err(())); terminate(&mut child, pgid, kill_grace).await }
+        _ = timer => {
+            stopped_by = Some(Err(()));
+            containment.signal(&contained, libc::SIGTERM);
+            terminate(&mut child, pgid, kill_grace).await
+        }
         Some(reason) = kill.recv() => {
             stopped_by = Some(Ok(reason));
+            containment.signal(&contained, libc::SIGTERM);
             terminate(&mut child, pgid, kill_grace).await
         }
     };
@@ -161,6 +173,8 @@ pub async fn run(
         // Whatever the command left running in its group goes with it.
         signal_group(pgid, libc::SIGKILL);
     }
+    // And whatever escaped the group (setsid, daemons): its cgroup, or its fencing token.
+    containment.end(contained, pid).await;
     for r in readers.into_iter().flatten() {
         // A process that left the group may still hold the pipe: do not wait for it forever.
         let _ = tokio::time::timeout(Duration::from_secs(1), r).await;

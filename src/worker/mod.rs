@@ -16,6 +16,7 @@
 //! timeout), and exits 0.
 
 pub mod attempt;
+pub mod containment;
 pub mod heartbeat;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -88,6 +89,8 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
         .with_attempt_timeout(HEARTBEAT_ATTEMPT_TIMEOUT);
     let report_client = client(Duration::from_secs(30))?;
 
+    // Before any attempt: how the processes an attempt starts are kept track of.
+    let containment = Arc::new(containment::Containment::setup(&cfg.containment)?);
     let shared = Arc::new(Shared::default());
     let (hb_tx, hb_rx) = std::sync::mpsc::channel();
     let (adopt_tx, mut adopt_rx) = mpsc::unbounded_channel();
@@ -107,6 +110,7 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
         name = %opts.name,
         queues = ?cfg.queues,
         concurrency = cfg.concurrency,
+        containment = containment.name(),
         "worker started"
     );
     let slots = Arc::new(Semaphore::new(cfg.concurrency as usize));
@@ -115,6 +119,7 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
         ctx: Arc::new(AttemptContext {
             name: opts.name.clone(),
             cfg: cfg.clone(),
+            containment: containment.clone(),
             hb_tx: hb_tx.clone(),
             report_tx,
             running: Arc::default(),
@@ -365,6 +370,7 @@ impl Launcher {
 struct AttemptContext {
     name: String,
     cfg: WorkerConfig,
+    containment: Arc<containment::Containment>,
     hb_tx: std::sync::mpsc::Sender<HeartbeatMsg>,
     report_tx: mpsc::UnboundedSender<AttemptReport>,
     running: Arc<Mutex<HashMap<TaskId, mpsc::UnboundedSender<KillReason>>>>,
@@ -383,6 +389,7 @@ impl AttemptContext {
         );
         let ended = attempt::run(
             &lease,
+            &self.containment,
             &self.name,
             self.cfg.output_tail_bytes,
             Duration::from_millis(self.cfg.kill_grace_ms),

@@ -1,0 +1,334 @@
+//! Every process an attempt starts ends with the attempt, even one that left its process group
+//! (`setsid sleep 600 &`, a daemonizing program).
+//!
+//! Two mechanisms, chosen once at worker start (`worker.containment`):
+//!
+//! - **cgroup** (v2): each attempt runs in its own cgroup, a child of the worker's
+//!   (`<worker's cgroup>/fleet-worker-<pid>/attempt-<task>-<token>`). The attempt's process is
+//!   moved there between fork and exec, so everything it starts is inside, wherever it moves
+//!   in the process tree. At the end the cgroup is killed (`cgroup.kill`, or SIGKILL to every
+//!   pid in `cgroup.procs` on kernels before 5.14) and removed. Needs a writable cgroup v2
+//!   tree: root, or systemd's `Delegate=yes` (the shipped worker unit sets it). `auto` picks it
+//!   when creating the worker's cgroup works.
+//! - **subreaper**: the worker marks itself `PR_SET_CHILD_SUBREAPER`, so an attempt's orphans
+//!   are re-parented to the worker instead of init. At the end, every descendant of the worker
+//!   whose environment carries the attempt's `FLEET_FENCING_TOKEN` is killed (and reaped).
+//!   Works without privileges; a process that clears its environment (`env -i`) escapes it.
+//!
+//! Either way, escaped processes get SIGTERM with the process group when an attempt is stopped
+//! (timeout, cancel, fencing), and SIGKILL once the attempt is over.
+
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Which mechanism a worker uses (`worker.containment`).
+#[derive(Debug)]
+pub enum Containment {
+    Cgroup { dir: PathBuf },
+    Subreaper,
+}
+
+/// What an attempt holds for its containment.
+#[derive(Debug)]
+pub struct Contained {
+    pub token: u64,
+    /// The attempt's cgroup (cgroup mechanism only).
+    cgroup: Option<PathBuf>,
+}
+
+/// Attempt leaders the worker is running (pid): the subreaper must not reap them, tokio does.
+static LEADERS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+impl Containment {
+    /// Sets up `choice` (`auto`, `cgroup` or `subreaper`). `cgroup` fails with the reason when
+    /// the cgroup tree is not writable; `auto` falls back to the subreaper.
+    pub fn setup(choice: &str) -> anyhow::Result<Containment> {
+        match choice {
+            "subreaper" => subreaper(),
+            "cgroup" => worker_cgroup().map(|dir| Containment::Cgroup { dir }),
+            _ => match worker_cgroup() {
+                Ok(dir) => Ok(Containment::Cgroup { dir }),
+                Err(e) => {
+                    tracing::info!(reason = %e, "no writable cgroup v2 tree; attempts are contained with PR_SET_CHILD_SUBREAPER");
+                    subreaper()
+                }
+            },
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Containment::Cgroup { .. } => "cgroup",
+            Containment::Subreaper => "subreaper",
+        }
+    }
+
+    /// Prepares `cmd` so that everything it starts can be found again: for a cgroup, creates
+    /// the attempt's cgroup and moves the process into it before exec.
+    pub fn prepare(
+        &self,
+        cmd: &mut tokio::process::Command,
+        task: u64,
+        token: u64,
+    ) -> std::io::Result<Contained> {
+        let Containment::Cgroup { dir } = self else {
+            return Ok(Contained {
+                token,
+                cgroup: None,
+            });
+        };
+        let cg = dir.join(format!("attempt-{task}-{token}"));
+        match std::fs::create_dir(&cg) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(cg.join("cgroup.procs"))?;
+        let fd = procs.as_raw_fd();
+        // SAFETY: between fork and exec only write(2) on an fd opened before the fork; "0"
+        // moves the writing process (the attempt) into the cgroup. The fd is close-on-exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let _keep_open = &procs;
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(Contained {
+            token,
+            cgroup: Some(cg),
+        })
+    }
+
+    /// Spawns the attempt's process and records it (the subreaper must leave it to tokio).
+    /// The record is taken under the lock [`reap_orphans`] holds, so a leader that exits at
+    /// once is never mistaken for an orphan.
+    pub fn spawn(
+        &self,
+        cmd: &mut tokio::process::Command,
+    ) -> std::io::Result<tokio::process::Child> {
+        let mut leaders = LEADERS.lock().expect("leaders lock");
+        let child = cmd.spawn()?;
+        if let Some(pid) = child.id() {
+            leaders.push(pid);
+        }
+        Ok(child)
+    }
+
+    /// Sends `sig` to every process of the attempt outside its process group's reach as well.
+    pub fn signal(&self, c: &Contained, sig: i32) {
+        for pid in self.members(c) {
+            // SAFETY: signals a process of this attempt.
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
+    /// The attempt is over (its process was waited for): kills whatever it left behind, reaps
+    /// it, and removes its cgroup. Bounded: a process that keeps forking faster than it is
+    /// killed is given up on after a few rounds (and logged).
+    pub async fn end(&self, c: Contained, leader: Option<u32>) {
+        if let Some(pid) = leader {
+            LEADERS.lock().expect("leaders lock").retain(|p| *p != pid);
+        }
+        for _ in 0..END_ROUNDS {
+            let left = self.members(&c);
+            if left.is_empty() {
+                break;
+            }
+            match &c.cgroup {
+                Some(cg) if std::fs::write(cg.join("cgroup.kill"), "1").is_ok() => {}
+                _ => self.signal(&c, libc::SIGKILL),
+            }
+            if matches!(self, Containment::Subreaper) {
+                reap(&left);
+            }
+            // The kernel needs a moment to tear a killed process down (pacing, not sync).
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if matches!(self, Containment::Subreaper) {
+            reap_orphans();
+        }
+        if let Some(cg) = &c.cgroup {
+            if let Err(e) = std::fs::remove_dir(cg) {
+                tracing::warn!(cgroup = %cg.display(), error = %e, "cannot remove the attempt's cgroup");
+            }
+        }
+    }
+
+    /// The attempt's processes still alive.
+    fn members(&self, c: &Contained) -> Vec<i32> {
+        match &c.cgroup {
+            Some(cg) => std::fs::read_to_string(cg.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect(),
+            None => descendants_with_token(std::process::id() as i32, c.token),
+        }
+    }
+}
+
+/// Rounds of kill-and-check at the end of an attempt.
+const END_ROUNDS: usize = 50;
+
+fn subreaper() -> anyhow::Result<Containment> {
+    // SAFETY: prctl on this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
+        anyhow::bail!(
+            "cannot become a child subreaper: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(Containment::Subreaper)
+}
+
+/// Creates this worker's cgroup (`fleet-worker-<pid>` under its own), after removing those of
+/// dead workers (killing what they left running: attempts of a dead worker are unfenced).
+fn worker_cgroup() -> anyhow::Result<PathBuf> {
+    let mount =
+        cgroup2_mount().ok_or_else(|| anyhow::anyhow!("no cgroup v2 file system is mounted"))?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        .ok_or_else(|| anyhow::anyhow!("this process is in no cgroup v2 group"))?;
+    let parent = mount.join(own.trim_start_matches('/'));
+    sweep_dead_workers(&parent);
+    let dir = parent.join(format!("fleet-worker-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot create the cgroup {}: {e}", dir.display()))?;
+    // Prove that processes can be moved in: a probe cgroup taking this very thread would
+    // change the worker's own cgroup, so only the write permission of cgroup.procs is checked.
+    let probe = dir.join("cgroup.procs");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&probe)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", probe.display()))?;
+    Ok(dir)
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next()? == "cgroup2")
+            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// Removes `fleet-worker-<pid>` cgroups whose worker is gone, killing what is left in them.
+fn sweep_dead_workers(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("fleet-worker-")
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only asks whether the process exists.
+        if pid == std::process::id() as i32 || unsafe { libc::kill(pid, 0) } == 0 {
+            continue;
+        }
+        let dir = e.path();
+        if let Ok(attempts) = std::fs::read_dir(&dir) {
+            for a in attempts.flatten().filter(|a| a.path().is_dir()) {
+                let _ = std::fs::write(a.path().join("cgroup.kill"), "1");
+                let _ = std::fs::remove_dir(a.path());
+            }
+        }
+        if std::fs::remove_dir(&dir).is_ok() {
+            tracing::info!(cgroup = %dir.display(), "removed the cgroup of a dead worker");
+        }
+    }
+}
+
+/// Descendants of `root` whose environment names fencing token `token`.
+fn descendants_with_token(root: i32, token: u64) -> Vec<i32> {
+    let needle = format!("FLEET_FENCING_TOKEN={token}");
+    descendants(root)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Every process below `root` in the process tree (from /proc).
+fn descendants(root: i32) -> Vec<i32> {
+    let mut parent_of: Vec<(i32, i32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if let Some(ppid) = ppid_of(pid) {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (child, _) in parent_of.iter().filter(|(_, pp)| *pp == p) {
+            out.push(*child);
+            frontier.push(*child);
+        }
+    }
+    out
+}
+
+fn ppid_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Reaps the given processes if they are the worker's (re-parented) children.
+fn reap(pids: &[i32]) {
+    for pid in pids {
+        let mut status = 0;
+        // SAFETY: waitpid on a specific pid, never -1: tokio reaps its own children itself.
+        unsafe { libc::waitpid(*pid, &mut status, libc::WNOHANG) };
+    }
+}
+
+/// Reaps re-parented orphans that exited on their own (zombies), leaving attempt leaders to
+/// tokio.
+fn reap_orphans() {
+    let me = std::process::id() as i32;
+    let leaders = LEADERS.lock().expect("leaders lock");
+    let zombies: Vec<i32> = descendants(me)
+        .into_iter()
+        .filter(|pid| ppid_of(*pid) == Some(me) && !leaders.contains(&(*pid as u32)))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rfind(')')
+                        .and_then(|i| s[i + 2..].split_whitespace().next().map(|f| f == "Z"))
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    reap(&zombies);
+}
+
+impl Drop for Containment {
+    /// Removes this worker's cgroup when the worker stops (empty once every attempt ended).
+    fn drop(&mut self) {
+        if let Containment::Cgroup { dir } = self {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
