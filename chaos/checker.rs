@@ -317,6 +317,7 @@ mod tests {
             kind: "short".into(),
             t_ms: 0,
             acked: Some(id),
+            acked_at_ms: Some(0),
             error: None,
         }
     }

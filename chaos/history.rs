@@ -39,6 +39,9 @@ pub struct Submission {
     pub t_ms: u64,
     /// The task id, when the cluster acknowledged the submission.
     pub acked: Option<u64>,
+    /// When the acknowledgement arrived.
+    #[serde(default)]
+    pub acked_at_ms: Option<u64>,
     pub error: Option<String>,
 }
 

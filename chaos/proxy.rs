@@ -51,6 +51,9 @@ pub enum Endpoint {
 pub struct Rules {
     blocked: BTreeSet<(Endpoint, Endpoint)>,
     delay_ms: BTreeMap<(Endpoint, Endpoint), u64>,
+    /// Replicas whose incoming connections are cut (both directions of every connection
+    /// through their proxy), while the connections they open to others work.
+    inbound_cut: BTreeSet<u64>,
 }
 
 impl Rules {
@@ -63,6 +66,12 @@ impl Rules {
     pub fn cut(&mut self, a: Endpoint, b: Endpoint) {
         self.block(a, b);
         self.block(b, a);
+    }
+
+    /// Holds every byte of every connection to replica `id` (opened by anyone), as a firewall
+    /// dropping its port's incoming traffic does; its own outgoing connections are untouched.
+    pub fn cut_inbound(&mut self, id: u64) {
+        self.inbound_cut.insert(id);
     }
 
     /// Delays every chunk from `from` to `to`.
@@ -139,8 +148,8 @@ async fn proxy_connection(
     let to = Endpoint::Replica(id);
     let (cr, cw) = conn.into_split();
     let (ur, uw) = upstream.into_split();
-    let up = tokio::spawn(pump(cr, uw, from, to, first, rules.clone()));
-    let down = tokio::spawn(pump(ur, cw, to, from, Vec::new(), rules));
+    let up = tokio::spawn(pump(cr, uw, from, to, id, first, rules.clone()));
+    let down = tokio::spawn(pump(ur, cw, to, from, id, Vec::new(), rules));
     let _ = up.await;
     let _ = down.await;
     Ok(())
@@ -181,6 +190,7 @@ async fn pump(
     mut w: tokio::net::tcp::OwnedWriteHalf,
     from: Endpoint,
     to: Endpoint,
+    via: u64,
     first: Vec<u8>,
     mut rules: watch::Receiver<Rules>,
 ) {
@@ -211,7 +221,11 @@ async fn pump(
     while let Some((at, data)) = rx.recv().await {
         tokio::time::sleep_until(at).await;
         loop {
-            if !rules.borrow_and_update().is_blocked(from, to) {
+            let held = {
+                let r = rules.borrow_and_update();
+                r.is_blocked(from, to) || r.inbound_cut.contains(&via)
+            };
+            if !held {
                 break;
             }
             if rules.changed().await.is_err() {

@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::checker::Violation;
-use crate::history::{ExecEvent, ExecKind, History, LeaderObs};
+use crate::history::{ExecEvent, ExecKind, History, LeaderObs, Submission};
 use crate::run::{RunArgs, Shared};
 use crate::scenario::Plan;
 
@@ -60,6 +60,8 @@ pub struct Figures {
     /// (node, term) of the new leader.
     pub new_leader: Option<(u64, u64)>,
     pub first_lease_ms: Option<u64>,
+    /// From the fault to the first acknowledgement of a submission made after it.
+    pub first_ack_ms: Option<u64>,
     pub converged_ms: Option<u64>,
     pub tasks_per_s_before: f64,
     pub tasks_per_s_during: f64,
@@ -117,7 +119,13 @@ fn rate(ends: &[u64], from: u64, to: u64) -> f64 {
 
 /// A scenario's figures from the observations (see the module docs). Leadership changes
 /// count only between the fault and the end of the liveness phase.
-pub fn figures(r: &ScenarioResult, leaders: &[LeaderObs], execs: &[ExecEvent], t0: u64) -> Figures {
+pub fn figures(
+    r: &ScenarioResult,
+    leaders: &[LeaderObs],
+    execs: &[ExecEvent],
+    subs: &[Submission],
+    t0: u64,
+) -> Figures {
     let end = r.converged_at_ms.unwrap_or(u64::MAX);
     let ends: Vec<u64> = execs
         .iter()
@@ -142,6 +150,11 @@ pub fn figures(r: &ScenarioResult, leaders: &[LeaderObs], execs: &[ExecEvent], t
         .filter(|e| e.kind == ExecKind::Start && e.t_ms >= lease_from)
         .map(|e| e.t_ms)
         .min();
+    let first_ack = subs
+        .iter()
+        .filter(|s| s.t_ms >= r.fault_at_ms)
+        .filter_map(|s| s.acked_at_ms)
+        .min();
     Figures {
         scenario: r.plan.scenario.name().into(),
         parameters: r.plan.describe(),
@@ -151,6 +164,7 @@ pub fn figures(r: &ScenarioResult, leaders: &[LeaderObs], execs: &[ExecEvent], t
         new_leader_ms: new_leader.map(|(t, _, _)| t - r.fault_at_ms),
         new_leader: new_leader.map(|(_, n, t)| (n, t)),
         first_lease_ms: first_lease.map(|t| t - r.fault_at_ms),
+        first_ack_ms: first_ack.map(|t| t - r.fault_at_ms),
         converged_ms: r.converged_at_ms.map(|t| t.saturating_sub(r.heal_at_ms)),
         tasks_per_s_before: rate(
             &ends,
@@ -194,7 +208,7 @@ impl Report {
         starts.sort_unstable();
         let scenarios = results
             .iter()
-            .map(|r| figures(r, &h.leaders, &h.executions, t0))
+            .map(|r| figures(r, &h.leaders, &h.executions, &h.submissions, t0))
             .collect();
         let mut totals = Totals {
             submissions: h.submissions.len(),

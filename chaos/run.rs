@@ -521,6 +521,7 @@ async fn workload(shared: Arc<Shared>, seed: u64, rate: f64, stop: Arc<AtomicBoo
                 kind: kind.clone(),
                 t_ms,
                 acked,
+                acked_at_ms: acked.map(|_| wall_ms()),
                 error,
             });
             drop(_permit);
@@ -855,6 +856,21 @@ async fn run_plan(
                 r.heal_at_ms = wall_ms();
                 shared.say(format!("HEAL {name}: node {leaving} left and stopped"));
             }
+            Scenario::InboundCut => {
+                // Raft still works (the leader's appends go out, the answers come back on its
+                // own connections); nobody can open a connection to it.
+                let mut rules = Rules::default();
+                rules.cut_inbound(leader);
+                r.target = format!("node {leader}");
+                shared.say(format!(
+                    "FAULT {name}: every connection to node {leader} (leader) is cut; its own \
+                     outgoing connections work"
+                ));
+                cluster.net.set(rules);
+                hold_fault(&mut r, hold).await;
+                cluster.net.heal();
+                shared.say(format!("HEAL {name}: node {leader} is reachable again"));
+            }
             Scenario::ClockStep => {
                 // The leader: its clock times grants, heartbeats and expiries.
                 let target = leader;
@@ -893,17 +909,19 @@ async fn run_plan(
             r.converged_at_ms = Some(wall_ms());
             let (events, _) = crate::history::read_exec_log(&shared.exec_log);
             let leaders = shared.leaders.lock().expect("leaders").clone();
-            let f = crate::report::figures(&r, &leaders, &events, shared.t0_ms);
+            let subs = shared.submissions.lock().expect("subs").clone();
+            let f = crate::report::figures(&r, &leaders, &events, &subs, shared.t0_ms);
             let s = |v: Option<u64>| v.map_or("-".into(), |v| format!("{:.2}s", v as f64 / 1000.0));
             shared.say(format!(
-                "recovered: new leader {}, first lease {}, converged {} after the heal; \
-                 tasks/s {:.1} before, {:.1} during",
+                "recovered: new leader {}, first lease {}, first acknowledged submission {}, \
+                 converged {} after the heal; tasks/s {:.1} before, {:.1} during",
                 match (f.new_leader_ms, f.new_leader) {
                     (Some(ms), Some((n, t))) =>
                         format!("node {n} term {t} after {:.2}s", ms as f64 / 1000.0),
                     _ => "- (unchanged)".into(),
                 },
                 s(f.first_lease_ms),
+                s(f.first_ack_ms),
                 s(f.converged_ms),
                 f.tasks_per_s_before,
                 f.tasks_per_s_during

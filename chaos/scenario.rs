@@ -25,6 +25,7 @@ pub enum Scenario {
     PartitionLeader,
     PartitionWorkers,
     OneWayLoss,
+    InboundCut,
     Latency,
     RollingRestart,
     Membership,
@@ -45,6 +46,7 @@ Scenarios (--scenario NAME[,NAME...] or all):
   partition-leader   cut the leader off from the other replicas and the workers
   partition-workers  cut every worker off from every replica past the visibility timeout
   one-way-loss       drop everything the leader sends (it still hears the others)
+  inbound-cut        cut every connection to the leader's port; the ones it opens still work
   latency            add latency to every replica and worker link
   rolling-restart    SIGTERM and restart each replica in turn, the leader last, while work flows
   membership         add a replica (fleet join), then remove a follower (leave)
@@ -54,7 +56,7 @@ Faults between processes go through the harness's TCP proxy (one in front of eve
 Every parameter comes from --seed; a failure prints the command that reruns it.";
 
 impl Scenario {
-    pub const ALL: [Scenario; 15] = [
+    pub const ALL: [Scenario; 16] = [
         Scenario::KillLeader,
         Scenario::KillFollower,
         Scenario::KillWorker,
@@ -66,6 +68,7 @@ impl Scenario {
         Scenario::PartitionLeader,
         Scenario::PartitionWorkers,
         Scenario::OneWayLoss,
+        Scenario::InboundCut,
         Scenario::Latency,
         Scenario::RollingRestart,
         Scenario::Membership,
@@ -85,6 +88,7 @@ impl Scenario {
             Scenario::PartitionLeader => "partition-leader",
             Scenario::PartitionWorkers => "partition-workers",
             Scenario::OneWayLoss => "one-way-loss",
+            Scenario::InboundCut => "inbound-cut",
             Scenario::Latency => "latency",
             Scenario::RollingRestart => "rolling-restart",
             Scenario::Membership => "membership",
@@ -124,6 +128,9 @@ impl Scenario {
             }
             // Detection needs the stall threshold (3 s) first.
             Scenario::StallLoop | Scenario::StallFsync => Duration::from_secs(5),
+            // Three missed peer polls (3 s) before the replicas say the leader is unreachable,
+            // then the handover: long enough to see it happen while the cut holds.
+            Scenario::InboundCut => Duration::from_secs(8),
             _ => Duration::from_secs(1),
         }
     }

@@ -95,6 +95,25 @@ fn every_scenario_passes_a_short_run_and_writes_its_report_and_plot() {
     for s in report["scenarios"].as_array().unwrap() {
         assert!(s["converged_ms"].is_u64(), "{s}");
     }
+    // A leader that nobody can reach (its incoming connections cut, its outgoing ones
+    // working) does not stay leader: leadership moves and submissions are acknowledged again
+    // while the cut still holds.
+    let cut = report["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["scenario"] == "inbound-cut")
+        .expect("inbound-cut ran");
+    let hold = cut["hold_ms"].as_u64().unwrap();
+    let first_ack = cut["first_ack_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        cut["new_leader_ms"].as_u64().is_some_and(|t| t < hold),
+        "{cut}"
+    );
+    assert!(first_ack < hold, "{cut}");
+    eprintln!(
+        "inbound-cut: first acknowledged submission {first_ack} ms after the cut (held {hold} ms)"
+    );
     let svg = std::fs::read_to_string(out.join("throughput.svg")).expect("throughput.svg");
     assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{svg}");
     for name in ["kill-leader", "partition-workers", "clock-step"] {
@@ -118,7 +137,7 @@ fn help_lists_every_scenario() {
     let out = chaos().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     let names = scenario_names();
-    assert_eq!(names.len(), 15, "{names:?}");
+    assert_eq!(names.len(), 16, "{names:?}");
     for n in &names {
         assert!(help.contains(n.as_str()), "--help names {n}: {help}");
     }

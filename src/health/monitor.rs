@@ -25,6 +25,17 @@
 //!
 //! The cluster view: every `health.peer_poll_interval_ms` the replica asks each member for its
 //! own report (`health` RPC, no fan-out) and keeps the answers; `/health` never waits on a peer.
+//!
+//! Reachability: each report lists the members its replica could not reach for
+//! [`UNREACHABLE_AFTER_POLLS`] polls (`unreachable_peers`). A replica that reads, in the fresh
+//! reports of other voters (fetched over its own outgoing connections), that so many of them
+//! cannot reach it that fewer than a quorum can, is *cut off*: its incoming traffic is lost
+//! while its outgoing connections work. Raft does not notice (the leader's appends go out and
+//! their answers come back on its own connections), but no client, worker or forwarded call
+//! reaches it. A cut-off replica stops standing for election, and a cut-off leader hands
+//! leadership to a healthy voter that can reach a quorum, as for a stall. Only positive
+//! evidence counts: a peer that cannot be asked says nothing, so a symmetric partition is left
+//! to Raft.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -64,13 +75,41 @@ struct MonitorState {
     stalled_since: Option<(Instant, SystemTime)>,
     mitigation: Option<String>,
     elections_enabled: bool,
+    /// Since when a quorum of voters cannot reach this replica (the members saying so).
+    cut_off: Option<(Instant, Vec<u64>)>,
 }
 
-#[derive(Default)]
 struct PeerView {
     report: Option<HealthReport>,
     answered: Option<Instant>,
     error: Option<String>,
+    /// When this replica started asking the peer.
+    since: Instant,
+}
+
+impl Default for PeerView {
+    fn default() -> Self {
+        PeerView {
+            report: None,
+            answered: None,
+            error: None,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl PeerView {
+    /// Not answered for `window` (and asked for at least that long).
+    fn unreachable(&self, window: Duration) -> bool {
+        self.error.is_some() && self.answered.unwrap_or(self.since).elapsed() >= window
+    }
+
+    /// Its report, if it answered within `window`.
+    fn fresh_report(&self, window: Duration) -> Option<&HealthReport> {
+        self.report
+            .as_ref()
+            .filter(|_| self.answered.is_some_and(|a| a.elapsed() < window))
+    }
 }
 
 impl Health {
@@ -85,6 +124,7 @@ impl Health {
                 stalled_since: None,
                 mitigation: None,
                 elections_enabled: true,
+                cut_off: None,
             }),
             stalled: watch::channel(false).0,
             peers: Mutex::default(),
@@ -194,6 +234,27 @@ async fn check(replica: &Arc<Replica>) {
         if applied != st.applied.0 {
             st.applied = (applied, Instant::now());
         }
+        let cut_off = cut_off_by(replica, &m);
+        match (&cut_off, &st.cut_off) {
+            (Some(by), None) => {
+                tracing::error!(
+                    unreachable_by = ?by,
+                    leading,
+                    "a quorum of voters cannot reach this replica (its incoming connections are \
+                     lost): not standing for election{}",
+                    if leading { "; handing over leadership" } else { "" }
+                );
+                st.cut_off = Some((Instant::now(), by.clone()));
+            }
+            (None, Some((since, _))) => {
+                tracing::info!(
+                    cut_off_ms = ms(since.elapsed()),
+                    "a quorum of voters reaches this replica again"
+                );
+                st.cut_off = None;
+            }
+            _ => {}
+        }
         if stalled {
             // Refuse heartbeats while stalled; the loop restarts its term when it resumes.
             replica.scheduler.ready_term.store(0, Ordering::Release);
@@ -210,39 +271,53 @@ async fn check(replica: &Arc<Replica>) {
                 st.mitigation = Some("stopped confirming leases and standing for election".into());
                 h.stalled.send_replace(true);
             }
-            if st.elections_enabled {
-                replica.raft.runtime_config().elect(false);
-                st.elections_enabled = false;
-            }
             hand_over = leading;
         } else if let Some((since, _)) = st.stalled_since.take() {
             tracing::info!(
                 stalled_ms = ms(since.elapsed()),
-                "the scheduling loop makes progress again: standing for election again"
+                "the scheduling loop makes progress again"
             );
             st.mitigation = None;
             h.stalled.send_replace(false);
-            if !st.elections_enabled {
-                replica.raft.runtime_config().elect(true);
-                st.elections_enabled = true;
+        }
+        if let Some((_, by)) = &st.cut_off {
+            let note = format!(
+                "cut off: nodes {by:?} cannot reach this replica; not standing for election"
+            );
+            if st.stalled_since.is_none() {
+                st.mitigation = Some(note);
+            }
+            hand_over |= leading;
+        } else if st.stalled_since.is_none() {
+            st.mitigation = None;
+        }
+        // Elections: off while stalled or cut off, on again when neither holds.
+        let elect = st.stalled_since.is_none() && st.cut_off.is_none();
+        if elect != st.elections_enabled {
+            replica.raft.runtime_config().elect(elect);
+            st.elections_enabled = elect;
+            if elect {
+                tracing::info!("standing for election again");
             }
         }
     }
     if hand_over {
+        let window = peer_window(replica);
+        let voters = m.membership_config.membership().voter_ids().count();
+        let quorum = voters / 2 + 1;
+        // A target must be healthy and able to reach a quorum itself (its own report lists
+        // few enough members as unreachable).
         let healthy: BTreeSet<u64> = h
             .peers
             .lock()
             .expect("peers lock")
             .iter()
-            .filter(|(_, v)| {
-                v.report.as_ref().is_some_and(|r| r.status.is_healthy())
-                    && v.answered.is_some_and(|a| {
-                        a.elapsed()
-                            < Duration::from_millis(replica.config.health.peer_poll_interval_ms)
-                                * UNREACHABLE_AFTER_POLLS
-                    })
+            .filter_map(|(id, v)| v.fresh_report(window).map(|r| (*id, r)))
+            .filter(|(_, r)| {
+                r.status.is_healthy()
+                    && voters.saturating_sub(r.raft.unreachable_peers.len()) >= quorum
             })
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         let wait = replica.config.raft.election_timeout_max() * 2;
         let moved = replica.hand_over_leadership(wait, &healthy).await;
@@ -257,8 +332,76 @@ async fn check(replica: &Arc<Replica>) {
              yet (no other voter took it), retrying"
                 .to_string()
         };
-        h.monitor.lock().expect("monitor lock").mitigation = Some(note);
+        let mut st = h.monitor.lock().expect("monitor lock");
+        st.mitigation = Some(match &st.cut_off {
+            Some((_, by)) if st.stalled_since.is_none() => {
+                format!("cut off: nodes {by:?} cannot reach this replica; {note}")
+            }
+            _ => note,
+        });
     }
+}
+
+/// How long a peer may go unanswered before it counts as unreachable, and how fresh a report
+/// must be to count as evidence.
+fn peer_window(replica: &Replica) -> Duration {
+    Duration::from_millis(replica.config.health.peer_poll_interval_ms) * UNREACHABLE_AFTER_POLLS
+}
+
+/// The voters whose fresh reports say they cannot reach this replica, when they leave fewer
+/// than a quorum of voters (this one included) able to reach it; `None` otherwise.
+fn cut_off_by(
+    replica: &Replica,
+    m: &openraft::RaftMetrics<crate::raft::TypeConfig>,
+) -> Option<Vec<u64>> {
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    if voters.len() < 2 || !voters.contains(&replica.id) {
+        return None;
+    }
+    let window = peer_window(replica);
+    let by: Vec<u64> = replica
+        .health
+        .peers
+        .lock()
+        .expect("peers lock")
+        .iter()
+        .filter(|(id, _)| voters.contains(id))
+        .filter_map(|(id, v)| v.fresh_report(window).map(|r| (*id, r)))
+        .filter(|(_, r)| r.raft.unreachable_peers.contains(&replica.id))
+        .map(|(id, _)| id)
+        .collect();
+    let quorum = voters.len() / 2 + 1;
+    (voters.len() - by.len() < quorum).then_some(by)
+}
+
+/// Members this replica has not reached for the peer window.
+fn unreachable_peers(replica: &Replica) -> Vec<u64> {
+    let window = peer_window(replica);
+    replica
+        .health
+        .peers
+        .lock()
+        .expect("peers lock")
+        .iter()
+        .filter(|(_, v)| v.unreachable(window))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// Members whose fresh reports say they cannot reach this replica.
+fn unreachable_by(replica: &Replica) -> Vec<u64> {
+    let window = peer_window(replica);
+    replica
+        .health
+        .peers
+        .lock()
+        .expect("peers lock")
+        .iter()
+        .filter_map(|(id, v)| v.fresh_report(window).map(|r| (*id, r)))
+        .filter(|(_, r)| r.raft.unreachable_peers.contains(&replica.id))
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// Asks every other member for its own report.
@@ -377,6 +520,8 @@ impl Replica {
             quorum_ack_ms_ago,
             leader_contact_ms_ago,
             elections_enabled: st.elections_enabled,
+            unreachable_peers: unreachable_peers(self),
+            unreachable_by: unreachable_by(self),
         };
 
         // Storage.

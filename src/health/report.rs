@@ -75,8 +75,15 @@ pub struct RaftHealth {
     pub quorum_ack_ms_ago: Option<u64>,
     /// Follower: milliseconds since the leader last replicated to it (heartbeat or entries).
     pub leader_contact_ms_ago: Option<u64>,
-    /// Whether this replica may stand for election (off while its scheduling loop is stalled).
+    /// Whether this replica may stand for election (off while its scheduling loop is stalled,
+    /// or while a quorum cannot reach it).
     pub elections_enabled: bool,
+    /// Members this replica has not reached for three peer-poll intervals (its own calls to
+    /// their client port fail).
+    pub unreachable_peers: Vec<u64>,
+    /// Members whose latest reports say they cannot reach this replica. When they leave it
+    /// without a quorum able to reach it, it steps down (see health::monitor).
+    pub unreachable_by: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
