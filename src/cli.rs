@@ -430,7 +430,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                     println!(
                         "  #{} worker {} token {} started {}{}: {}{}",
                         a.number,
-                        a.worker.0,
+                        a.worker_label(),
                         a.fencing_token,
                         format_time_ms(a.started_at_ms),
                         a.ended_at_ms

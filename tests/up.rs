@@ -203,6 +203,7 @@ fn the_readme_quick_start_and_kill_any_one_replica_as_written() {
         "21\n",                  // submit prints the task id
         "hello from worker-",    // logs 21 --follow
         "state:      succeeded", // task show 21
+        "#1 worker worker-",     // ... naming its worker as worker list and FLEET_WORKER do
         "SUCCEEDED",             // queue stats has the column
         "leader:   node",        // cluster status
     ] {

@@ -34,7 +34,7 @@ fn print_attempt(a: &Attempt) {
     println!(
         "=== attempt {} (worker {}, fencing token {}, started {}): {outcome}",
         a.number,
-        a.worker.0,
+        a.worker_label(),
         a.fencing_token,
         format_time_ms(a.started_at_ms)
     );

@@ -105,15 +105,16 @@ async fn list(config: &Config, client: &ClientArgs) -> anyhow::Result<()> {
         return print_json(&workers);
     }
     let now = crate::server::proposer::now_ms();
+    // The name first: it is how `task show`, `logs` and the task's FLEET_WORKER name a worker.
     println!(
-        "{:<18} {:<24} {:<9} {:>5} {:>7} {:>6} {:>10} QUEUES",
-        "ID", "NAME", "STATE", "SLOTS", "RUNNING", "LEASES", "LAST SEEN"
+        "{:<24} {:<18} {:<9} {:>5} {:>7} {:>6} {:>10} QUEUES",
+        "NAME", "ID", "STATE", "SLOTS", "RUNNING", "LEASES", "LAST SEEN"
     );
     for w in &workers {
         println!(
-            "{:<18} {:<24} {:<9} {:>5} {:>7} {:>6} {:>9.1}s {}",
-            w.info.id.0,
+            "{:<24} {:<18} {:<9} {:>5} {:>7} {:>6} {:>9.1}s {}",
             w.info.name,
+            w.info.id.0,
             w.state,
             w.info.slots,
             w.info.running,

@@ -8,8 +8,8 @@
 //! Snapshot file layout (`snapshot.bin` in the data directory):
 //! `b"FLEETSNP"` | format `u32` LE | CRC-32 of the body `u32` LE | body length `u64` LE | body,
 //! where the body is bincode of ([`SnapshotMeta`], state bytes) and the state bytes are a
-//! format byte plus bincode of [`State`]. The state bytes are exactly what travels to a
-//! follower in snapshot chunks.
+//! format byte ([`STATE_FORMAT`]) plus bincode of [`State`]. The state bytes are exactly what
+//! travels to a follower in snapshot chunks.
 
 use std::io::{self, Cursor, Write};
 use std::path::{Path, PathBuf};
@@ -20,7 +20,6 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::RwLock;
 
-use super::log_store::{decode, encode};
 use super::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::state::{Response, State};
 
@@ -29,6 +28,41 @@ type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<
 const SNAPSHOT_MAGIC: &[u8; 8] = b"FLEETSNP";
 const SNAPSHOT_FILE_FORMAT: u32 = 1;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
+/// The format of the state bytes. 2: attempts carry their worker's name. 1 (still read): they
+/// do not.
+pub const STATE_FORMAT: u8 = 2;
+
+/// The state bytes of `state` (format byte, then bincode).
+pub fn encode_state(state: &State) -> io::Result<Vec<u8>> {
+    let mut out = vec![STATE_FORMAT];
+    bincode::serde::encode_into_std_write(state, &mut out, bincode::config::standard())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(out)
+}
+
+/// Reads state bytes of any format this fleet understands; a newer one is refused by name.
+pub fn decode_state(what: &str, bytes: &[u8]) -> io::Result<State> {
+    let body = |b: &[u8]| {
+        bincode::serde::decode_from_slice(b, bincode::config::standard())
+            .map(|(v, _)| v)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}")))
+    };
+    match bytes.first() {
+        Some(&STATE_FORMAT) => body(&bytes[1..]),
+        Some(1) => crate::state::decoding_attempts_without_names(|| body(&bytes[1..])),
+        Some(v) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{what}: state format {v} is not understood by this fleet (it reads formats 1 \
+                 to {STATE_FORMAT})"
+            ),
+        )),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{what}: empty"),
+        )),
+    }
+}
 
 struct Inner {
     last_applied: Option<LogId>,
@@ -55,7 +89,7 @@ impl StateMachineStore {
             current: None,
         };
         if let Some((meta, data)) = read_snapshot_file(&dir.join(SNAPSHOT_FILE))? {
-            inner.state = decode("snapshot state", &data)?;
+            inner.state = decode_state("snapshot state", &data)?;
             inner.last_applied = meta.last_log_id;
             inner.last_membership = meta.last_membership.clone();
             inner.current = Some((meta, Arc::new(data)));
@@ -104,7 +138,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 last_log_id: inner.last_applied,
                 last_membership: inner.last_membership.clone(),
             };
-            (meta, encode(&inner.state)?)
+            (meta, encode_state(&inner.state)?)
         };
         let path = self.dir.join(SNAPSHOT_FILE);
         let (m, d) = (meta.clone(), data.clone());
@@ -173,7 +207,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
         // Decode before touching anything: a corrupt snapshot must not replace good state.
-        let state: State = decode("received snapshot", &data)?;
+        let state: State = decode_state("received snapshot", &data)?;
         let path = self.dir.join(SNAPSHOT_FILE);
         let (m, d) = (meta.clone(), data.clone());
         tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &d))
@@ -248,4 +282,45 @@ fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>
         bincode::serde::decode_from_slice(body, bincode::config::standard())
             .map_err(|e| bad(&e.to_string()))?;
     Ok(Some((meta, data)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot file written by fleet before attempts carried worker names (state format 1):
+    /// three succeeded tasks and a dead one, run by one worker. Committed bytes: a change of
+    /// the state encoding without a new format number fails here.
+    const FORMAT_1: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/snapshot-state-format-1.bin"
+    );
+
+    #[test]
+    fn a_format_1_snapshot_still_reads_and_re_encodes_as_the_current_format() {
+        let (_, data) = read_snapshot_file(Path::new(FORMAT_1))
+            .unwrap()
+            .expect("the fixture exists");
+        assert_eq!(data[0], 1, "the fixture is state format 1");
+        let state = decode_state("fixture", &data).unwrap();
+        let tasks = state.tasks(&crate::state::TaskFilter {
+            limit: 100,
+            ..Default::default()
+        });
+        let attempts: Vec<_> = tasks.iter().flat_map(|t| t.attempts.iter()).collect();
+        assert!(!attempts.is_empty(), "the fixture has attempts");
+        for a in &attempts {
+            assert!(a.worker_name.is_empty() && a.worker.0 != 0, "{a:?}");
+            assert!(a.fencing_token > 0 && a.started_at_ms > 0, "{a:?}");
+        }
+        assert!(attempts.iter().any(|a| a.output_tail.starts_with("golden")));
+        let again = encode_state(&state).unwrap();
+        assert_eq!(again[0], STATE_FORMAT);
+        assert_eq!(decode_state("again", &again).unwrap(), state);
+        // A format from the future is refused by name, never misread.
+        let mut future = again.clone();
+        future[0] = STATE_FORMAT + 1;
+        let e = decode_state("future", &future).unwrap_err().to_string();
+        assert!(e.contains("state format 3 is not understood"), "{e}");
+    }
 }

@@ -9,7 +9,7 @@
 //!    time and for all leases of lost workers, and [`Command::PurgeFinished`] for finished tasks
 //!    past their retention;
 //! 3. answers waiting lease requests: picks ready tasks for each (priority, then FIFO), proposes
-//!    one [`Command::GrantLeases`] per worker (all in one Raft entry when they fit), and replies
+//!    one [`Command::GrantLeasesTo`] per worker (all in one Raft entry when they fit), and replies
 //!    with what the state machine actually granted. Requests that got nothing wait (long poll)
 //!    until work arrives or their deadline passes.
 //!
@@ -354,8 +354,9 @@ async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request:
     let mut asked = Vec::new();
     for (i, (p, ids)) in polls.iter().zip(picks).enumerate() {
         if !ids.is_empty() {
-            commands.push(Command::GrantLeases {
+            commands.push(Command::GrantLeasesTo {
                 worker: p.worker.id,
+                worker_name: p.worker.name.clone(),
                 tasks: ids,
             });
             asked.push(i);

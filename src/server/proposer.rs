@@ -97,6 +97,9 @@ fn estimate_bytes(c: &Command) -> usize {
         }
         Command::Complete { output_tail, .. } => 128 + output_tail.len(),
         Command::GrantLeases { tasks, .. } => 32 + 10 * tasks.len(),
+        Command::GrantLeasesTo {
+            worker_name, tasks, ..
+        } => 32 + worker_name.len() + 10 * tasks.len(),
         Command::ExpireLease { reason, .. } => 64 + reason.len(),
         Command::Cancel { .. } | Command::Retry { .. } | Command::PurgeFinished { .. } => 32,
     }

@@ -26,7 +26,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-pub use task::{Attempt, AttemptOutcome, Lease, LeaseGrant, RetryPolicy, WorkerId};
+pub use task::{
+    decoding_attempts_without_names, Attempt, AttemptOutcome, Lease, LeaseGrant, RetryPolicy,
+    WorkerId,
+};
 
 /// Identifies one task for the lifetime of the cluster. Assigned by the state machine in
 /// submission order, starting at 1.
@@ -333,6 +336,15 @@ pub enum Command {
     /// Forget finished tasks that reached a final state at or before `finished_before_ms`
     /// (at most `max` of them), and their idempotency keys.
     PurgeFinished { finished_before_ms: u64, max: u32 },
+    /// [`Command::GrantLeases`] with the worker's name, recorded in each attempt so that
+    /// `task show`, `logs`, `worker list` and the task's `FLEET_WORKER` name a worker the same
+    /// way. Appended last: entries written before it still decode (the leader now proposes only
+    /// this one).
+    GrantLeasesTo {
+        worker: WorkerId,
+        worker_name: String,
+        tasks: Vec<TaskId>,
+    },
 }
 
 impl Command {
@@ -517,12 +529,21 @@ impl State {
         match cmd {
             Command::SubmitTask { request_id, spec } => self.submit(index, *request_id, spec),
             Command::GrantLeases { worker, tasks } => {
-                let mut grants = Vec::new();
-                for id in tasks {
-                    if let Some(g) = self.grant(*worker, *id) {
-                        grants.push(g);
-                    }
-                }
+                let grants = tasks
+                    .iter()
+                    .filter_map(|id| self.grant(*worker, "", *id))
+                    .collect();
+                Ok(CommandOutput::LeasesGranted { grants })
+            }
+            Command::GrantLeasesTo {
+                worker,
+                worker_name,
+                tasks,
+            } => {
+                let grants = tasks
+                    .iter()
+                    .filter_map(|id| self.grant(*worker, worker_name, *id))
+                    .collect();
                 Ok(CommandOutput::LeasesGranted { grants })
             }
             Command::Complete {
@@ -735,7 +756,7 @@ impl State {
             .is_some_and(|q| q.contains(&(Reverse(t.spec.priority), t.seq, id)))
     }
 
-    fn grant(&mut self, worker: WorkerId, id: TaskId) -> Option<LeaseGrant> {
+    fn grant(&mut self, worker: WorkerId, worker_name: &str, id: TaskId) -> Option<LeaseGrant> {
         if !self.tasks.contains_key(&id) || !self.is_ready(id) {
             return None; // leased meanwhile, cancelled, or purged: a stale decision
         }
@@ -753,6 +774,7 @@ impl State {
             ended_at_ms: None,
             outcome: None,
             output_tail: String::new(),
+            worker_name: worker_name.to_string(),
         });
         t.lease = Some(Lease {
             worker,

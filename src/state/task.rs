@@ -141,7 +141,7 @@ impl AttemptOutcome {
 }
 
 /// One try at running a task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Attempt {
     /// Numbered from 1.
     pub number: u32,
@@ -152,6 +152,99 @@ pub struct Attempt {
     pub outcome: Option<AttemptOutcome>,
     /// The end of the attempt's output, as reported by the worker (bounded by the worker).
     pub output_tail: String,
+    /// The worker's name (`fleet worker --name`, by default host:pid), as `fleet worker list`
+    /// and the task's `FLEET_WORKER` show it. Empty for attempts recorded before names were
+    /// (state format 1).
+    pub worker_name: String,
+}
+
+impl Attempt {
+    /// How the attempt's worker is shown: its name, or its id for attempts without one.
+    pub fn worker_label(&self) -> String {
+        if self.worker_name.is_empty() {
+            format!("id {}", self.worker.0)
+        } else {
+            self.worker_name.clone()
+        }
+    }
+}
+
+thread_local! {
+    /// Set while decoding a state of format 1, whose attempts have no worker name.
+    static ATTEMPTS_WITHOUT_NAMES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `decode` on state bytes of format 1 (attempts without a worker name). bincode carries
+/// no schema, so the reader must know which fields were written.
+pub fn decoding_attempts_without_names<T>(decode: impl FnOnce() -> T) -> T {
+    /// Clears the flag however `decode` ends.
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ATTEMPTS_WITHOUT_NAMES.with(|f| f.set(false));
+        }
+    }
+    ATTEMPTS_WITHOUT_NAMES.with(|f| f.set(true));
+    let _reset = Reset;
+    decode()
+}
+
+/// An attempt as state format 1 stored it.
+#[derive(Deserialize)]
+#[serde(rename = "Attempt")]
+struct AttemptV1 {
+    number: u32,
+    worker: WorkerId,
+    fencing_token: u64,
+    started_at_ms: u64,
+    ended_at_ms: Option<u64>,
+    outcome: Option<AttemptOutcome>,
+    output_tail: String,
+}
+
+/// An attempt as it is stored now (and as JSON shows it; a JSON attempt without the name is
+/// read with an empty one).
+#[derive(Deserialize)]
+#[serde(rename = "Attempt")]
+struct AttemptV2 {
+    number: u32,
+    worker: WorkerId,
+    fencing_token: u64,
+    started_at_ms: u64,
+    ended_at_ms: Option<u64>,
+    outcome: Option<AttemptOutcome>,
+    output_tail: String,
+    #[serde(default)]
+    worker_name: String,
+}
+
+impl<'de> Deserialize<'de> for Attempt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if ATTEMPTS_WITHOUT_NAMES.with(|f| f.get()) {
+            let a = AttemptV1::deserialize(d)?;
+            return Ok(Attempt {
+                number: a.number,
+                worker: a.worker,
+                fencing_token: a.fencing_token,
+                started_at_ms: a.started_at_ms,
+                ended_at_ms: a.ended_at_ms,
+                outcome: a.outcome,
+                output_tail: a.output_tail,
+                worker_name: String::new(),
+            });
+        }
+        let a = AttemptV2::deserialize(d)?;
+        Ok(Attempt {
+            number: a.number,
+            worker: a.worker,
+            fencing_token: a.fencing_token,
+            started_at_ms: a.started_at_ms,
+            ended_at_ms: a.ended_at_ms,
+            outcome: a.outcome,
+            output_tail: a.output_tail,
+            worker_name: a.worker_name,
+        })
+    }
 }
 
 /// The current lease of a running task (replicated part: the grant). Extensions by heartbeat
