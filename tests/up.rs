@@ -103,12 +103,7 @@ fn fleet_up_runs_the_demo_and_a_submitted_task_then_restarts_on_its_data() {
     assert!(String::from_utf8_lossy(&logs.stdout).contains("from-a-second-terminal"));
     // SAFETY: signalling our own child, as Ctrl-C would.
     unsafe { libc::kill(up.id() as i32, libc::SIGINT) };
-    let status = wait_until("fleet up to stop", Duration::from_secs(60), || {
-        match up.try_wait() {
-            Ok(Some(s)) => Ok(s),
-            _ => Err("running".into()),
-        }
-    });
+    let status = wait_exit(&mut up, &seen);
     assert!(status.success(), "{status:?}\n{}", seen.join("\n"));
     for f in ["worker-1.log", "worker-2.log"] {
         let log = std::fs::read_to_string(dir.path().join(f)).unwrap();
@@ -126,12 +121,7 @@ fn fleet_up_runs_the_demo_and_a_submitted_task_then_restarts_on_its_data() {
         seen.join("\n")
     );
     unsafe { libc::kill(up.id() as i32, libc::SIGINT) };
-    let status = wait_until("fleet up to stop", Duration::from_secs(60), || {
-        match up.try_wait() {
-            Ok(Some(s)) => Ok(s),
-            _ => Err("running".into()),
-        }
-    });
+    let status = wait_exit(&mut up, &seen);
     assert!(status.success());
 }
 

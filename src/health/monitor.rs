@@ -359,17 +359,9 @@ fn cut_off_by(
     if voters.len() < 2 || !voters.contains(&replica.id) {
         return None;
     }
-    let window = peer_window(replica);
-    let by: Vec<u64> = replica
-        .health
-        .peers
-        .lock()
-        .expect("peers lock")
-        .iter()
-        .filter(|(id, _)| voters.contains(id))
-        .filter_map(|(id, v)| v.fresh_report(window).map(|r| (*id, r)))
-        .filter(|(_, r)| r.raft.unreachable_peers.contains(&replica.id))
-        .map(|(id, _)| id)
+    let by: Vec<u64> = unreachable_by(replica)
+        .into_iter()
+        .filter(|id| voters.contains(id))
         .collect();
     let quorum = voters.len() / 2 + 1;
     (voters.len() - by.len() < quorum).then_some(by)
