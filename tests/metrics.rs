@@ -258,6 +258,10 @@ fn a_statsd_daemon_receives_counters_gauges_and_timers_that_the_mapping_covers()
                     .unwrap_or_default()
             };
             let succeeded = get(&counters, "fleet.attempts.succeeded.default");
+            // Every counter the assertions below read exactly, not only some of them: the
+            // exporter sends in batches, and the dead tasks' increments were once still on
+            // their way when the others had arrived.
+            let dead = get(&counters, "fleet.task.dead.default");
             let kept = get(&gauges, "fleet.tasks.default.succeeded");
             let durations = get(&timers, "fleet.task.duration.default");
             let term_gauges = gauges
@@ -265,6 +269,7 @@ fn a_statsd_daemon_receives_counters_gauges_and_timers_that_the_mapping_covers()
                 .filter(|(n, _)| n.starts_with("fleet.raft.term."))
                 .count();
             if succeeded.first().copied().unwrap_or(0.0) >= 24.0
+                && dead.first().copied().unwrap_or(0.0) >= 5.0
                 && kept.first().copied().unwrap_or(0.0) >= 24.0
                 && durations.len() >= 24
                 && term_gauges == 3
@@ -272,8 +277,8 @@ fn a_statsd_daemon_receives_counters_gauges_and_timers_that_the_mapping_covers()
                 Ok((counters, gauges, timers))
             } else {
                 Err(format!(
-                    "succeeded {succeeded:?}, tasks.default.succeeded {kept:?}, {} durations, \
-                     {term_gauges} raft.term gauges",
+                    "succeeded {succeeded:?}, dead {dead:?}, tasks.default.succeeded {kept:?}, \
+                     {} durations, {term_gauges} raft.term gauges",
                     durations.len()
                 ))
             }
