@@ -204,6 +204,25 @@ fn the_readme_quick_start_and_kill_any_one_replica_as_written() {
     }
     assert!(!stderr.contains("panicked"), "{stderr}");
 
+    eprintln!("--- the README's metrics example reaches fleet up's replica 1");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let readme_port: u16 = readme
+        .split("curl -s 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("a curl example in the README");
+    // fleet up's HTTP ports are 100 above its RPC ports, which start at 7101 by default.
+    assert_eq!(
+        readme_port,
+        7101 + 100,
+        "the README's port is fleet up's replica 1"
+    );
+    let (code, body) = http_get_text(&format!("127.0.0.1:{}", port + 100), "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("fleet_"), "{body}");
+
     eprintln!("--- kill -9 one replica: the fleet keeps running tasks");
     let pid = pid_of(&seen, "replica 2");
     // SAFETY: the replica is a process of this test's fleet.
