@@ -132,6 +132,14 @@ fn malformed_addresses_and_values_are_named() {
             "--retry-for 0s",
         ),
         (
+            vec!["down", "--timeout", "abc"],
+            "\"abc\" is not a duration",
+        ),
+        (
+            vec!["submit", "--retry-for", "5", "--", "true"],
+            "\"5\" is not a duration",
+        ),
+        (
             vec![
                 "fault",
                 "stall",

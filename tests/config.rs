@@ -199,6 +199,14 @@ fn unknown_keys_wrong_types_and_bad_durations_are_named() {
             "[log]\nformat = \"xml\"\n",
             &["log.format", "xml", "text", "json"],
         ),
+        (
+            "[worker]\ncontainment = \"jail\"\n",
+            &[
+                "worker.containment = \"jail\"",
+                "\"cgroup\"",
+                "\"subreaper\"",
+            ],
+        ),
         ("[node\nlisten = 1\n", &["not valid TOML"]),
     ];
     for (i, (text, needles)) in cases.iter().enumerate() {

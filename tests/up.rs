@@ -74,18 +74,32 @@ fn wait_for_line(
     );
 }
 
-#[test]
-fn fleet_up_runs_the_demo_and_a_submitted_task_then_restarts_on_its_data() {
-    let dir = tempfile::tempdir().unwrap();
-    // fleet up's replicas listen on PORT..PORT+2 and serve HTTP 100 above.
+/// `fleet up` on free ports (HTTP 100 above), waited for until its demo batch finished: the
+/// base port, the peer list, the process, its output and the lines seen so far.
+fn up_with_demo_done(
+    dir: &std::path::Path,
+) -> (
+    u16,
+    String,
+    std::process::Child,
+    mpsc::Receiver<String>,
+    Vec<String>,
+) {
     let port = free_consecutive_ports_and(3, &[100]);
     let peers = (0..3)
         .map(|i| format!("127.0.0.1:{}", port + i))
         .collect::<Vec<_>>()
         .join(",");
-    let (mut up, rx) = run_up(dir.path(), port);
+    let (up, rx) = run_up(dir, port);
     let mut seen = Vec::new();
-    wait_for_line(dir.path(), &rx, "demo: all 20 tasks finished", &mut seen);
+    wait_for_line(dir, &rx, "demo: all 20 tasks finished", &mut seen);
+    (port, peers, up, rx, seen)
+}
+
+#[test]
+fn fleet_up_runs_the_demo_and_a_submitted_task_then_restarts_on_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, peers, mut up, _rx, seen) = up_with_demo_done(dir.path());
     let id = fleet_json(&[
         "submit",
         "--peers",
@@ -167,14 +181,7 @@ fn readme_quick_start(peers: &str) -> String {
 #[test]
 fn the_readme_quick_start_and_kill_any_one_replica_as_written() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_consecutive_ports_and(3, &[100]);
-    let peers = (0..3)
-        .map(|i| format!("127.0.0.1:{}", port + i))
-        .collect::<Vec<_>>()
-        .join(",");
-    let (mut up, rx) = run_up(dir.path(), port);
-    let mut seen = Vec::new();
-    wait_for_line(dir.path(), &rx, "demo: all 20 tasks finished", &mut seen);
+    let (port, peers, mut up, rx, mut seen) = up_with_demo_done(dir.path());
 
     eprintln!("--- the quick start's second terminal, line by line as the README has it");
     let script = format!(

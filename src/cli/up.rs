@@ -57,8 +57,8 @@ pub struct DownArgs {
     /// The data directory of the `fleet up` to stop.
     #[arg(long, default_value = "fleet-data")]
     pub data_dir: PathBuf,
-    /// How long to wait for it to stop (workers drain, replicas hand over), in seconds.
-    #[arg(long, default_value_t = 60)]
+    /// How long to wait for it to stop (workers drain, replicas hand over), e.g. `60s`.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = super::submit::parse_duration_ms)]
     pub timeout: u64,
 }
 
@@ -537,11 +537,11 @@ pub async fn down(args: DownArgs) -> anyhow::Result<()> {
         );
     }
     say!("stopping fleet up (pid {pid}): workers drain, then replicas stop");
-    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let deadline = Instant::now() + Duration::from_millis(args.timeout);
     while PidLock::holder(&lock).is_some() {
         if Instant::now() >= deadline {
             bail!(
-                "fleet up (pid {pid}) is still stopping after {} s",
+                "fleet up (pid {pid}) is still stopping after {} ms",
                 args.timeout
             );
         }

@@ -68,7 +68,14 @@ async fn run(mut config: Config, args: WorkerRunArgs) -> anyhow::Result<()> {
         config.worker.concurrency = c;
     }
     config.validate().map_err(|e| {
-        anyhow::anyhow!("{e} (--queues and --concurrency set worker.queues and worker.concurrency)")
+        let e = e.to_string();
+        if e.contains("worker.queues") || e.contains("worker.concurrency") {
+            anyhow::anyhow!(
+                "{e} (--queues and --concurrency set worker.queues and worker.concurrency)"
+            )
+        } else {
+            anyhow::anyhow!(e)
+        }
     })?;
     let name = args.name.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

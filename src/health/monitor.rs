@@ -369,20 +369,19 @@ fn cut_off_by(
 
 /// Members this replica has not reached for the peer window.
 fn unreachable_peers(replica: &Replica) -> Vec<u64> {
-    let window = peer_window(replica);
-    replica
-        .health
-        .peers
-        .lock()
-        .expect("peers lock")
-        .iter()
-        .filter(|(_, v)| v.unreachable(window))
-        .map(|(id, _)| *id)
-        .collect()
+    peers_where(replica, |v, window| v.unreachable(window))
 }
 
 /// Members whose fresh reports say they cannot reach this replica.
 fn unreachable_by(replica: &Replica) -> Vec<u64> {
+    peers_where(replica, |v, window| {
+        v.fresh_report(window)
+            .is_some_and(|r| r.raft.unreachable_peers.contains(&replica.id))
+    })
+}
+
+/// The members whose view (and the peer window) passes `keep`.
+fn peers_where(replica: &Replica, keep: impl Fn(&PeerView, Duration) -> bool) -> Vec<u64> {
     let window = peer_window(replica);
     replica
         .health
@@ -390,9 +389,8 @@ fn unreachable_by(replica: &Replica) -> Vec<u64> {
         .lock()
         .expect("peers lock")
         .iter()
-        .filter_map(|(id, v)| v.fresh_report(window).map(|r| (*id, r)))
-        .filter(|(_, r)| r.raft.unreachable_peers.contains(&replica.id))
-        .map(|(id, _)| id)
+        .filter(|(_, v)| keep(v, window))
+        .map(|(id, _)| *id)
         .collect()
 }
 
