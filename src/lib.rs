@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod pidlock;
 pub mod raft;
 pub mod rpc;
+pub mod schedule;
 pub mod scheduler;
 pub mod server;
 pub mod state;

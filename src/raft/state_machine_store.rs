@@ -28,16 +28,36 @@ type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<
 const SNAPSHOT_MAGIC: &[u8; 8] = b"FLEETSNP";
 const SNAPSHOT_FILE_FORMAT: u32 = 1;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
-/// The format of the state bytes. 2: attempts carry their worker's name. 1 (still read): they
-/// do not.
-pub const STATE_FORMAT: u8 = 2;
+/// The format of the state bytes. 3: the state, then its schedules, then its pools. 2 (still
+/// read): the state only (no schedules, no pools). 1 (still read): attempts carry no worker
+/// name either.
+pub const STATE_FORMAT: u8 = 3;
 
-/// The state bytes of `state` (format byte, then bincode).
+/// The state bytes of `state` (format byte, then bincode of the state, its schedules and its
+/// pools).
 pub fn encode_state(state: &State) -> io::Result<Vec<u8>> {
     let mut out = vec![STATE_FORMAT];
-    bincode::serde::encode_into_std_write(state, &mut out, bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let cfg = bincode::config::standard();
+    let err = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+    bincode::serde::encode_into_std_write(state, &mut out, cfg).map_err(err)?;
+    bincode::serde::encode_into_std_write(&state.schedules, &mut out, cfg).map_err(err)?;
+    bincode::serde::encode_into_std_write(&state.pools, &mut out, cfg).map_err(err)?;
     Ok(out)
+}
+
+/// Format 3's body: the state, its schedules and its pools, one after the other.
+fn decode_format_3(what: &str, bytes: &[u8]) -> io::Result<State> {
+    let cfg = bincode::config::standard();
+    let err = |e: bincode::error::DecodeError| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}"))
+    };
+    let (mut state, a): (State, usize) =
+        bincode::serde::decode_from_slice(bytes, cfg).map_err(err)?;
+    let (schedules, b) = bincode::serde::decode_from_slice(&bytes[a..], cfg).map_err(err)?;
+    let (pools, _) = bincode::serde::decode_from_slice(&bytes[a + b..], cfg).map_err(err)?;
+    state.schedules = schedules;
+    state.pools = pools;
+    Ok(state)
 }
 
 /// Reads state bytes of any format this fleet understands; a newer one is refused by name.
@@ -48,7 +68,8 @@ pub fn decode_state(what: &str, bytes: &[u8]) -> io::Result<State> {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}")))
     };
     match bytes.first() {
-        Some(&STATE_FORMAT) => body(&bytes[1..]),
+        Some(&STATE_FORMAT) => decode_format_3(what, &bytes[1..]),
+        Some(2) => body(&bytes[1..]),
         Some(1) => crate::state::decoding_attempts_without_names(|| body(&bytes[1..])),
         Some(v) => Err(io::Error::new(
             io::ErrorKind::InvalidData,

@@ -84,17 +84,33 @@ impl Proposer {
     }
 }
 
+fn spec_bytes(spec: &crate::state::TaskSpec) -> usize {
+    128 + spec.queue.len()
+        + spec.command.iter().map(|a| a.len() + 2).sum::<usize>()
+        + spec
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+}
+
 fn estimate_bytes(c: &Command) -> usize {
     match c {
-        Command::SubmitTask { spec, .. } => {
-            128 + spec.queue.len()
-                + spec.command.iter().map(|a| a.len() + 2).sum::<usize>()
-                + spec
-                    .env
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len() + 4)
-                    .sum::<usize>()
-        }
+        Command::SubmitTask { spec, .. } => spec_bytes(spec),
+        Command::SubmitPooled { spec, pool, .. } => spec_bytes(spec) + pool.pool.len() + 8,
+        Command::PutSchedule { name, spec, .. } => 128 + name.len() + spec_bytes(&spec.task),
+        Command::FireTicks { plans } => plans
+            .iter()
+            .map(|p| {
+                32 + 24 * p.runs.len() + p.missed.iter().map(|m| 32 + m.reason.len()).sum::<usize>()
+            })
+            .sum(),
+        Command::Backfill { name, fires } => 32 + name.len() + 9 * fires.len(),
+        Command::PauseSchedule { name, .. }
+        | Command::DeleteSchedule { name }
+        | Command::TriggerSchedule { name, .. }
+        | Command::SetPool { name, .. }
+        | Command::DeletePool { name } => 48 + name.len(),
         Command::Complete { output_tail, .. } => 128 + output_tail.len(),
         Command::GrantLeases { tasks, .. } => 32 + 10 * tasks.len(),
         Command::GrantLeasesTo {

@@ -19,6 +19,8 @@
 //! `raft::state_machine_store`). Its size is the number of retained tasks; retention and purge
 //! of finished tasks arrive with the task lifecycle.
 
+pub mod pools;
+pub mod schedules;
 pub mod task;
 
 use std::cmp::Reverse;
@@ -26,6 +28,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use pools::{PoolClaim, PoolView, Pools};
+pub use schedules::{
+    CatchupPolicy, MissedTicks, OverlapPolicy, PlannedRun, PutChange, PutMode, RunKind, Schedule,
+    ScheduleId, ScheduleSpec, Schedules, TickOutcome, TickPlan, TickRecord, TickResult, Trigger,
+};
 pub use task::{
     decoding_attempts_without_names, Attempt, AttemptOutcome, Lease, LeaseGrant, RetryPolicy,
     WorkerId,
@@ -345,6 +352,35 @@ pub enum Command {
         worker_name: String,
         tasks: Vec<TaskId>,
     },
+    /// Create or change a schedule (see [`PutMode`]); `paused` set changes its pause state.
+    PutSchedule {
+        name: String,
+        spec: ScheduleSpec,
+        paused: Option<bool>,
+        mode: PutMode,
+    },
+    /// Pause or resume a schedule.
+    PauseSchedule { name: String, paused: bool },
+    /// Delete a schedule (its unfinished runs go on).
+    DeleteSchedule { name: String },
+    /// The leader's tick plans; each applies only if its schedule's watermark is the one the
+    /// plan started from (see `state::schedules`).
+    FireTicks { plans: Vec<TickPlan> },
+    /// One run of a schedule now; `key` (the client's request id) names the run, so a retried
+    /// trigger makes one run.
+    TriggerSchedule { name: String, key: u128 },
+    /// A run for each of these past fire times that has none retained.
+    Backfill { name: String, fires: Vec<u64> },
+    /// Create a pool or change its size.
+    SetPool { name: String, slots: u32 },
+    /// Delete a pool nothing uses.
+    DeletePool { name: String },
+    /// [`Command::SubmitTask`] for a task that holds slots of a pool while it runs.
+    SubmitPooled {
+        request_id: RequestId,
+        spec: TaskSpec,
+        pool: PoolClaim,
+    },
 }
 
 impl Command {
@@ -369,13 +405,46 @@ impl Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutput {
     /// The task id, new or (for a retried request id or a known idempotency key) the existing one.
-    TaskSubmitted { id: TaskId, duplicate: bool },
+    TaskSubmitted {
+        id: TaskId,
+        duplicate: bool,
+    },
     /// The leases granted (possibly fewer than asked for).
-    LeasesGranted { grants: Vec<LeaseGrant> },
+    LeasesGranted {
+        grants: Vec<LeaseGrant>,
+    },
     /// The task's state after the command.
-    TaskUpdated { id: TaskId, state: TaskState },
+    TaskUpdated {
+        id: TaskId,
+        state: TaskState,
+    },
     /// How many finished tasks were forgotten.
-    Purged { count: u32 },
+    Purged {
+        count: u32,
+    },
+    ScheduleSaved {
+        id: ScheduleId,
+        change: PutChange,
+    },
+    ScheduleDeleted {
+        id: ScheduleId,
+    },
+    /// One outcome per plan, in order.
+    TicksFired {
+        outcomes: Vec<TickOutcome>,
+    },
+    /// Runs created (fire time, task), and how many fire times had a run already.
+    ScheduleRuns {
+        created: Vec<(u64, TaskId)>,
+        existing: u32,
+    },
+    PoolSet {
+        name: String,
+        slots: u32,
+    },
+    PoolDeleted {
+        name: String,
+    },
 }
 
 /// A deterministic rejection: every replica reaches the same one for the same command.
@@ -492,6 +561,13 @@ pub struct State {
     finished: BTreeSet<(u64, TaskId)>,
     /// Tasks that hold a lease (running, or cancelled with the attempt still running).
     leased: BTreeSet<TaskId>,
+    /// Schedules and their runs. Encoded after the fields above (state format 3), so states
+    /// written before schedules existed still decode (see `raft::state_machine_store`).
+    #[serde(skip)]
+    pub(crate) schedules: Schedules,
+    /// Pools and the tasks' claims on them (format 3, like `schedules`).
+    #[serde(skip)]
+    pub(crate) pools: Pools,
 }
 
 impl State {
@@ -499,6 +575,7 @@ impl State {
     /// command's deterministic rejection is part of the response.
     pub fn apply(&mut self, index: u64, request: &Request) -> Response {
         self.advance_clock(request.proposed_at_ms);
+        self.set_applying_index(index);
         let results = request
             .commands
             .iter()
@@ -573,34 +650,7 @@ impl State {
                 "",
                 *retry_jitter_permille,
             ),
-            Command::Cancel { task } => {
-                let t = self.tasks.get(task).ok_or(CommandError::NotFound(*task))?;
-                match t.state {
-                    TaskState::Queued | TaskState::Failed => {
-                        self.unindex(*task);
-                        self.finish(*task, TaskState::Cancelled);
-                    }
-                    // The lease stays until the worker reports or the lease is lost; the
-                    // attempt then ends as cancelled.
-                    TaskState::Running => {
-                        self.tasks.get_mut(task).expect("exists").state = TaskState::Cancelled;
-                        self.finished.insert((now, *task));
-                        self.tasks.get_mut(task).expect("exists").finished_at_ms = Some(now);
-                    }
-                    state => {
-                        return Err(CommandError::WrongState {
-                            id: *task,
-                            state,
-                            action: "cancel".into(),
-                            expected: "a queued, running or failed task".into(),
-                        })
-                    }
-                }
-                Ok(CommandOutput::TaskUpdated {
-                    id: *task,
-                    state: TaskState::Cancelled,
-                })
-            }
+            Command::Cancel { task } => self.cancel(*task),
             Command::Retry { task } => {
                 let t = self
                     .tasks
@@ -626,6 +676,7 @@ impl State {
                 t.state = TaskState::Queued;
                 t.ready_at_ms = now;
                 self.make_ready(*task);
+                self.run_reopened(*task);
                 Ok(CommandOutput::TaskUpdated {
                     id: *task,
                     state: TaskState::Queued,
@@ -651,6 +702,8 @@ impl State {
                 for (at, id) in purgeable {
                     self.finished.remove(&(at, id));
                     let t = self.tasks.remove(&id).expect("finished tasks exist");
+                    self.forget_run(id);
+                    self.forget_claim(id);
                     if let Some(k) = &t.spec.idempotency_key {
                         if self.idempotency_keys.get(k) == Some(&id) {
                             self.idempotency_keys.remove(k);
@@ -659,7 +712,70 @@ impl State {
                 }
                 Ok(CommandOutput::Purged { count })
             }
+            Command::PutSchedule {
+                name,
+                spec,
+                paused,
+                mode,
+            } => self.put_schedule(name, spec, *paused, *mode),
+            Command::PauseSchedule { name, paused } => self.set_schedule_paused(name, *paused),
+            Command::DeleteSchedule { name } => self.delete_schedule(name),
+            Command::FireTicks { plans } => Ok(self.fire_ticks(index, plans)),
+            Command::TriggerSchedule { name, key } => self.trigger_schedule(index, name, *key),
+            Command::Backfill { name, fires } => self.backfill(index, name, fires),
+            Command::SetPool { name, slots } => self.set_pool(name, *slots),
+            Command::DeletePool { name } => self.delete_pool(name),
+            Command::SubmitPooled {
+                request_id,
+                spec,
+                pool,
+            } => {
+                if !self.requests.contains_key(request_id) {
+                    self.check_claim(pool)?;
+                }
+                let out = self.submit(index, *request_id, spec)?;
+                if let CommandOutput::TaskSubmitted {
+                    id,
+                    duplicate: false,
+                } = out
+                {
+                    self.add_claim(id, pool.clone());
+                }
+                Ok(out)
+            }
         }
+    }
+
+    fn cancel(&mut self, task: TaskId) -> Result<CommandOutput, CommandError> {
+        let now = self.clock_ms;
+        let t = self.tasks.get(&task).ok_or(CommandError::NotFound(task))?;
+        match t.state {
+            TaskState::Queued | TaskState::Failed => {
+                self.unindex(task);
+                self.finish(task, TaskState::Cancelled);
+            }
+            // The lease stays until the worker reports or the lease is lost; the attempt then
+            // ends as cancelled.
+            TaskState::Running => {
+                let t = self.tasks.get_mut(&task).expect("exists");
+                t.state = TaskState::Cancelled;
+                t.finished_at_ms = Some(now);
+                self.finished.insert((now, task));
+                self.run_ended(task);
+            }
+            state => {
+                return Err(CommandError::WrongState {
+                    id: task,
+                    state,
+                    action: "cancel".into(),
+                    expected: "a queued, running or failed task".into(),
+                })
+            }
+        }
+        Ok(CommandOutput::TaskUpdated {
+            id: task,
+            state: TaskState::Cancelled,
+        })
     }
 
     fn submit(
@@ -685,13 +801,24 @@ impl State {
                 });
             }
         }
+        let id = self.insert_task(index, spec.clone());
+        self.remember_request(request_id, id);
+        Ok(CommandOutput::TaskSubmitted {
+            id,
+            duplicate: false,
+        })
+    }
+
+    /// Records a new task (checked already) and queues it.
+    fn insert_task(&mut self, index: u64, spec: TaskSpec) -> TaskId {
         let now = self.clock_ms;
         self.next_task_id += 1;
         let id = TaskId(self.next_task_id);
         let ready_at_ms = spec.not_before_ms.unwrap_or(now).max(now);
+        let key = spec.idempotency_key.clone();
         let task = Task {
             id,
-            spec: spec.clone(),
+            spec,
             state: TaskState::Queued,
             submitted_at_ms: now,
             created_index: index,
@@ -704,15 +831,11 @@ impl State {
         };
         let previous = self.tasks.insert(id, task);
         assert!(previous.is_none(), "task id {id} assigned twice");
-        if let Some(key) = &spec.idempotency_key {
-            self.idempotency_keys.insert(key.clone(), id);
+        if let Some(key) = key {
+            self.idempotency_keys.insert(key, id);
         }
         self.schedule(id);
-        self.remember_request(request_id, id);
-        Ok(CommandOutput::TaskSubmitted {
-            id,
-            duplicate: false,
-        })
+        id
     }
 
     /// Puts a queued or failed task in the ready queue or the waiting set by its ready time.
@@ -760,7 +883,11 @@ impl State {
         if !self.tasks.contains_key(&id) || !self.is_ready(id) {
             return None; // leased meanwhile, cancelled, or purged: a stale decision
         }
+        if !self.pool_admits(id) {
+            return None; // its pool is full: no leader may put more slots in use
+        }
         self.unindex(id);
+        self.hold_slots(id);
         self.next_fencing_token += 1;
         let token = self.next_fencing_token;
         let now = self.clock_ms;
@@ -819,6 +946,7 @@ impl State {
         }
         let lease = t.lease.take().expect("checked");
         self.leased.remove(&id);
+        self.release_slots(id);
         let t = self.tasks.get_mut(&id).expect("exists");
         let attempt = t.attempts.last_mut().expect("a lease has an attempt");
         assert_eq!(
@@ -871,6 +999,7 @@ impl State {
         t.state = state;
         t.finished_at_ms = Some(now);
         self.finished.insert((now, id));
+        self.run_ended(id);
     }
 
     fn remember_request(&mut self, request_id: RequestId, id: TaskId) {
@@ -885,37 +1014,39 @@ impl State {
     /// The ready tasks a worker serving `queues` would get next if leases were granted at
     /// `now_ms`, at most `max`: higher priority first, FIFO within a priority, across the
     /// queues. Waiting tasks whose time has come by `now_ms` count too, in the order their
-    /// promotion will give them. Read-only: the leader proposes the result as
-    /// [`Command::GrantLeases`] in a request stamped `now_ms`.
+    /// promotion will give them. Tasks whose pool is full are passed over. Read-only: the
+    /// leader proposes the result as [`Command::GrantLeasesTo`] in a request stamped `now_ms`.
     pub fn pick_ready(&self, queues: &[String], max: usize, now_ms: u64) -> Vec<TaskId> {
-        let mut candidates: Vec<ReadyKey> = Vec::new();
-        for q in queues {
-            if let Some(set) = self.ready.get(q) {
-                candidates.extend(set.iter().take(max).copied());
-            }
-        }
-        // Promotion assigns sequence numbers after every ready task, in waiting order.
-        let mut seq = self.next_seq;
-        for &(at, id) in self
-            .waiting
-            .iter()
-            .take_while(|(at, _)| *at <= now_ms.max(self.clock_ms))
-        {
-            let _ = at;
-            seq += 1;
-            let t = &self.tasks[&id];
-            if queues.contains(&t.spec.queue) {
-                candidates.push((Reverse(t.spec.priority), seq, id));
-            }
-            if candidates.len() >= MAX_PICK_SCAN {
-                break;
-            }
-        }
-        candidates.sort_unstable();
-        candidates.into_iter().take(max).map(|k| k.2).collect()
+        self.picker(&BTreeMap::new()).pick(queues, max, now_ms)
     }
 
-    /// Tasks holding a lease, with their leases (for the leader's lease tracking).
+    /// A [`Picker`] for several lease requests at once, with per-queue limits on running
+    /// tasks (`[queues.NAME] max_running` in the leader's config).
+    pub fn picker<'a>(&'a self, queue_limits: &'a BTreeMap<String, u32>) -> Picker<'a> {
+        let mut queue_running = BTreeMap::new();
+        if !queue_limits.is_empty() {
+            for (t, _) in self.leases() {
+                if t.state == TaskState::Running && queue_limits.contains_key(&t.spec.queue) {
+                    *queue_running.entry(t.spec.queue.clone()).or_insert(0u32) += 1;
+                }
+            }
+        }
+        Picker {
+            state: self,
+            budget: Budget {
+                taken: BTreeSet::new(),
+                pool_used: self
+                    .pools
+                    .sizes()
+                    .map(|(n, p)| (n.clone(), p.used))
+                    .collect(),
+                queue_running,
+            },
+            queue_limits,
+        }
+    }
+
+    /// Tasks holding a lease, with their leases (for the leader's lease tracking).    /// Tasks holding a lease, with their leases (for the leader's lease tracking).
     pub fn leases(&self) -> impl Iterator<Item = (&Task, &Lease)> {
         self.leased.iter().map(|id| {
             let t = &self.tasks[id];
@@ -971,6 +1102,113 @@ impl State {
                 TaskState::Cancelled => s.cancelled += 1,
             }
         }
+        out
+    }
+}
+
+/// Picks tasks for several lease requests against one state, so that together they respect
+/// the pools and the per-queue limits (each pick counts against the ones after it).
+pub struct Picker<'a> {
+    state: &'a State,
+    budget: Budget,
+    queue_limits: &'a BTreeMap<String, u32>,
+}
+
+#[derive(Clone)]
+struct Budget {
+    taken: BTreeSet<TaskId>,
+    pool_used: BTreeMap<String, u32>,
+    queue_running: BTreeMap<String, u32>,
+}
+
+impl Picker<'_> {
+    /// Whether `id` may be picked with `budget`; if so, counts it.
+    fn take(&self, budget: &mut Budget, id: TaskId) -> bool {
+        if budget.taken.contains(&id) {
+            return false;
+        }
+        let t = &self.state.tasks[&id];
+        let queue_full = self.queue_limits.get(&t.spec.queue).is_some_and(|max| {
+            budget
+                .queue_running
+                .get(&t.spec.queue)
+                .copied()
+                .unwrap_or(0)
+                >= *max
+        });
+        if queue_full {
+            return false;
+        }
+        let pools = &self.state.pools;
+        if !pools.fits(id, |p| budget.pool_used.get(p).copied().unwrap_or(0)) {
+            return false;
+        }
+        if let Some(c) = pools.claim(id) {
+            *budget.pool_used.entry(c.pool.clone()).or_default() += c.slots;
+        }
+        if self.queue_limits.contains_key(&t.spec.queue) {
+            *budget
+                .queue_running
+                .entry(t.spec.queue.clone())
+                .or_default() += 1;
+        }
+        budget.taken.insert(id);
+        true
+    }
+
+    /// The next at most `max` tasks for a worker serving `queues` (see [`State::pick_ready`]).
+    pub fn pick(&mut self, queues: &[String], max: usize, now_ms: u64) -> Vec<TaskId> {
+        let s = self.state;
+        let mut candidates: Vec<ReadyKey> = Vec::new();
+        // Per queue, the first `max` tasks that would fit if only that queue were picked from.
+        for q in queues {
+            let Some(set) = s.ready.get(q) else { continue };
+            let mut trial = self.budget.clone();
+            let mut found = 0;
+            for key in set.iter().take(MAX_PICK_SCAN) {
+                if found >= max {
+                    break;
+                }
+                if self.take(&mut trial, key.2) {
+                    candidates.push(*key);
+                    found += 1;
+                }
+            }
+        }
+        // Promotion assigns sequence numbers after every ready task, in waiting order.
+        let mut seq = s.next_seq;
+        let mut trial = self.budget.clone();
+        for &(_, id) in s
+            .waiting
+            .iter()
+            .take_while(|(at, _)| *at <= now_ms.max(s.clock_ms))
+            .take(MAX_PICK_SCAN)
+        {
+            seq += 1;
+            let t = &s.tasks[&id];
+            if queues.contains(&t.spec.queue) && self.take(&mut trial, id) {
+                candidates.push((Reverse(t.spec.priority), seq, id));
+            }
+        }
+        candidates.sort_unstable();
+        let mut budget = std::mem::replace(
+            &mut self.budget,
+            Budget {
+                taken: BTreeSet::new(),
+                pool_used: BTreeMap::new(),
+                queue_running: BTreeMap::new(),
+            },
+        );
+        let mut out = Vec::new();
+        for k in candidates {
+            if out.len() >= max {
+                break;
+            }
+            if self.take(&mut budget, k.2) {
+                out.push(k.2);
+            }
+        }
+        self.budget = budget;
         out
     }
 }
