@@ -342,6 +342,73 @@ mod tests {
         let mut future = again.clone();
         future[0] = STATE_FORMAT + 1;
         let e = decode_state("future", &future).unwrap_err().to_string();
-        assert!(e.contains("state format 3 is not understood"), "{e}");
+        assert!(e.contains("state format 4 is not understood"), "{e}");
+    }
+
+    /// Format 2 (before schedules and pools) is the format-3 state without its two trailing
+    /// parts: it still reads, with no schedules and no pools.
+    #[test]
+    fn a_format_2_state_reads_with_no_schedules_or_pools() {
+        let (_, data) = read_snapshot_file(Path::new(FORMAT_1)).unwrap().unwrap();
+        let state = decode_state("fixture", &data).unwrap();
+        let mut format_2 = vec![2u8];
+        bincode::serde::encode_into_std_write(&state, &mut format_2, bincode::config::standard())
+            .unwrap();
+        let read = decode_state("format 2", &format_2).unwrap();
+        assert_eq!(read, state);
+        assert!(read.schedules().is_empty());
+        assert!(read.pool_views().is_empty());
+    }
+
+    #[test]
+    fn schedules_and_pools_survive_a_snapshot() {
+        use crate::state::*;
+        let mut state = State::default();
+        let spec = ScheduleSpec {
+            trigger: Trigger::Cron {
+                expr: "* * * * * *".into(),
+                timezone: "Europe/Berlin".into(),
+            },
+            start_at_ms: None,
+            end_at_ms: None,
+            catchup: CatchupPolicy::Latest,
+            catchup_window_ms: 60_000,
+            overlap: OverlapPolicy::Queue,
+            jitter_ms: 0,
+            task: TaskSpec::new(vec!["true".into()], "default"),
+            pool: Some(PoolClaim {
+                pool: "p".into(),
+                slots: 1,
+            }),
+        };
+        let commands = vec![
+            Command::SetPool {
+                name: "p".into(),
+                slots: 2,
+            },
+            Command::PutSchedule {
+                name: "s".into(),
+                spec,
+                paused: None,
+                mode: PutMode::Create,
+            },
+            Command::TriggerSchedule {
+                name: "s".into(),
+                key: 1,
+            },
+        ];
+        let r = state.apply(
+            1,
+            &Request {
+                proposed_at_ms: 1_000,
+                commands,
+            },
+        );
+        assert!(r.results.iter().all(|r| r.is_ok()), "{r:?}");
+        let bytes = encode_state(&state).unwrap();
+        let read = decode_state("round trip", &bytes).unwrap();
+        assert_eq!(read, state);
+        assert_eq!(read.schedules().len(), 1);
+        assert_eq!(read.pool_views()[0].queued, 1);
     }
 }

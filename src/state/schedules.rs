@@ -227,7 +227,7 @@ pub enum RunKind {
 
 /// What became of one tick (or of a range of missed ones).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "result")]
+#[serde(rename_all = "kebab-case")]
 pub enum TickResult {
     /// A run was created.
     Run { task: TaskId },
