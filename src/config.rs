@@ -348,6 +348,8 @@ pub struct QueueDefaults {
     pub execution_timeout_ms: Option<u64>,
     #[serde(deserialize_with = "load::opt_duration_ms")]
     pub visibility_timeout_ms: Option<u64>,
+    /// Most tasks of the queue running at once across the fleet (the leader grants no more).
+    pub max_running: Option<u32>,
 }
 
 /// A worker process (`fleet worker`).
@@ -572,6 +574,12 @@ impl Config {
             crate::state::validate_queue_name(q)
                 .map_err(|e| anyhow::anyhow!("[queues.{q}]: {e}"))?;
             self.task_defaults_valid(&format!("queues.{q}"), &self.task_defaults(q))?;
+            if self.queues[q].max_running == Some(0) {
+                anyhow::bail!(
+                    "queues.{q}.max_running = 0 is not valid: use 1 or more, or leave it out \
+                     for no limit"
+                );
+            }
         }
         let w = &self.worker;
         if w.queues.is_empty() {

@@ -72,6 +72,11 @@ pub const RAFT_REPLICATION_LAG: &str = "raft.replication_lag";
 pub const RAFT_SNAPSHOT_SIZE: &str = "raft.snapshot.size";
 pub const RAFT_SNAPSHOT_DURATION: &str = "raft.snapshot.duration";
 pub const STORAGE_FSYNC_DURATION: &str = "storage.fsync_duration";
+pub const SCHEDULE_TICKS: &str = "schedule.ticks";
+pub const SCHEDULE_TICK_LATENESS: &str = "schedule.tick_lateness";
+pub const POOL_OPEN_SLOTS: &str = "pool.open_slots";
+pub const POOL_RUNNING_SLOTS: &str = "pool.running_slots";
+pub const POOL_QUEUED_TASKS: &str = "pool.queued_tasks";
 
 use Kind::*;
 
@@ -138,6 +143,16 @@ pub const CATALOG: &[Def] = &[
         help: "Time to build and fsync a snapshot." },
     Def { name: STORAGE_FSYNC_DURATION, kind: Histogram, labels: &["node"], unit: S,
         help: "Latency of one fsync of the Raft log (one group commit)." },
+    Def { name: SCHEDULE_TICKS, kind: Counter, labels: &["schedule", "result"], unit: None,
+        help: "Ticks of a schedule decided by the leader: result fired (a run was created or queued), missed (passed while no leader could fire it and not caught up) or skipped (overlap policy)." },
+    Def { name: SCHEDULE_TICK_LATENESS, kind: Histogram, labels: &["schedule"], unit: S,
+        help: "Time from a tick's fire time to the lease grant of its run's first attempt." },
+    Def { name: POOL_OPEN_SLOTS, kind: Gauge, labels: &["pool"], unit: None,
+        help: "Slots of a pool not held by a leased attempt (Airflow's pool.open_slots)." },
+    Def { name: POOL_RUNNING_SLOTS, kind: Gauge, labels: &["pool"], unit: None,
+        help: "Slots of a pool held by leased attempts." },
+    Def { name: POOL_QUEUED_TASKS, kind: Gauge, labels: &["pool"], unit: None,
+        help: "Tasks of a pool waiting for a lease." },
 ];
 
 /// Registers the descriptions and units with the installed recorder.

@@ -114,7 +114,16 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
             );
         }
     }
-    let stats = replica.sm.read(|s| s.queue_stats()).await;
+    let (stats, pools) = replica
+        .sm
+        .read(|s| (s.queue_stats(), s.pool_views()))
+        .await;
+    for p in &pools {
+        let l = || vec![("pool", p.name.clone())];
+        set(POOL_OPEN_SLOTS, l(), p.slots.saturating_sub(p.used) as f64);
+        set(POOL_RUNNING_SLOTS, l(), p.used as f64);
+        set(POOL_QUEUED_TASKS, l(), p.queued as f64);
+    }
     let workers = replica
         .scheduler
         .workers

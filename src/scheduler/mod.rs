@@ -8,12 +8,15 @@
 //! - [`leases::LeaseTracker`]: the leader's soft state about heartbeats, grace periods and
 //!   worker liveness, from which it decides expiries.
 //! - [`workers::WorkerRegistry`]: the workers the leader has heard from (soft state).
+//! - [`ticker`]: the leader's loop that fires due schedule ticks (planned by
+//!   [`crate::schedule::plan`], applied exactly once by the state machine).
 //!
 //! Heartbeats, lease requests and reports arrive as RPCs (`server::service`); heartbeats only
 //! touch the soft state and never cost a Raft write.
 
 pub mod leases;
 pub mod scheduling_loop;
+pub mod ticker;
 pub mod workers;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +50,9 @@ pub struct Scheduler {
     /// answered when it equals the current term, so a new leader never fences a lease it has
     /// not applied yet.
     pub(crate) ready_term: AtomicU64,
+    /// When the loop became ready in its term (ms since the epoch, this replica's clock): ticks
+    /// before it passed while no leader could fire them (`schedule::plan`).
+    pub(crate) ready_since_ms: AtomicU64,
     /// Completed loop iterations, and when the last one ended (ms since the epoch).
     iterations: AtomicU64,
     last_iteration_ms: AtomicU64,
@@ -64,6 +70,7 @@ impl Default for Scheduler {
             polls,
             inbox: Mutex::new(Some(inbox)),
             ready_term: AtomicU64::new(0),
+            ready_since_ms: AtomicU64::new(0),
             iterations: AtomicU64::new(0),
             last_iteration_ms: AtomicU64::new(0),
             longest_gap_ms: AtomicU64::new(0),

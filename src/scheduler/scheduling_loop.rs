@@ -118,6 +118,7 @@ pub async fn run(replica: Arc<Replica>) {
             sched.workers.lock().expect("workers lock").clear();
             sync_tracker(&replica).await;
             led_term = Some(term);
+            sched.ready_since_ms.store(now_ms(), Ordering::Release);
             sched.ready_term.store(term, Ordering::Release);
             let leases = replica.sm.read(|s| s.leases().count()).await;
             tracing::info!(
@@ -330,23 +331,22 @@ async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request:
         }
     }
     let now = now_ms();
+    let limits: std::collections::BTreeMap<String, u32> = replica
+        .config
+        .queues
+        .iter()
+        .filter_map(|(q, d)| d.max_running.map(|m| (q.clone(), m)))
+        .collect();
+    let limits = &limits;
     let picks: Vec<Vec<TaskId>> = replica
         .sm
         .read(|s| {
-            let mut taken: HashSet<TaskId> = HashSet::new();
+            // One picker for every request: together they respect the pools and the queues'
+            // `max_running`.
+            let mut picker = s.picker(limits);
             polls
                 .iter()
-                .map(|p| {
-                    let want = p.max.min(max_per_request) as usize;
-                    let got: Vec<TaskId> = s
-                        .pick_ready(&p.worker.queues, want + taken.len(), now)
-                        .into_iter()
-                        .filter(|id| !taken.contains(id))
-                        .take(want)
-                        .collect();
-                    taken.extend(got.iter().copied());
-                    got
-                })
+                .map(|p| picker.pick(&p.worker.queues, p.max.min(max_per_request) as usize, now))
                 .collect()
         })
         .await;
@@ -400,6 +400,10 @@ async fn grant(replica: &Replica, pending: &mut VecDeque<Poll>, max_per_request:
                         metrics::histogram!(m::TASK_QUEUED_DURATION, "queue" => queue).record(
                             crate::metrics::seconds_between_ms(t.ready_at_ms, granted_at),
                         );
+                        if let (Some((sch, fire)), 1) = (s.schedules().run_of(*id), t.attempts.len()) {
+                            metrics::histogram!(m::SCHEDULE_TICK_LATENESS, "schedule" => sch.name.clone())
+                                .record(crate::metrics::seconds_between_ms(fire, granted_at));
+                        }
                         Some((*id, t.spec.clone()))
                     })
                     .collect::<std::collections::HashMap<_, _>>()

@@ -240,6 +240,7 @@ impl Replica {
         crate::health::monitor::spawn(replica.clone());
         tokio::spawn(replica.clone().watch_for_fatal().in_current_span());
         tokio::spawn(crate::scheduler::scheduling_loop::run(replica.clone()).in_current_span());
+        tokio::spawn(crate::scheduler::ticker::run(replica.clone()).in_current_span());
         tokio::spawn(crate::metrics::sampler::run(replica.clone()).in_current_span());
         let r = replica.clone();
         tokio::spawn(

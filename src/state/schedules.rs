@@ -381,6 +381,9 @@ pub struct Schedules {
     run_of: BTreeMap<TaskId, (ScheduleId, u64)>,
     /// The log index being applied (a run created when another ends records it).
     applying_index: u64,
+    /// Grows with every create, update, pause, resume and delete (the leader's ticker plans
+    /// again when it moves).
+    changes: u64,
 }
 
 impl Schedules {
@@ -399,6 +402,10 @@ impl Schedules {
 
     pub fn len(&self) -> usize {
         self.by_id.len()
+    }
+
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -482,6 +489,7 @@ impl State {
             }
             s.spec = spec.clone();
             s.updated_at_ms = now;
+            self.schedules.changes += 1;
             // A start moved later: nothing before it is due.
             if let Some(start) = spec.start_at_ms {
                 s.fired_through_ms = s.fired_through_ms.max(start.saturating_sub(1));
@@ -522,6 +530,7 @@ impl State {
         };
         self.schedules.by_id.insert(id, schedule);
         self.schedules.by_name.insert(name.to_string(), id);
+        self.schedules.changes += 1;
         Ok(CommandOutput::ScheduleSaved {
             id,
             change: PutChange::Created,
@@ -535,6 +544,7 @@ impl State {
             return;
         }
         s.paused = paused;
+        self.schedules.changes += 1;
         if paused {
             s.paused_at_ms = Some(now);
         } else {
@@ -562,6 +572,7 @@ impl State {
         let id = self.schedule_named(name)?;
         self.schedules.by_name.remove(name);
         self.schedules.by_id.remove(&id);
+        self.schedules.changes += 1;
         Ok(CommandOutput::ScheduleDeleted { id })
     }
 
