@@ -13,6 +13,7 @@ use serde::Serialize;
 
 pub mod health;
 pub mod logs;
+pub mod schedule;
 pub mod submit;
 pub mod up;
 pub mod worker;
@@ -61,6 +62,12 @@ pub enum Command {
     /// Inspect queues.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Run tasks by time: cron expressions and intervals with exactly-once ticks.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
+    /// Named, cluster-wide concurrency limits for tasks and schedules.
+    #[command(subcommand)]
+    Pool(schedule::PoolCommand),
     /// Inspect and change the cluster's membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -310,6 +317,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Worker(args) => worker::worker(config, args).await,
         Command::Logs(args) => logs::logs(&config, args).await,
         Command::Submit(args) => submit::submit(&config, args).await,
+        Command::Schedule(cmd) => schedule::schedule(&config, cmd).await,
+        Command::Pool(cmd) => schedule::pool(&config, cmd).await,
         Command::Task(TaskCommand::List {
             client,
             state,
@@ -637,7 +646,7 @@ pub(crate) fn connect(config: &Config, args: &ClientArgs) -> anyhow::Result<Clie
     .with_auth_token(&config.node.auth_token))
 }
 
-fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -726,7 +735,7 @@ fn opt(v: Option<u64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
-fn shell_words(words: &[String]) -> String {
+pub(crate) fn shell_words(words: &[String]) -> String {
     words
         .iter()
         .map(|w| {
@@ -743,7 +752,7 @@ fn shell_words(words: &[String]) -> String {
         .join(" ")
 }
 
-fn format_time_ms(ms: u64) -> String {
+pub(crate) fn format_time_ms(ms: u64) -> String {
     let secs = (ms / 1000) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);

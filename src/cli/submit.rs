@@ -26,10 +26,9 @@ const SUBMIT_FILE_BATCH: usize = 1000;
 /// fits.
 const SUBMIT_BATCH_BYTES: usize = 4 << 20;
 
-#[derive(Args, Debug)]
-pub struct SubmitArgs {
-    #[command(flatten)]
-    pub client: ClientArgs,
+/// The options of a task, shared by `fleet submit` and `fleet schedule create|update`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TaskOptions {
     /// The queue for the task. Default: `default`.
     #[arg(long)]
     pub queue: Option<String>,
@@ -55,34 +54,21 @@ pub struct SubmitArgs {
     /// How long a lease stays valid without a worker heartbeat, e.g. `30s`.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
     pub visibility_timeout: Option<u64>,
-    /// Do not run before this long from now, e.g. `90s`.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms, conflicts_with = "not_before")]
-    pub delay: Option<u64>,
-    /// Do not run before this time (RFC 3339, e.g. `2026-12-01T08:00:00Z`).
-    #[arg(long, value_name = "TIME", value_parser = parse_time_ms)]
-    pub not_before: Option<u64>,
     /// An environment variable for the task, `KEY=VALUE` (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
-    /// A second submission with the same key, while the first task is retained, returns the
-    /// first task's id instead of creating another.
-    #[arg(long, value_name = "KEY")]
-    pub idempotency_key: Option<String>,
-    /// Submit many tasks from a JSON-lines file, one object per line with the fields
-    /// `command` (required), `queue`, `priority`, `env` (an object), `max_attempts`,
-    /// `backoff_initial_ms`, `backoff_max_ms`, `backoff_multiplier`, `timeout_ms`,
-    /// `visibility_timeout_ms`, `delay_ms`, `not_before_ms`, `idempotency_key`. `-` reads
-    /// standard input.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["command", "idempotency_key"])]
-    pub file: Option<PathBuf>,
-    /// The program and its arguments, after `--`.
-    #[arg(last = true, value_name = "CMD")]
-    pub command: Vec<String>,
+    /// A pool (`fleet pool set`) whose slots the task holds while it runs: the leader never
+    /// runs more of the pool's tasks at once than it has slots.
+    #[arg(long, value_name = "NAME")]
+    pub pool: Option<String>,
+    /// Slots of the pool one attempt holds (default 1).
+    #[arg(long, value_name = "K")]
+    pub pool_slots: Option<u32>,
 }
 
-impl SubmitArgs {
+impl TaskOptions {
     /// The task the options describe (without a command).
-    fn template(&self) -> NewTask {
+    pub fn new_task(&self) -> NewTask {
         NewTask {
             command: Vec::new(),
             queue: self.queue.clone(),
@@ -94,9 +80,51 @@ impl SubmitArgs {
             backoff_multiplier: self.backoff_multiplier,
             timeout_ms: self.timeout,
             visibility_timeout_ms: self.visibility_timeout,
+            delay_ms: None,
+            not_before_ms: None,
+            idempotency_key: None,
+            pool: self.pool.clone(),
+            pool_slots: self.pool_slots,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub task: TaskOptions,
+    /// Do not run before this long from now, e.g. `90s`.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms, conflicts_with = "not_before")]
+    pub delay: Option<u64>,
+    /// Do not run before this time (RFC 3339, e.g. `2026-12-01T08:00:00Z`).
+    #[arg(long, value_name = "TIME", value_parser = parse_time_ms)]
+    pub not_before: Option<u64>,
+    /// A second submission with the same key, while the first task is retained, returns the
+    /// first task's id instead of creating another.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// Submit many tasks from a JSON-lines file, one object per line with the fields
+    /// `command` (required), `queue`, `priority`, `env` (an object), `max_attempts`,
+    /// `backoff_initial_ms`, `backoff_max_ms`, `backoff_multiplier`, `timeout_ms`,
+    /// `visibility_timeout_ms`, `delay_ms`, `not_before_ms`, `idempotency_key`, `pool`,
+    /// `pool_slots`. `-` reads standard input.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["command", "idempotency_key"])]
+    pub file: Option<PathBuf>,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+impl SubmitArgs {
+    /// The task the options describe (without a command).
+    fn template(&self) -> NewTask {
+        NewTask {
             delay_ms: self.delay,
             not_before_ms: self.not_before,
             idempotency_key: self.idempotency_key.clone(),
+            ..self.task.new_task()
         }
     }
 }
@@ -122,7 +150,7 @@ pub fn parse_time_ms(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is before 1970"))
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
@@ -145,6 +173,10 @@ fn merge(mut line: NewTask, t: &NewTask) -> NewTask {
     if line.delay_ms.is_none() && line.not_before_ms.is_none() {
         line.delay_ms = t.delay_ms;
         line.not_before_ms = t.not_before_ms;
+    }
+    if line.pool.is_none() {
+        line.pool = t.pool.clone();
+        line.pool_slots = line.pool_slots.or(t.pool_slots);
     }
     line
 }

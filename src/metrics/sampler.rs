@@ -114,10 +114,7 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
             );
         }
     }
-    let (stats, pools) = replica
-        .sm
-        .read(|s| (s.queue_stats(), s.pool_views()))
-        .await;
+    let (stats, pools) = replica.sm.read(|s| (s.queue_stats(), s.pool_views())).await;
     for p in &pools {
         let l = || vec![("pool", p.name.clone())];
         set(POOL_OPEN_SLOTS, l(), p.slots.saturating_sub(p.used) as f64);

@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod handshake;
 pub mod peer;
+pub mod schedules;
 
 use serde::{Deserialize, Serialize};
 
@@ -116,6 +117,10 @@ pub struct NewTask {
     /// Not to run before this time (ms since the Unix epoch).
     pub not_before_ms: Option<u64>,
     pub idempotency_key: Option<String>,
+    /// A pool whose slots the task holds while it runs.
+    pub pool: Option<String>,
+    /// Slots of the pool one attempt holds (default 1).
+    pub pool_slots: Option<u32>,
 }
 
 impl NewTask {
@@ -378,6 +383,24 @@ pub trait FleetService {
     async fn worker_leave(worker: WorkerId, hop: u8) -> Result<u32, Error>;
     /// Workers the leader knows of.
     async fn list_workers(hop: u8) -> Result<Vec<WorkerStatus>, Error>;
+
+    // --- schedules and pools (writes on the leader; forwarded once from elsewhere) ---
+    /// Applies the changes in order; one outcome (or the reason it was refused) per change.
+    async fn schedule_ops(
+        ops: Vec<schedules::ScheduleOp>,
+        hop: u8,
+    ) -> Result<Vec<Result<schedules::OpOutcome, Error>>, Error>;
+    /// One schedule (`name`) or every one (without history).
+    async fn get_schedules(
+        name: Option<String>,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Vec<schedules::ScheduleView>>, Error>;
+    /// Every pool with its use.
+    async fn list_pools(
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Vec<crate::state::PoolView>>, Error>;
 
     // --- health (answered by the contacted replica itself, never forwarded) ---
     /// The replica's report on itself, with its view of the cluster when `cluster`.

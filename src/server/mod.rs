@@ -16,6 +16,7 @@
 pub mod admission;
 pub mod formation;
 pub mod proposer;
+pub mod schedule_calls;
 pub mod service;
 pub mod worker_calls;
 

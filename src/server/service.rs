@@ -269,6 +269,68 @@ impl FleetService for Connection {
         self.replica.list_workers(ctx, hop).await
     }
 
+    async fn schedule_ops(
+        self,
+        ctx: Context,
+        ops: Vec<crate::rpc::schedules::ScheduleOp>,
+        hop: u8,
+    ) -> Result<Vec<Result<crate::rpc::schedules::OpOutcome, Error>>, Error> {
+        self.replica.schedule_ops(ctx, ops, hop).await
+    }
+
+    async fn get_schedules(
+        self,
+        ctx: Context,
+        name: Option<String>,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Vec<crate::rpc::schedules::ScheduleView>>, Error> {
+        let r = self.replica.clone();
+        let n2 = name.clone();
+        let now = crate::server::proposer::now_ms();
+        let reply = r
+            .read(
+                ctx,
+                mode,
+                hop,
+                move |s| super::schedule_calls::schedule_views(s, name.as_deref(), now),
+                move |c, ctx| async move {
+                    c.get_schedules(ctx, n2, mode, hop + 1).await.map(|r| {
+                        r.map(|r| ReadReply {
+                            value: Ok(r.value),
+                            served_by: r.served_by,
+                            applied_index: r.applied_index,
+                            linearizable: r.linearizable,
+                        })
+                    })
+                },
+            )
+            .await?;
+        Ok(ReadReply {
+            value: reply.value?,
+            served_by: reply.served_by,
+            applied_index: reply.applied_index,
+            linearizable: reply.linearizable,
+        })
+    }
+
+    async fn list_pools(
+        self,
+        ctx: Context,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Vec<crate::state::PoolView>>, Error> {
+        let r = self.replica.clone();
+        r.read(
+            ctx,
+            mode,
+            hop,
+            super::schedule_calls::pools,
+            move |c, ctx| async move { c.list_pools(ctx, mode, hop + 1).await },
+        )
+        .await
+    }
+
     async fn leave(self, ctx: Context) -> Result<(), Error> {
         self.replica.clone().leave(ctx).await
     }
@@ -404,13 +466,24 @@ impl Replica {
         let now = crate::server::proposer::now_ms();
         let mut queues = Vec::new();
         for t in tasks {
-            match t.task.resolve(&self.config, now) {
-                Ok(spec) => {
+            let resolved = t
+                .task
+                .resolve(&self.config, now)
+                .and_then(|spec| Ok((spec, crate::rpc::schedules::pool_claim(&t.task)?)));
+            match resolved {
+                Ok((spec, pool)) => {
                     results.push(None);
                     queues.push(spec.queue.clone());
-                    commands.push(Command::SubmitTask {
-                        request_id: t.request_id,
-                        spec,
+                    commands.push(match pool {
+                        None => Command::SubmitTask {
+                            request_id: t.request_id,
+                            spec,
+                        },
+                        Some(pool) => Command::SubmitPooled {
+                            request_id: t.request_id,
+                            spec,
+                            pool,
+                        },
                     });
                 }
                 Err(e) => results.push(Some(Err(e))),
