@@ -221,6 +221,10 @@ async fn send(config: &Config, client: &ClientArgs, ops: Vec<ScheduleOp>) -> any
         results.extend(r);
     }
     let failed = results.iter().filter(|r| r.is_err()).count();
+    if let [Err(e)] = results.as_slice() {
+        // One change: its error is the command's error.
+        bail!("{e}");
+    }
     if client.output == Output::Json {
         let json: Vec<serde_json::Value> = results
             .iter()
@@ -253,6 +257,15 @@ fn describe(o: &OpOutcome) -> String {
                 crate::state::PutChange::Updated => "updated",
                 crate::state::PutChange::Unchanged => "unchanged",
             }
+        ),
+        OpOutcome::Paused {
+            name,
+            paused,
+            changed,
+        } => format!(
+            "schedule {name} {}{}",
+            if *paused { "paused" } else { "resumed" },
+            if *changed { "" } else { " (it was already)" }
         ),
         OpOutcome::Deleted { name } => format!("schedule {name} deleted"),
         OpOutcome::Runs {
@@ -572,7 +585,7 @@ impl FileSchedule {
             .map(parse_every)
             .transpose()
             .map_err(|e| format!("every: {e}"))?;
-        for (k, _) in &self.env {
+        for k in self.env.keys() {
             parse_env(&format!("{k}=x")).map_err(|e| format!("env: {e}"))?;
         }
         Ok(ScheduleDef {

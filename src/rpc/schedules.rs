@@ -75,6 +75,12 @@ pub enum OpOutcome {
         name: String,
         change: PutChange,
     },
+    /// Paused (`paused`) or resumed; `changed` is false when it was so already.
+    Paused {
+        name: String,
+        paused: bool,
+        changed: bool,
+    },
     Deleted {
         name: String,
     },

@@ -41,12 +41,7 @@ impl Replica {
             .sm
             .read(|s| ops.iter().map(|op| self.to_command(s, op, now)).collect())
             .await;
-        let mut commands = Vec::new();
-        for r in &resolved {
-            if let Ok((c, _)) = r {
-                commands.push(c.clone());
-            }
-        }
+        let commands: Vec<Command> = resolved.iter().flatten().map(|(c, _)| c.clone()).collect();
         let outputs = self.proposer.propose_many(commands).await;
         if let Some(Err(e)) = outputs
             .iter()

@@ -404,7 +404,7 @@ mod tests {
                         .unwrap();
                     }
                 }
-                4..=6 | 7 => {
+                4..=7 => {
                     let leased: Vec<(TaskId, u64)> =
                         st.leases().map(|(t, l)| (t.id, l.fencing_token)).collect();
                     if let Some(&(task, token)) =
