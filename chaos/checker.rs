@@ -11,6 +11,14 @@
 //!    its attempt did not succeed.
 //! 6. **leader-per-term**: at most one replica leads in any term (no replica claims to lead a
 //!    term another leads, and no two replicas name different leaders for one term).
+//! 7. **tick-exactly-once** (with schedules): no (schedule, fire time) has two runs; every fire
+//!    time of a schedule from its creation to its final watermark has a run, unless the
+//!    schedule's catch-up policy skipped it (then its missed count covers it: runs + missed +
+//!    skipped equals the fire times); a schedule with catch-up `all` misses none; no run has a
+//!    fire time that is not one of its schedule's.
+//! 8. **pool-over** (with pools): at no point did a pool's tasks hold more leases than its
+//!    slots. Judged on the replicated lease intervals (each attempt from grant to end, in the
+//!    state machine's clock, which follows log order); at equal times ends count first.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -65,7 +73,116 @@ pub fn check(h: &History) -> Vec<Violation> {
         check_overlaps(*task, list, tasks.get(task).copied(), &mut out);
     }
     check_leaders(h, &mut out);
+    check_ticks(h, &mut out);
+    check_pools(h, &mut out);
     out
+}
+
+fn check_ticks(h: &History, out: &mut Vec<Violation>) {
+    let mut runs: BTreeMap<(&str, u64), Vec<u64>> = BTreeMap::new();
+    for t in &h.tasks {
+        let Some((schedule, fire)) = &t.run_of else {
+            continue;
+        };
+        match fleet::schedule::parse_time(fire, 0) {
+            Ok(ms) => runs.entry((schedule.as_str(), ms)).or_default().push(t.id),
+            Err(e) => v(
+                out,
+                "tick-exactly-once",
+                Some(t.id),
+                format!("bad FLEET_FIRE_TIME: {e}"),
+            ),
+        }
+    }
+    for ((schedule, fire), tasks) in &runs {
+        if tasks.len() > 1 {
+            v(
+                out,
+                "tick-exactly-once",
+                Some(tasks[0]),
+                format!(
+                    "schedule {schedule} tick {fire} has {} runs: tasks {tasks:?}",
+                    tasks.len()
+                ),
+            );
+        }
+    }
+    for s in &h.schedules {
+        let Ok(timing) = fleet::schedule::Timing::new(&s.spec) else {
+            continue;
+        };
+        let expected: BTreeSet<u64> = timing
+            .between(s.created_at_ms + 1, s.fired_through_ms, 1_000_000)
+            .into_iter()
+            .collect();
+        let ran: BTreeSet<u64> = runs
+            .keys()
+            .filter(|(name, _)| *name == s.name)
+            .map(|(_, f)| *f)
+            .collect();
+        if let Some(f) = ran.difference(&expected).next() {
+            v(
+                out,
+                "tick-exactly-once",
+                None,
+                format!(
+                    "schedule {} ran tick {f}, which is not one of its fire times",
+                    s.name
+                ),
+            );
+        }
+        let missing: Vec<u64> = expected.difference(&ran).copied().collect();
+        let policy_all = s.spec.catchup == fleet::state::CatchupPolicy::All;
+        let accounted = s.counts.missed + s.counts.skipped;
+        if (policy_all && s.counts.missed > 0 && !missing.is_empty())
+            || missing.len() as u64 != accounted
+        {
+            v(
+                out,
+                "tick-exactly-once",
+                None,
+                format!(
+                    "schedule {} (catch-up {}): {} fire times from creation to {}, {} without a run (e.g. {:?}) but {} recorded missed or skipped",
+                    s.name,
+                    s.spec.catchup,
+                    expected.len(),
+                    s.fired_through_ms,
+                    missing.len(),
+                    &missing[..missing.len().min(3)],
+                    accounted
+                ),
+            );
+        }
+    }
+}
+
+fn check_pools(h: &History, out: &mut Vec<Violation>) {
+    for (pool, slots) in &h.pools {
+        // (time, +1 grant / -1 end, task); ends sort first at equal times.
+        let mut events: Vec<(u64, i64, u64)> = Vec::new();
+        for t in h.tasks.iter().filter(|t| t.pool.as_deref() == Some(pool)) {
+            for a in &t.attempts {
+                events.push((a.started_at_ms, 1, t.id));
+                if let Some(end) = a.ended_at_ms {
+                    events.push((end, -1, t.id));
+                }
+            }
+        }
+        events.sort();
+        let mut held = 0i64;
+        for (at, d, task) in events {
+            held += d;
+            if held > i64::from(*slots) {
+                v(
+                    out,
+                    "pool-over",
+                    Some(task),
+                    format!("pool {pool} had {held} leases of {slots} slots at {at}"),
+                );
+                return;
+            }
+        }
+    }
 }
 
 fn v(out: &mut Vec<Violation>, invariant: &'static str, task: Option<u64>, detail: String) {
@@ -308,6 +425,8 @@ mod tests {
             state: state.into(),
             key: Some(format!("k{id}")),
             attempts,
+            run_of: None,
+            pool: None,
         }
     }
 
@@ -372,6 +491,7 @@ mod tests {
                     leader: Some(2),
                 },
             ],
+            ..Default::default()
         }
     }
 
@@ -462,5 +582,130 @@ mod tests {
             leader: Some(3),
         });
         assert!(invariants(&h).contains(&"leader-per-term"));
+    }
+
+    /// A schedule firing every second from t=1000 (created then) through t=5000, with catch-up
+    /// `policy`, and runs for `fires` (seconds).
+    fn scheduled(policy: fleet::state::CatchupPolicy, fires: &[u64], missed: u64) -> History {
+        use fleet::state::*;
+        let spec = ScheduleSpec {
+            trigger: Trigger::Every {
+                every_ms: 1000,
+                anchor_ms: 0,
+            },
+            start_at_ms: None,
+            end_at_ms: None,
+            catchup: policy,
+            catchup_window_ms: 3_600_000,
+            overlap: OverlapPolicy::Allow,
+            jitter_ms: 0,
+            task: TaskSpec::new(vec!["true".into()], "default"),
+            pool: None,
+        };
+        let mut state = State::default();
+        let r = state.apply(
+            1,
+            &Request {
+                proposed_at_ms: 1000,
+                commands: vec![Command::PutSchedule {
+                    name: "s".into(),
+                    spec,
+                    paused: None,
+                    mode: PutMode::Create,
+                }],
+            },
+        );
+        assert!(r.results[0].is_ok());
+        let mut s = state.schedules().get("s").unwrap().clone();
+        s.fired_through_ms = 5000;
+        s.counts.missed = missed;
+        let mut h = History {
+            schedules: vec![s],
+            ..Default::default()
+        };
+        for (i, f) in fires.iter().enumerate() {
+            let mut t = task(
+                100 + i as u64,
+                "succeeded",
+                vec![attempt(1, 50 + i as u64, "succeeded")],
+            );
+            t.run_of = Some(("s".into(), format!("1970-01-01T00:00:0{f}Z")));
+            h.tasks.push(t);
+        }
+        h
+    }
+
+    /// The tick invariant's violations alone (the histories have no executions).
+    fn ticks(h: &History) -> Vec<Violation> {
+        let mut out = Vec::new();
+        check_ticks(h, &mut out);
+        out
+    }
+
+    #[test]
+    fn tick_exactly_once_catches_doubled_missed_and_foreign_ticks() {
+        use fleet::state::CatchupPolicy::{All, None as Skip};
+        assert!(ticks(&scheduled(All, &[2, 3, 4, 5], 0)).is_empty());
+        // Two runs of one tick.
+        let found = ticks(&scheduled(All, &[2, 3, 3, 4, 5], 0));
+        assert!(
+            found
+                .iter()
+                .any(|v| v.invariant == "tick-exactly-once" && v.detail.contains("has 2 runs")),
+            "{found:?}"
+        );
+        // A tick without a run and not recorded missed.
+        let found = ticks(&scheduled(All, &[2, 4, 5], 0));
+        assert!(
+            found.iter().any(|v| v.invariant == "tick-exactly-once" && v.detail.contains("1 without a run")),
+            "{found:?}"
+        );
+        // catch-up none may skip it, when its missed count says so; all may not.
+        assert!(ticks(&scheduled(Skip, &[2, 4, 5], 1)).is_empty());
+        assert!(!ticks(&scheduled(All, &[2, 4, 5], 1)).is_empty());
+        // A run for a time the schedule never fires at.
+        let mut h = scheduled(All, &[2, 3, 4, 5], 0);
+        h.tasks[0].run_of = Some(("s".into(), "1970-01-01T00:00:02.500Z".into()));
+        let found = ticks(&h);
+        assert!(
+            found
+                .iter()
+                .any(|v| v.detail.contains("not one of its fire times")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn pool_over_catches_more_leases_than_slots() {
+        let mut h = History::default();
+        h.pools.insert("p".into(), 2);
+        let lease = |token, from, to| AttemptRecord {
+            number: 1,
+            token,
+            worker: 1,
+            started_at_ms: from,
+            ended_at_ms: Some(to),
+            outcome: "succeeded".into(),
+        };
+        for (id, from, to) in [(1, 0, 100), (2, 50, 150), (3, 100, 200)] {
+            let mut t = task(id, "succeeded", vec![lease(id, from, to)]);
+            t.pool = Some("p".into());
+            h.tasks.push(t);
+        }
+        // Task 3 starts as task 1 ends: two at a time.
+        let pools = |h: &History| {
+            let mut out = Vec::new();
+            check_pools(h, &mut out);
+            out
+        };
+        assert!(pools(&h).is_empty(), "{:?}", pools(&h));
+        h.tasks[2].attempts[0].started_at_ms = 99;
+        let found = pools(&h);
+        assert!(
+            found
+                .iter()
+                .any(|v| v.invariant == "pool-over" && v.detail.contains("3 leases of 2")),
+            "{found:?}"
+        );
     }
 }

@@ -6,6 +6,8 @@
 //! - [`TaskRecord`]s: every task's final record as the cluster reports it (linearizable read
 //!   after the run): state and attempts with their fencing tokens and outcomes.
 //! - [`LeaderObs`]: what each replica said about leadership, polled every 100 ms.
+//! - with `--schedules`: every schedule's record at the end (spec, watermark, tick counts) and
+//!   the pools' sizes.
 //!
 //! `history.json` in the run's output folder holds all of it; `chaos check --history FILE`
 //! judges a saved history again.
@@ -27,6 +29,13 @@ pub struct History {
     pub executions: Vec<ExecEvent>,
     pub tasks: Vec<TaskRecord>,
     pub leaders: Vec<LeaderObs>,
+    /// The schedules as the cluster reported them at the end (paused first, so their
+    /// watermarks no longer move).
+    #[serde(default)]
+    pub schedules: Vec<fleet::state::Schedule>,
+    /// Pool name -> slots.
+    #[serde(default)]
+    pub pools: std::collections::BTreeMap<String, u32>,
 }
 
 /// One submission attempt by the workload.
@@ -79,6 +88,13 @@ pub struct TaskRecord {
     pub state: String,
     pub key: Option<String>,
     pub attempts: Vec<AttemptRecord>,
+    /// A run's schedule and fire time (RFC 3339), from its `FLEET_SCHEDULE` and
+    /// `FLEET_FIRE_TIME`.
+    #[serde(default)]
+    pub run_of: Option<(String, String)>,
+    /// The pool the task holds slots of (from the workload's `CHAOS_POOL` variable; one slot).
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,10 +124,19 @@ impl TaskRecord {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_else(|| format!("{:?}", t.state).to_lowercase());
+        let env = |k: &str| {
+            t.spec
+                .env
+                .iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, v)| v.clone())
+        };
         TaskRecord {
             id: t.id.0,
             state,
             key: t.spec.idempotency_key.clone(),
+            run_of: env("FLEET_SCHEDULE").zip(env("FLEET_FIRE_TIME")),
+            pool: env("CHAOS_POOL"),
             attempts: t
                 .attempts
                 .iter()

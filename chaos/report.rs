@@ -282,6 +282,8 @@ impl Report {
                 "token-run-twice",
                 "overlap",
                 "leader-per-term",
+                "tick-exactly-once",
+                "pool-over",
             ],
             violations,
             liveness_failures,

@@ -79,9 +79,20 @@ pub struct RunArgs {
     /// The fleet binary. Default: `fleet` next to this program.
     #[arg(long)]
     pub fleet: Option<PathBuf>,
+    /// Also run schedules through the faults (three every second with catch-up all, one every
+    /// second with none, a cron every 2 s with latest, one every 3 s in a pool) and a 2-slot
+    /// pool that a fifth of the short tasks use; adds the tick-exactly-once and pool-over
+    /// invariants. On by itself with `--scenario schedules`.
+    #[arg(long)]
+    pub schedules: bool,
 }
 
 impl RunArgs {
+    /// Whether the schedule workload runs.
+    pub fn with_schedules(&self) -> bool {
+        self.schedules || self.scenario == "schedules"
+    }
+
     fn validate(&self) -> anyhow::Result<Vec<Scenario>> {
         let scenarios = Scenario::parse_list(&self.scenario).map_err(anyhow::Error::msg)?;
         if self.replicas != 3 && self.replicas != 5 {
@@ -124,6 +135,9 @@ impl RunArgs {
         );
         if let Some(d) = self.duration {
             s.push_str(&format!(" --duration {}", humantime::format_duration(d)));
+        }
+        if self.with_schedules() {
+            s.push_str(" --schedules");
         }
         s
     }
@@ -283,7 +297,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
 
     // --- the workload, through every fault
     let stop = Arc::new(AtomicBool::new(false));
-    let workload = tokio::spawn(workload(shared.clone(), seed, args.rate, stop.clone()));
+    let pooled = args.with_schedules();
+    let workload = tokio::spawn(workload(
+        shared.clone(),
+        seed,
+        args.rate,
+        pooled,
+        stop.clone(),
+    ));
     let warmup_until = wall_ms() + 3000;
     wait_for(Duration::from_secs(30), || async {
         if wall_ms() >= warmup_until && completions_since(&shared, warmup_until - 3000) > 0 {
@@ -295,6 +316,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     .await
     .map_err(anyhow::Error::msg)?;
     shared.say("warm-up done: tasks complete");
+    if args.with_schedules() {
+        setup_schedules(&shared).await?;
+        shared.say(format!(
+            "{} schedules firing, pool {CHAOS_POOL} of {CHAOS_POOL_SLOTS} slots",
+            SCHEDULES.len()
+        ));
+    }
 
     // --- the scenarios
     let started = Instant::now();
@@ -327,6 +355,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     tokio::time::sleep(Duration::from_millis(crate::report::WINDOW_MS)).await;
     stop.store(true, Ordering::SeqCst);
     let _ = workload.await;
+    let (schedules, pools) = if args.with_schedules() {
+        finish_schedules(&shared).await?
+    } else {
+        Default::default()
+    };
     shared.say("workload stopped; waiting for every acknowledged task to finish");
     let drain = drain(&shared).await;
     let tasks = match &drain {
@@ -349,6 +382,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         executions,
         tasks,
         leaders: shared.leaders.lock().expect("leaders").clone(),
+        schedules,
+        pools,
     };
     std::fs::write(
         out.join("history.json"),
@@ -443,9 +478,134 @@ const KINDS: [(&str, u32); 5] = [
 
 /// Submits tasks at `rate` per second until `stop`, each recorded as acknowledged or not; a
 /// `cancel` task is cancelled a little after it was acknowledged.
-async fn workload(shared: Arc<Shared>, seed: u64, rate: f64, stop: Arc<AtomicBool>) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_f7a5);
+/// The pool of the schedule workload.
+const CHAOS_POOL: &str = "chaos-pool";
+const CHAOS_POOL_SLOTS: u32 = 2;
+/// The schedule workload: name, cron expression or interval (ms), catch-up policy, pooled,
+/// work per run (ms).
+type ScheduleLoad = (
+    &'static str,
+    Option<&'static str>,
+    u64,
+    &'static str,
+    bool,
+    u64,
+);
+const SCHEDULES: [ScheduleLoad; 6] = [
+    ("every-1s-a", None, 1_000, "all", false, 50),
+    ("every-1s-b", None, 1_000, "all", false, 50),
+    ("every-1s-c", None, 1_000, "all", false, 50),
+    ("every-1s-none", None, 1_000, "none", false, 50),
+    (
+        "cron-2s-latest",
+        Some("*/2 * * * * *"),
+        0,
+        "latest",
+        false,
+        50,
+    ),
+    ("pooled-3s", None, 3_000, "all", true, 1_500),
+];
+
+/// `chaos record` as a task's command.
+fn record_command(shared: &Shared, key: &str, work_ms: u64, fail_attempts: u32) -> Vec<String> {
     let exe = std::env::current_exe().expect("own path");
+    vec![
+        exe.display().to_string(),
+        "record".into(),
+        "--log".into(),
+        shared.exec_log.display().to_string(),
+        "--key".into(),
+        key.to_string(),
+        "--work-ms".into(),
+        work_ms.to_string(),
+        "--fail-attempts".into(),
+        fail_attempts.to_string(),
+    ]
+}
+
+fn pool_env() -> BTreeMap<String, String> {
+    [("CHAOS_POOL".to_string(), CHAOS_POOL.to_string())].into()
+}
+
+async fn schedule_ops(
+    shared: &Shared,
+    ops: Vec<fleet::rpc::schedules::ScheduleOp>,
+) -> anyhow::Result<()> {
+    let mut c = client(shared.fronts(), Duration::from_secs(30))?;
+    let results = c
+        .call(|cl, ctx| {
+            let ops = ops.clone();
+            async move { cl.schedule_ops(ctx, ops, 0).await }
+        })
+        .await?;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+/// Creates the pool and the schedules of the schedule workload.
+async fn setup_schedules(shared: &Shared) -> anyhow::Result<()> {
+    use fleet::rpc::schedules::{ScheduleDef, ScheduleOp};
+    let mut ops = vec![ScheduleOp::SetPool {
+        name: CHAOS_POOL.into(),
+        slots: CHAOS_POOL_SLOTS,
+    }];
+    for (name, cron, every_ms, catchup, pooled, work_ms) in SCHEDULES {
+        ops.push(ScheduleOp::Create(ScheduleDef {
+            name: name.into(),
+            cron: cron.map(str::to_string),
+            every_ms: (every_ms > 0).then_some(every_ms),
+            catchup: Some(catchup.parse().map_err(anyhow::Error::msg)?),
+            task: NewTask {
+                command: record_command(shared, &format!("sched-{name}"), work_ms, 0),
+                max_attempts: Some(5),
+                backoff_initial_ms: Some(200),
+                backoff_max_ms: Some(1_000),
+                visibility_timeout_ms: Some(VISIBILITY_TIMEOUT_MS),
+                env: if pooled { pool_env() } else { BTreeMap::new() },
+                pool: pooled.then(|| CHAOS_POOL.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }));
+    }
+    schedule_ops(shared, ops).await
+}
+
+/// Pauses the schedules (their watermarks stop) and reads them and the pools back.
+async fn finish_schedules(
+    shared: &Shared,
+) -> anyhow::Result<(Vec<fleet::state::Schedule>, BTreeMap<String, u32>)> {
+    use fleet::rpc::schedules::ScheduleOp;
+    let ops = SCHEDULES
+        .iter()
+        .map(|s| ScheduleOp::Pause(s.0.to_string()))
+        .collect();
+    schedule_ops(shared, ops).await?;
+    let mut c = client(shared.fronts(), Duration::from_secs(30))?;
+    let views = c
+        .call(|cl, ctx| async move { cl.get_schedules(ctx, None, ReadMode::Linearizable, 0).await })
+        .await?
+        .value;
+    let pools = c
+        .call(|cl, ctx| async move { cl.list_pools(ctx, ReadMode::Linearizable, 0).await })
+        .await?
+        .value;
+    shared.say(format!(
+        "schedules paused: {} ticks fired, {} missed",
+        views.iter().map(|v| v.schedule.counts.fired).sum::<u64>(),
+        views.iter().map(|v| v.schedule.counts.missed).sum::<u64>()
+    ));
+    Ok((
+        views.into_iter().map(|v| v.schedule).collect(),
+        pools.into_iter().map(|p| (p.name, p.slots)).collect(),
+    ))
+}
+
+async fn workload(shared: Arc<Shared>, seed: u64, rate: f64, pooled: bool, stop: Arc<AtomicBool>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_f7a5);
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_INFLIGHT_SUBMISSIONS));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -471,19 +631,13 @@ async fn workload(shared: Arc<Shared>, seed: u64, rate: f64, stop: Arc<AtomicBoo
             "cancel" => (30_000, 0, 0, 5),
             _ => (rng.random_range(50..=400), 0, 0, 5),
         };
+        // With the schedule workload, a fifth of the short tasks hold a slot of the pool. Drawn
+        // only then, so runs without it draw the same workload as before.
+        let in_pool = pooled && kind == "short" && rng.random_range(0..5) == 0;
         let task = NewTask {
-            command: vec![
-                exe.display().to_string(),
-                "record".into(),
-                "--log".into(),
-                shared.exec_log.display().to_string(),
-                "--key".into(),
-                key.clone(),
-                "--work-ms".into(),
-                work_ms.to_string(),
-                "--fail-attempts".into(),
-                fail_attempts.to_string(),
-            ],
+            command: record_command(&shared, &key, work_ms, fail_attempts),
+            env: if in_pool { pool_env() } else { BTreeMap::new() },
+            pool: in_pool.then(|| CHAOS_POOL.to_string()),
             max_attempts: Some(max_attempts),
             backoff_initial_ms: Some(200),
             backoff_max_ms: Some(1_000),

@@ -52,6 +52,11 @@ Scenarios (--scenario NAME[,NAME...] or all):
   membership         add a replica (fleet join), then remove a follower (leave)
   clock-step         step one replica's wall clock (fleet fault clock) by up to two minutes
 
+The set `schedules` (--scenario schedules) runs kill-leader, kill-majority, stop-leader,
+partition-leader, rolling-restart and clock-step with schedules and a pool in the workload
+(--schedules adds them to any other list); it checks that every tick ran exactly once and no
+pool held more leases than slots.
+
 Faults between processes go through the harness's TCP proxy (one in front of every replica).
 Every parameter comes from --seed; a failure prints the command that reruns it.";
 
@@ -72,6 +77,17 @@ impl Scenario {
         Scenario::Latency,
         Scenario::RollingRestart,
         Scenario::Membership,
+        Scenario::ClockStep,
+    ];
+
+    /// The faults `--scenario schedules` runs (with the schedule workload): the ones that move
+    /// leadership, stop the whole cluster, or move the leader's clock.
+    pub const SCHEDULES: [Scenario; 6] = [
+        Scenario::KillLeader,
+        Scenario::KillMajority,
+        Scenario::StopLeader,
+        Scenario::PartitionLeader,
+        Scenario::RollingRestart,
         Scenario::ClockStep,
     ];
 
@@ -100,6 +116,9 @@ impl Scenario {
     pub fn parse_list(s: &str) -> Result<Vec<Scenario>, String> {
         if s == "all" {
             return Ok(Scenario::ALL.to_vec());
+        }
+        if s == "schedules" {
+            return Ok(Scenario::SCHEDULES.to_vec());
         }
         let mut out = Vec::new();
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {

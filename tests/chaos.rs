@@ -38,7 +38,7 @@ fn every_scenario_passes_a_short_run_and_writes_its_report_and_plot() {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-all");
     let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-all.log");
     let mut child = chaos()
-        .args(["run", "--scenario", "all", "--hold", "2s"])
+        .args(["run", "--scenario", "all", "--hold", "2s", "--schedules"])
         .args(["--seed", &seed.to_string()])
         .arg("--out")
         .arg(&out)
@@ -130,6 +130,29 @@ fn every_scenario_passes_a_short_run_and_writes_its_report_and_plot() {
         .unwrap();
     assert!(again.status.success(), "{again:?}");
     assert!(history["executions"].as_array().unwrap().len() > 100);
+    // With --schedules: schedules fired through every fault, a pool was used, and the two
+    // invariants about them were judged.
+    let checked = report["invariants_checked"].as_array().unwrap();
+    for inv in ["tick-exactly-once", "pool-over"] {
+        assert!(checked.iter().any(|c| c == inv), "{inv} was checked");
+    }
+    let runs = history["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["run_of"].is_array())
+        .count();
+    let pooled = history["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["pool"].is_string())
+        .count();
+    assert!(
+        runs > 100 && pooled > 10,
+        "{runs} runs, {pooled} pooled tasks"
+    );
+    assert_eq!(history["schedules"].as_array().unwrap().len(), 6);
 }
 
 #[test]
