@@ -17,7 +17,7 @@ peers=$(printf '127.0.0.1:%s,' "${ports[@]}"); peers=${peers%,}
 declare -A pid
 start_node() { # id multiplier dir
     "$bin" join --node-id "$1" --listen 127.0.0.1:${ports[$(($1-1))]} --peers "$peers" \
-        --bootstrap-expect 3 --data-dir "$3/node-$1" --raft-timing-multiplier "$2" 2>>"$3/node-$1.log" &
+        --bootstrap-expect 3 --http-listen 127.0.0.1:0 --data-dir "$3/node-$1" --raft-timing-multiplier "$2" 2>>"$3/node-$1.log" &
     pid[$1]=$!
 }
 status() { "$bin" cluster status --peers "$1" --output json --retry-for 500ms 2>/dev/null || true; }

@@ -24,7 +24,7 @@ keep_log_entries_after_snapshot = 500
 CONF
 for i in 1 2 3; do
     "$bin" --config "$dir/fleet.toml" join --node-id $i --listen 127.0.0.1:${ports[$((i-1))]} \
-        --peers "$peers" --bootstrap-expect 3 --data-dir "$dir/node-$i" 2>"$dir/node-$i.log" &
+        --peers "$peers" --bootstrap-expect 3 --http-listen 127.0.0.1:0 --data-dir "$dir/node-$i" 2>"$dir/node-$i.log" &
 done
 for _ in $(seq 1 100); do
     "$bin" cluster status --peers "$peers" --output json 2>/dev/null | grep -q '"leader_view": true' && break

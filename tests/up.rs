@@ -203,6 +203,9 @@ fn the_readme_quick_start_and_kill_any_one_replica_as_written() {
         "#1 worker worker-",     // ... naming its worker as worker list and FLEET_WORKER do
         "SUCCEEDED",             // queue stats has the column
         "leader:   node",        // cluster status
+        "schedule tick created", // schedule create
+        "next fires:",           // schedule show
+        "pool db has 2 slots",   // pool set
     ] {
         assert!(
             stdout.contains(expect),

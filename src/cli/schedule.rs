@@ -780,6 +780,28 @@ command = ["true"]
         assert_eq!(d.every_ms, Some(10_000));
     }
 
+    /// The shipped example is a valid schedule file, and each of its schedules resolves into a
+    /// spec that fires (what `schedule apply` would check on the leader).
+    #[test]
+    fn the_example_schedule_file_applies() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/schedules.example.toml"
+        ));
+        let (ops, names) = read_file(path).unwrap();
+        assert_eq!(names, ["nightly-report", "sync-inventory", "standup-digest"]);
+        let config = Config::default();
+        let now = 1_796_259_600_000; // 2026-12-03T01:00:00Z
+        for op in &ops {
+            if let ScheduleOp::Apply(def) = op {
+                let spec = crate::rpc::schedules::resolve(def, &config, now)
+                    .unwrap_or_else(|e| panic!("{}: {e}", def.name));
+                assert!(crate::schedule::Timing::new(&spec).is_ok());
+            }
+        }
+        assert!(matches!(&ops[0], ScheduleOp::SetPool { slots: 2, .. }));
+    }
+
     #[test]
     fn a_typo_in_a_schedule_file_is_named() {
         let f = write("[[schedule]]\nname = \"a\"\ncronn = \"* * * * *\"\ncommand = [\"true\"]\n");
