@@ -83,10 +83,29 @@ fn fleet_with_workload(metrics: &str) -> (TestCluster, TestWorker, String) {
             serde_json::json!({"command": ["sleep", "5"], "max_attempts": 1, "timeout_ms": 300}),
         );
     }
+    // A pool and tasks in it, and a schedule, so the pool gauges, the tick counter and the
+    // tick lateness exist.
+    fleet_json(&["pool", "set", "p", "--slots", "2", "--peers", &peers]).unwrap();
+    for _ in 0..3 {
+        lines.push(serde_json::json!({"command": ["true"], "pool": "p"}));
+    }
     let file = c.dir.path().join("tasks.jsonl");
     let text: Vec<String> = lines.iter().map(Value::to_string).collect();
     std::fs::write(&file, text.join("\n")).unwrap();
     submit_file(&peers, &file, lines.len());
+    fleet_json(&[
+        "schedule", "create", "tick", "--every", "1s", "--peers", &peers, "--", "true",
+    ])
+    .unwrap();
+    wait_until("two ticks fired", Duration::from_secs(30), || {
+        let s = fleet_json(&["schedule", "show", "tick", "--peers", &peers])?;
+        if s["schedule"]["counts"]["fired"].as_u64() >= Some(2) {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    fleet_json(&["schedule", "pause", "tick", "--peers", &peers]).unwrap();
     wait_until("every task final", Duration::from_secs(60), || {
         let open: usize = ["queued", "running", "failed"]
             .iter()
@@ -290,7 +309,10 @@ fn a_statsd_daemon_receives_counters_gauges_and_timers_that_the_mapping_covers()
             .unwrap_or_else(|| panic!("{name} not received; got {set:?}"))
     };
     // Counters: the workload's outcomes, exactly.
-    assert_eq!(get(&counters, "fleet.task.submitted.default"), vec![29.0]);
+    // 29 tasks and 3 in the pool (the schedule's runs are not submissions).
+    assert_eq!(get(&counters, "fleet.task.submitted.default"), vec![32.0]);
+    assert!(get(&counters, "fleet.schedule.ticks.tick.fired")[0] >= 2.0);
+    assert_eq!(get(&gauges, "fleet.pool.open_slots.p"), vec![2.0]);
     assert_eq!(get(&counters, "fleet.attempts.failed.default"), vec![3.0]);
     assert_eq!(
         get(&counters, "fleet.attempts.timed_out.default"),

@@ -789,7 +789,10 @@ command = ["true"]
             "/config/schedules.example.toml"
         ));
         let (ops, names) = read_file(path).unwrap();
-        assert_eq!(names, ["nightly-report", "sync-inventory", "standup-digest"]);
+        assert_eq!(
+            names,
+            ["nightly-report", "sync-inventory", "standup-digest"]
+        );
         let config = Config::default();
         let now = 1_796_259_600_000; // 2026-12-03T01:00:00Z
         for op in &ops {
