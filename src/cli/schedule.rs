@@ -130,6 +130,9 @@ pub struct ScheduleArgs {
     /// Create the schedule paused (`schedule resume` starts it).
     #[arg(long)]
     pub paused: bool,
+    /// On update: remove an option (start-at, end-at, pool, jitter); repeatable.
+    #[arg(long, value_name = "OPTION", value_parser = parse_unset)]
+    pub unset: Vec<String>,
     #[command(flatten)]
     pub task: TaskOptions,
     /// The program and its arguments, after `--`.
@@ -155,7 +158,20 @@ impl ScheduleArgs {
                 command: self.command.clone(),
                 ..self.task.new_task()
             },
+            unset: self.unset.clone(),
         }
+    }
+}
+
+fn parse_unset(s: &str) -> Result<String, String> {
+    let known = crate::rpc::schedules::UNSETTABLE;
+    if known.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not an option that can be removed: use one of {}",
+            known.join(", ")
+        ))
     }
 }
 
@@ -294,6 +310,9 @@ fn describe(o: &OpOutcome) -> String {
 pub async fn schedule(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<()> {
     match cmd {
         ScheduleCommand::Create(args) => {
+            if !args.unset.is_empty() {
+                bail!("--unset is for update: a new schedule has only the options given");
+            }
             let def = args.def();
             send(config, &args.client, vec![ScheduleOp::Create(def)]).await
         }
@@ -627,6 +646,7 @@ impl FileSchedule {
                 pool: self.pool.clone(),
                 pool_slots: self.pool_slots,
             },
+            unset: Vec::new(),
         })
     }
 }

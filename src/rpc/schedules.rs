@@ -35,7 +35,12 @@ pub struct ScheduleDef {
     pub paused: Option<bool>,
     /// The task of each run; its command is required on create.
     pub task: NewTask,
+    /// On update: options to remove (`start-at`, `end-at`, `pool`, `jitter`).
+    pub unset: Vec<String>,
 }
+
+/// The options `schedule update --unset` removes.
+pub const UNSETTABLE: [&str; 4] = ["start-at", "end-at", "pool", "jitter"];
 
 /// One change a client asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -286,6 +291,20 @@ pub fn update(def: &ScheduleDef, old: &ScheduleSpec, now_ms: u64) -> Result<Sche
     } else if let (Some(slots), Some(c)) = (def.task.pool_slots, spec.pool.as_mut()) {
         c.slots = slots;
     }
+    for u in &def.unset {
+        match u.as_str() {
+            "start-at" => spec.start_at_ms = None,
+            "end-at" => spec.end_at_ms = None,
+            "pool" => spec.pool = None,
+            "jitter" => spec.jitter_ms = 0,
+            other => {
+                return Err(invalid(format!(
+                    "--unset {other:?} is not an option that can be removed: use one of {}",
+                    UNSETTABLE.join(", ")
+                )))
+            }
+        }
+    }
     finish(&def.name, spec, now_ms)
 }
 
@@ -327,4 +346,89 @@ fn patch_task(old: &TaskSpec, patch: &NewTask) -> TaskSpec {
         t.visibility_timeout_ms = v;
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(name: &str) -> ScheduleDef {
+        ScheduleDef {
+            name: name.into(),
+            every_ms: Some(60_000),
+            task: NewTask::command(vec!["true".into()]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn create_takes_defaults_and_update_changes_only_what_is_given() {
+        let config = crate::config::Config::default();
+        let now = 1_796_259_600_500;
+        let mut d = def("s");
+        d.jitter_ms = Some(5_000);
+        d.start_at_ms = Some(now + 60_000);
+        let spec = resolve(&d, &config, now).unwrap();
+        assert_eq!(spec.catchup, CatchupPolicy::All);
+        assert_eq!(spec.overlap, OverlapPolicy::Allow);
+        assert_eq!(spec.catchup_window_ms, DEFAULT_CATCHUP_WINDOW_MS);
+        let mut patch = ScheduleDef {
+            name: "s".into(),
+            overlap: Some(OverlapPolicy::Skip),
+            ..Default::default()
+        };
+        let updated = update(&patch, &spec, now).unwrap();
+        assert_eq!(updated.overlap, OverlapPolicy::Skip);
+        assert_eq!(updated.jitter_ms, 5_000, "left alone");
+        assert_eq!(updated.task.command, ["true"], "left alone");
+        patch.unset = vec!["jitter".into(), "start-at".into()];
+        let updated = update(&patch, &spec, now).unwrap();
+        assert_eq!((updated.jitter_ms, updated.start_at_ms), (0, None));
+        patch.unset = vec!["queue".into()];
+        let e = update(&patch, &spec, now).unwrap_err().to_string();
+        assert!(
+            e.contains("\"queue\" is not an option that can be removed"),
+            "{e}"
+        );
+        // A cron expression keeps the old time zone unless a new one is given.
+        let mut c = def("c");
+        c.every_ms = None;
+        c.cron = Some("0 3 * * *".into());
+        c.timezone = Some("Europe/Berlin".into());
+        let spec = resolve(&c, &config, now).unwrap();
+        let patch = ScheduleDef {
+            name: "c".into(),
+            cron: Some("0 4 * * *".into()),
+            ..Default::default()
+        };
+        let updated = update(&patch, &spec, now).unwrap();
+        assert_eq!(
+            updated.trigger,
+            Trigger::Cron {
+                expr: "0 4 * * *".into(),
+                timezone: "Europe/Berlin".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_definitions_are_named() {
+        let config = crate::config::Config::default();
+        let mut d = def("s");
+        d.cron = Some("* * * * *".into());
+        let e = resolve(&d, &config, 0).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        let mut d = def("s");
+        d.task.delay_ms = Some(5);
+        let e = resolve(&d, &config, 0).unwrap_err().to_string();
+        assert!(e.contains("no delay"), "{e}");
+        let mut d = def("s");
+        d.timezone = Some("UTC".into());
+        let e = resolve(&d, &config, 0).unwrap_err().to_string();
+        assert!(e.contains("an interval has no time zone"), "{e}");
+        let mut d = def("s");
+        d.task.pool_slots = Some(2);
+        let e = resolve(&d, &config, 0).unwrap_err().to_string();
+        assert!(e.contains("without a pool"), "{e}");
+    }
 }

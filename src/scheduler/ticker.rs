@@ -24,6 +24,8 @@ use crate::state::{Command, CommandOutput, ScheduleId, State, TickPlan};
 
 /// Longest sleep between two rounds when no tick is due sooner.
 pub const MAX_SLEEP: Duration = Duration::from_secs(1);
+/// How long the ticker waits before planning again when no plan of a round was applied.
+const RETRY_AFTER_MS: u64 = 100;
 /// Most runs one `FireTicks` entry creates (bounds one entry's size and apply time).
 pub const MAX_RUNS_PER_ENTRY: usize = 10_000;
 
@@ -127,10 +129,15 @@ pub async fn run(replica: Arc<Replica>) {
             continue; // leadership moved while planning
         }
         let planned = !plans.is_empty();
-        fire(&replica, plans).await;
+        let applied = fire(&replica, plans).await;
         // Plans that were cut at MAX_TICKS_PER_PLAN leave more due ticks: plan again at once.
-        wake_at = if planned {
+        // Plans that were all refused or failed (leadership moving, a schedule paused
+        // meanwhile) are planned again from the new state after a short pause, never in a
+        // tight loop.
+        wake_at = if planned && applied {
             now_ms()
+        } else if planned {
+            now_ms() + RETRY_AFTER_MS
         } else {
             next.unwrap_or(u64::MAX)
                 .min(now_ms() + MAX_SLEEP.as_millis() as u64)
@@ -138,8 +145,9 @@ pub async fn run(replica: Arc<Replica>) {
     }
 }
 
-/// Proposes the plans, at most [`MAX_RUNS_PER_ENTRY`] runs per entry, and counts the outcome.
-async fn fire(replica: &Replica, plans: Vec<TickPlan>) {
+/// Proposes the plans, at most [`MAX_RUNS_PER_ENTRY`] runs per entry, and counts the outcome;
+/// whether any plan was applied.
+async fn fire(replica: &Replica, plans: Vec<TickPlan>) -> bool {
     let mut entries: Vec<Vec<TickPlan>> = vec![Vec::new()];
     let mut runs = 0;
     for p in plans {
@@ -156,7 +164,7 @@ async fn fire(replica: &Replica, plans: Vec<TickPlan>) {
         .map(|plans| Command::FireTicks { plans })
         .collect();
     if commands.is_empty() {
-        return;
+        return false;
     }
     let outputs = replica.proposer.propose_many(commands).await;
     let outcomes: Vec<_> = outputs
@@ -173,7 +181,7 @@ async fn fire(replica: &Replica, plans: Vec<TickPlan>) {
         .filter(|o| o.applied)
         .collect();
     if outcomes.is_empty() {
-        return;
+        return false;
     }
     replica
         .sm
@@ -196,4 +204,5 @@ async fn fire(replica: &Replica, plans: Vec<TickPlan>) {
             }
         })
         .await;
+    true
 }

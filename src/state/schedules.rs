@@ -290,6 +290,16 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// Records a run created outside a plan (a trigger, a backfill, a queued tick's start).
+    fn record_run(&mut self, fire_ms: u64, kind: RunKind, task: TaskId, now: u64) {
+        self.record(TickRecord {
+            fire_ms,
+            kind,
+            result: TickResult::Run { task },
+            decided_at_ms: now,
+        });
+    }
+
     fn record(&mut self, record: TickRecord) {
         if self.history.len() >= HISTORY_LEN {
             self.history.pop_front();
@@ -744,12 +754,7 @@ impl State {
             .iter()
             .any(|r| r.result == TickResult::Run { task })
         {
-            s.record(TickRecord {
-                fire_ms: now,
-                kind: RunKind::Manual,
-                result: TickResult::Run { task },
-                decided_at_ms: now,
-            });
+            s.record_run(now, RunKind::Manual, task, now);
         }
         Ok(CommandOutput::ScheduleRuns {
             created: vec![(now, task)],
@@ -783,12 +788,7 @@ impl State {
             }
             let task = self.create_run(index, id, fire, RunKind::Backfill, 0, None);
             let s = self.schedules.by_id.get_mut(&id).expect("exists");
-            s.record(TickRecord {
-                fire_ms: fire,
-                kind: RunKind::Backfill,
-                result: TickResult::Run { task },
-                decided_at_ms: now,
-            });
+            s.record_run(fire, RunKind::Backfill, task, now);
             created.push((fire, task));
         }
         Ok(CommandOutput::ScheduleRuns { created, existing })
@@ -815,12 +815,7 @@ impl State {
         let now = self.clock_ms;
         let task = self.create_run(index, sid, fire, kind, 0, None);
         let s = self.schedules.by_id.get_mut(&sid).expect("exists");
-        s.record(TickRecord {
-            fire_ms: fire,
-            kind,
-            result: TickResult::Run { task },
-            decided_at_ms: now,
-        });
+        s.record_run(fire, kind, task, now);
     }
 
     /// A retried run counts as unfinished again.
