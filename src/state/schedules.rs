@@ -24,8 +24,10 @@ use super::{CommandError, CommandOutput, State, TaskId, TaskSpec};
 
 /// Longest schedule name.
 pub const MAX_SCHEDULE_NAME_LEN: usize = 64;
-/// Most schedules a cluster may have.
-pub const MAX_SCHEDULES: usize = 100_000;
+/// Most schedules a cluster may have. `schedule list` answers with all of them in one reply
+/// (about 5 MB at a typical 500 bytes each; schedules with very long commands could exceed the
+/// 32 MiB frame limit, a known limit until the list is paged).
+pub const MAX_SCHEDULES: usize = 10_000;
 /// Tick records kept per schedule for `schedule show`.
 pub const HISTORY_LEN: usize = 100;
 /// Most ticks waiting behind an unfinished run (overlap `queue`); later ones are skipped.
