@@ -778,6 +778,16 @@ mod tests {
             e.contains("[queues.reports]") && e.contains("max attempts 0"),
             "{e}"
         );
+        let mut c = Config::default();
+        c.queues.insert(
+            "reports".into(),
+            QueueDefaults {
+                max_running: Some(0),
+                ..Default::default()
+            },
+        );
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("queues.reports.max_running = 0"), "{e}");
         let e = parse_addr("node.peers", "localhost")
             .unwrap_err()
             .to_string();

@@ -531,3 +531,107 @@ fn a_pool_bounds_concurrency_across_workers_and_bad_input_is_named() {
     let listed = fleet_json(&["schedule", "list", "--peers", p]).unwrap();
     assert_eq!(listed, serde_json::json!([]), "nothing bad was created");
 }
+
+/// The other schedule commands through the real CLI: trigger, backfill (twice: no second
+/// run for a tick), pause and resume, update with --unset, delete.
+#[test]
+fn trigger_backfill_pause_update_and_delete() {
+    let (_c, _config, peers) = start_fleet(1, 1000);
+    let p = peers.as_str();
+    fleet_json(&[
+        "schedule", "create", "hourly", "--every", "1h", "--jitter", "10s", "--peers", p, "--",
+        "true",
+    ])
+    .unwrap();
+    let created = now_ms();
+    let t = fleet_json(&["schedule", "trigger", "hourly", "--peers", p]).unwrap();
+    let run = t[0]["runs"]["created"][0][1].as_u64().expect("a run");
+    let task = show_task(p, run).unwrap();
+    let env: BTreeMap<String, String> = task["spec"]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|kv| {
+            (
+                kv[0].as_str().unwrap().into(),
+                kv[1].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(env["FLEET_SCHEDULE"], "hourly");
+    assert!(env["FLEET_RUN_ID"].starts_with("hourly@manual-"), "{env:?}");
+    // The three hourly fire times before creation, on the schedule's grid.
+    let (from, to) = (
+        rfc3339(created - 3 * 3_600_000 - 10_000),
+        rfc3339(created - 10_000),
+    );
+    let b = fleet_json(&[
+        "schedule", "backfill", "hourly", "--from", &from, "--to", &to, "--peers", p,
+    ])
+    .unwrap();
+    assert_eq!(b[0]["runs"]["created"].as_array().unwrap().len(), 3, "{b}");
+    let again = fleet_json(&[
+        "schedule", "backfill", "hourly", "--from", &from, "--to", &to, "--peers", p,
+    ])
+    .unwrap();
+    assert_eq!(
+        again[0]["runs"]["created"],
+        serde_json::json!([]),
+        "{again}"
+    );
+    assert_eq!(again[0]["runs"]["existing"], 3, "{again}");
+    assert_fails_naming(
+        &[
+            "schedule",
+            "backfill",
+            "hourly",
+            "--from",
+            &from,
+            "--to",
+            "2099-01-01T00:00:00Z",
+            "--peers",
+            p,
+        ],
+        "is in the future",
+    );
+    let paused = fleet_json(&["schedule", "pause", "hourly", "--peers", p]).unwrap();
+    assert_eq!(paused[0]["paused"]["paused"], true, "{paused}");
+    let v = show(p, "hourly");
+    assert_eq!(v["schedule"]["paused"], true);
+    assert_eq!(
+        v["next_fires"],
+        serde_json::json!([]),
+        "a paused schedule fires nothing"
+    );
+    fleet_json(&["schedule", "resume", "hourly", "--peers", p]).unwrap();
+    let v = show(p, "hourly");
+    assert_eq!(v["next_fires"].as_array().unwrap().len(), 5, "{v}");
+    let history = v["schedule"]["history"].as_array().unwrap();
+    assert_eq!(history.len(), 4, "one manual run and three backfilled: {v}");
+    fleet_json(&[
+        "schedule",
+        "update",
+        "hourly",
+        "--overlap",
+        "skip",
+        "--unset",
+        "jitter",
+        "--peers",
+        p,
+    ])
+    .unwrap();
+    let v = show(p, "hourly");
+    assert_eq!(v["schedule"]["spec"]["overlap"], "skip");
+    assert_eq!(v["schedule"]["spec"]["jitter_ms"], 0);
+    assert_eq!(
+        v["schedule"]["spec"]["task"]["command"],
+        serde_json::json!(["true"])
+    );
+    fleet_json(&["schedule", "delete", "hourly", "--peers", p]).unwrap();
+    assert_eq!(
+        fleet_json(&["schedule", "list", "--peers", p]).unwrap(),
+        serde_json::json!([])
+    );
+    // Its runs stay ordinary tasks.
+    assert!(show_task(p, run).is_ok());
+}

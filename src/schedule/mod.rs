@@ -98,12 +98,15 @@ impl Timing {
                 every_ms,
                 anchor_ms,
             } => {
-                if after < *anchor_ms {
-                    Some(*anchor_ms)
-                } else {
-                    let k = (after - anchor_ms) / every_ms + 1;
-                    anchor_ms.checked_add(k.checked_mul(*every_ms)?)
-                }
+                // anchor + k * every for any integer k (a backfill may reach before the
+                // anchor), the first one after `after`.
+                let (after, anchor, every) = (
+                    i128::from(after),
+                    i128::from(*anchor_ms),
+                    i128::from(*every_ms),
+                );
+                let k = (after - anchor).div_euclid(every) + 1;
+                u64::try_from(anchor + k * every).ok()
             }
             Kind::Cron(cron, tz) => next_cron(cron, tz, after),
         }?;
@@ -327,6 +330,20 @@ pub(crate) mod tests {
                 "2026-10-24T23:00:00+00:00", // 01:00 CEST
                 "2026-10-25T00:00:00+00:00", // 02:00 CEST
                 "2026-10-25T02:00:00+00:00", // 03:00 CET (02:00 CET is a repeat)
+            ]
+        );
+        // An interval's fire times extend before its anchor (a backfill can reach them).
+        let every = Timing::new(&spec(Trigger::Every {
+            every_ms: 3_600_000,
+            anchor_ms: at("2026-10-25T00:00:00Z"),
+        }))
+        .unwrap();
+        assert_eq!(
+            every.between(at("2026-10-24T21:30:00Z"), at("2026-10-25T00:00:00Z"), 10),
+            [
+                at("2026-10-24T22:00:00Z"),
+                at("2026-10-24T23:00:00Z"),
+                at("2026-10-25T00:00:00Z")
             ]
         );
         // An interval knows no wall clock: every real hour.

@@ -53,12 +53,17 @@ impl Replica {
         Ok(resolved
             .into_iter()
             .map(|r| {
-                let (_, name) = r?;
+                let (command, name) = r?;
                 let out = outputs.next().expect("one output per proposed command")?;
                 Ok(match out {
-                    CommandOutput::ScheduleSaved { change, .. } => {
-                        OpOutcome::Saved { name, change }
-                    }
+                    CommandOutput::ScheduleSaved { change, .. } => match command {
+                        Command::PauseSchedule { paused, .. } => OpOutcome::Paused {
+                            name,
+                            paused,
+                            changed: change != crate::state::PutChange::Unchanged,
+                        },
+                        _ => OpOutcome::Saved { name, change },
+                    },
                     CommandOutput::ScheduleDeleted { .. } => OpOutcome::Deleted { name },
                     CommandOutput::ScheduleRuns { created, existing } => OpOutcome::Runs {
                         name,
