@@ -76,6 +76,18 @@ fn fires_of(runs: &BTreeMap<(String, String), BTreeSet<u64>>, name: &str) -> Vec
         .collect()
 }
 
+/// `fleet schedule apply FILE`: one outcome per change.
+fn apply_file(path: &Path, peers: &str) -> Value {
+    fleet_json(&[
+        "schedule",
+        "apply",
+        path.to_str().unwrap(),
+        "--peers",
+        peers,
+    ])
+    .unwrap()
+}
+
 fn show(peers: &str, name: &str) -> Value {
     fleet_json(&["schedule", "show", name, "--peers", peers]).unwrap()
 }
@@ -106,14 +118,7 @@ fn ticks_are_exactly_once_through_leader_kills_and_a_full_outage() {
     }
     let path = dir.join("schedules.toml");
     std::fs::write(&path, file).unwrap();
-    let applied = fleet_json(&[
-        "schedule",
-        "apply",
-        path.to_str().unwrap(),
-        "--peers",
-        &peers,
-    ])
-    .unwrap();
+    let applied = apply_file(&path, &peers);
     assert_eq!(applied.as_array().unwrap().len(), 20, "{applied}");
 
     // Three leader kills, each restarted 3 s later; the first within 50 ms after a tick.
@@ -185,14 +190,7 @@ fn ticks_are_exactly_once_through_leader_kills_and_a_full_outage() {
         ));
     }
     std::fs::write(&path, file).unwrap();
-    fleet_json(&[
-        "schedule",
-        "apply",
-        path.to_str().unwrap(),
-        "--peers",
-        &peers,
-    ])
-    .unwrap();
+    apply_file(&path, &peers);
     wait_until("5 runs of each policy", Duration::from_secs(30), || {
         let r = read_runs(&runs2);
         let n = ["none", "latest", "all"].map(|p| fires_of(&r, p).len());

@@ -1213,6 +1213,40 @@ impl Picker<'_> {
     }
 }
 
+/// What the state tests of several modules share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A state machine driven with an explicit leader clock, one command per entry.
+    #[derive(Default)]
+    pub struct Applier {
+        pub state: State,
+        pub index: u64,
+    }
+
+    impl Applier {
+        pub fn one(
+            &mut self,
+            now_ms: u64,
+            command: Command,
+        ) -> Result<CommandOutput, CommandError> {
+            self.index += 1;
+            self.state
+                .apply(
+                    self.index,
+                    &Request {
+                        proposed_at_ms: now_ms,
+                        commands: vec![command],
+                    },
+                )
+                .results
+                .pop()
+                .expect("one result per command")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -256,27 +256,9 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AttemptOutcome, Command, Request, RequestId, TaskSpec, WorkerId};
+    use crate::state::testing::Applier;
+    use crate::state::{AttemptOutcome, Command, RequestId, TaskSpec, WorkerId};
     use rand::{Rng, SeedableRng};
-
-    fn apply(
-        st: &mut State,
-        index: &mut u64,
-        now: u64,
-        c: Command,
-    ) -> Result<CommandOutput, CommandError> {
-        *index += 1;
-        st.apply(
-            *index,
-            &Request {
-                proposed_at_ms: now,
-                commands: vec![c],
-            },
-        )
-        .results
-        .pop()
-        .unwrap()
-    }
 
     fn pooled(rid: u128, pool: &str, slots: u32) -> Command {
         Command::SubmitPooled {
@@ -291,30 +273,24 @@ mod tests {
 
     #[test]
     fn unknown_pools_and_bad_sizes_are_named() {
-        let mut st = State::default();
-        let mut i = 0;
-        let e = apply(&mut st, &mut i, 1, pooled(1, "gpu", 1))
-            .unwrap_err()
-            .to_string();
+        let mut sm = Applier::default();
+        let e = sm.one(1, pooled(1, "gpu", 1)).unwrap_err().to_string();
         assert!(
             e.contains("unknown pool \"gpu\"") && e.contains("fleet pool set gpu"),
             "{e}"
         );
-        let e = apply(
-            &mut st,
-            &mut i,
-            1,
-            Command::SetPool {
-                name: "gpu".into(),
-                slots: 0,
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        let e = sm
+            .one(
+                1,
+                Command::SetPool {
+                    name: "gpu".into(),
+                    slots: 0,
+                },
+            )
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("0 slots") && e.contains("use 1 to"), "{e}");
-        apply(
-            &mut st,
-            &mut i,
+        sm.one(
             1,
             Command::SetPool {
                 name: "gpu".into(),
@@ -322,19 +298,13 @@ mod tests {
             },
         )
         .unwrap();
-        let e = apply(&mut st, &mut i, 1, pooled(2, "gpu", 3))
+        let e = sm.one(1, pooled(2, "gpu", 3)).unwrap_err().to_string();
+        assert!(e.contains("3 slots of pool \"gpu\""), "{e}");
+        sm.one(1, pooled(3, "gpu", 2)).unwrap();
+        let e = sm
+            .one(1, Command::DeletePool { name: "gpu".into() })
             .unwrap_err()
             .to_string();
-        assert!(e.contains("3 slots of pool \"gpu\""), "{e}");
-        apply(&mut st, &mut i, 1, pooled(3, "gpu", 2)).unwrap();
-        let e = apply(
-            &mut st,
-            &mut i,
-            1,
-            Command::DeletePool { name: "gpu".into() },
-        )
-        .unwrap_err()
-        .to_string();
         assert!(e.contains("used by 1 unfinished tasks"), "{e}");
     }
 
@@ -349,11 +319,8 @@ mod tests {
             .unwrap_or_else(rand::random);
         eprintln!("pool_use_never_exceeds_its_slots: seed {seed} (FLEET_TEST_SEED={seed})");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut st = State::default();
-        let mut i = 0;
-        apply(
-            &mut st,
-            &mut i,
+        let mut sm = Applier::default();
+        sm.one(
             0,
             Command::SetPool {
                 name: "p".into(),
@@ -362,27 +329,20 @@ mod tests {
         )
         .unwrap();
         for rid in 0..60u128 {
-            apply(
-                &mut st,
-                &mut i,
-                0,
-                pooled(rid, "p", rng.random_range(1..=2)),
-            )
-            .unwrap();
+            sm.one(0, pooled(rid, "p", rng.random_range(1..=2)))
+                .unwrap();
         }
         let mut now = 1;
         for _ in 0..2_000 {
             now += 1;
-            let before = st.pools().get("p").unwrap().used;
+            let before = sm.state.pools().get("p").unwrap().used;
             match rng.random_range(0..10) {
                 0..=3 => {
                     // A leader (or a deposed one, from an older copy) proposes grants.
-                    let stale = st.clone();
+                    let stale = sm.state.clone();
                     let picks = stale.pick_ready(&["default".into()], rng.random_range(1..5), now);
                     let w = WorkerId(rng.random_range(1..4));
-                    apply(
-                        &mut st,
-                        &mut i,
+                    sm.one(
                         now,
                         Command::GrantLeases {
                             worker: w,
@@ -392,9 +352,7 @@ mod tests {
                     .unwrap();
                     if rng.random_bool(0.3) {
                         // The same decision again, as a second leader would.
-                        apply(
-                            &mut st,
-                            &mut i,
+                        sm.one(
                             now,
                             Command::GrantLeases {
                                 worker: w,
@@ -405,8 +363,11 @@ mod tests {
                     }
                 }
                 4..=7 => {
-                    let leased: Vec<(TaskId, u64)> =
-                        st.leases().map(|(t, l)| (t.id, l.fencing_token)).collect();
+                    let leased: Vec<(TaskId, u64)> = sm
+                        .state
+                        .leases()
+                        .map(|(t, l)| (t.id, l.fencing_token))
+                        .collect();
                     if let Some(&(task, token)) =
                         leased.get(rng.random_range(0..leased.len().max(1)))
                     {
@@ -429,14 +390,12 @@ mod tests {
                         } else {
                             Command::expire(task, token, "test".into(), 0)
                         };
-                        let _ = apply(&mut st, &mut i, now, c);
+                        let _ = sm.one(now, c);
                     }
                 }
                 8 => {
                     let slots = rng.random_range(1..=4);
-                    apply(
-                        &mut st,
-                        &mut i,
+                    sm.one(
                         now,
                         Command::SetPool {
                             name: "p".into(),
@@ -449,11 +408,12 @@ mod tests {
                     now += 2_000; // retries become ready
                 }
             }
-            let held: u32 = st
+            let held: u32 = sm
+                .state
                 .leases()
-                .filter_map(|(t, _)| st.pools().claim(t.id).map(|c| c.slots))
+                .filter_map(|(t, _)| sm.state.pools().claim(t.id).map(|c| c.slots))
                 .sum();
-            let pool = st.pools().get("p").unwrap();
+            let pool = sm.state.pools().get("p").unwrap();
             assert_eq!(pool.used, held, "seed {seed}");
             // Use grows only by grants that fit (a resize below the use grants nothing more).
             if pool.used > before {
@@ -469,11 +429,8 @@ mod tests {
 
     #[test]
     fn a_grant_over_the_pool_is_refused_when_applied() {
-        let mut st = State::default();
-        let mut i = 0;
-        apply(
-            &mut st,
-            &mut i,
+        let mut sm = Applier::default();
+        sm.one(
             0,
             Command::SetPool {
                 name: "p".into(),
@@ -481,29 +438,28 @@ mod tests {
             },
         )
         .unwrap();
-        apply(&mut st, &mut i, 0, pooled(1, "p", 1)).unwrap();
-        apply(&mut st, &mut i, 0, pooled(2, "p", 1)).unwrap();
+        sm.one(0, pooled(1, "p", 1)).unwrap();
+        sm.one(0, pooled(2, "p", 1)).unwrap();
         // A leader that ignored the pool proposes both.
-        let out = apply(
-            &mut st,
-            &mut i,
-            1,
-            Command::GrantLeases {
-                worker: WorkerId(1),
-                tasks: vec![TaskId(1), TaskId(2)],
-            },
-        )
-        .unwrap();
+        let out = sm
+            .one(
+                1,
+                Command::GrantLeases {
+                    worker: WorkerId(1),
+                    tasks: vec![TaskId(1), TaskId(2)],
+                },
+            )
+            .unwrap();
         let CommandOutput::LeasesGranted { grants } = out else {
             panic!()
         };
         assert_eq!(grants.len(), 1);
-        assert_eq!(st.pools().get("p").unwrap().used, 1);
+        assert_eq!(sm.state.pools().get("p").unwrap().used, 1);
         assert!(
-            st.pick_ready(&["default".into()], 10, 1).is_empty(),
+            sm.state.pick_ready(&["default".into()], 10, 1).is_empty(),
             "the pool is full"
         );
-        let views = st.pool_views();
+        let views = sm.state.pool_views();
         assert_eq!(
             (views[0].used, views[0].queued, views[0].running),
             (1, 1, 1)

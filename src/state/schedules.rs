@@ -837,37 +837,30 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{
-        AttemptOutcome, Command, CommandOutput, LeaseGrant, Request, TaskState, WorkerId,
-    };
+    use crate::state::{AttemptOutcome, Command, CommandOutput, LeaseGrant, TaskState, WorkerId};
 
     const S: u64 = 1_000;
 
-    struct Sm {
-        state: State,
-        index: u64,
+    /// The shared applier (`state`, `one`) with the schedule helpers below.
+    #[derive(Default)]
+    struct Sm(crate::state::testing::Applier);
+
+    impl std::ops::Deref for Sm {
+        type Target = crate::state::testing::Applier;
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
+    }
+
+    impl std::ops::DerefMut for Sm {
+        fn deref_mut(&mut self) -> &mut Self::Target {
+            &mut self.0
+        }
     }
 
     impl Sm {
         fn new() -> Sm {
-            Sm {
-                state: State::default(),
-                index: 0,
-            }
-        }
-        fn one(&mut self, now: u64, c: Command) -> Result<CommandOutput, CommandError> {
-            self.index += 1;
-            self.state
-                .apply(
-                    self.index,
-                    &Request {
-                        proposed_at_ms: now,
-                        commands: vec![c],
-                    },
-                )
-                .results
-                .pop()
-                .unwrap()
+            Sm::default()
         }
         fn create(&mut self, now: u64, name: &str, overlap: OverlapPolicy) {
             let mut spec = crate::schedule::tests::spec(Trigger::Every {
