@@ -54,10 +54,12 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     for &clients in &levels {
         let duration = Duration::from_secs(args.seconds);
         let mut handles = Vec::new();
+        let timeline = args.timeline.is_some();
         for _ in 0..clients {
             let mut client = connect(config, &args.client)?;
             handles.push(tokio::spawn(async move {
                 let mut latencies: Vec<Duration> = Vec::new();
+                let mut acked_at: Vec<u128> = Vec::new();
                 let started = Instant::now();
                 while started.elapsed() < duration {
                     let task = SubmitTask {
@@ -75,14 +77,23 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
                         .next()
                         .ok_or_else(|| anyhow::anyhow!("empty reply"))??;
                     latencies.push(t0.elapsed());
+                    if timeline {
+                        acked_at.push(unix_nanos());
+                    }
                 }
-                anyhow::Ok(latencies)
+                anyhow::Ok((latencies, acked_at))
             }));
         }
         let started = Instant::now();
         let mut all: Vec<Duration> = Vec::new();
+        let mut lines: Vec<(u128, Duration)> = Vec::new();
         for h in handles {
-            all.extend(h.await??);
+            let (latencies, acked_at) = h.await??;
+            lines.extend(acked_at.into_iter().zip(latencies.iter().copied()));
+            all.extend(latencies);
+        }
+        if let Some(path) = &args.timeline {
+            write_timeline(path, lines)?;
         }
         let secs = started.elapsed().as_secs_f64();
         all.sort();
@@ -116,5 +127,29 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     if args.client.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     }
+    Ok(())
+}
+
+fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Appends `UNIX_NANOS LATENCY_MICROS` lines, in acknowledgement order (one file for all levels).
+fn write_timeline(path: &std::path::Path, mut lines: Vec<(u128, Duration)>) -> anyhow::Result<()> {
+    use std::io::Write;
+    lines.sort();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("--timeline {}: {e}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    for (at, latency) in lines {
+        writeln!(out, "{at} {}", latency.as_micros())?;
+    }
+    out.flush()?;
     Ok(())
 }

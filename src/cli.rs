@@ -306,6 +306,11 @@ pub struct BenchArgs {
     /// Seconds to run each level.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// Also write one line per acknowledged write to this file: the wall-clock time of the
+    /// acknowledgement and the write's latency (`UNIX_NANOS LATENCY_MICROS`). A failover
+    /// benchmark kills the leader during the run and finds the first write acknowledged after.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<std::path::PathBuf>,
 }
 
 /// Runs the parsed command with the configuration from [`load_config`].
@@ -643,8 +648,16 @@ pub(crate) fn connect(config: &Config, args: &ClientArgs) -> anyhow::Result<Clie
         &config.node.cluster_name,
         timeout,
     )?
-    .with_auth_token(&config.node.auth_token))
+    .with_auth_token(&config.node.auth_token)
+    .with_attempt_timeout(CLI_ATTEMPT_TIMEOUT))
 }
+
+/// The longest one CLI call waits on one replica before trying the next. A replica that froze
+/// (SIGSTOP, a hung host) with the call in flight keeps its connection open and never answers;
+/// every call the CLI makes is answered within milliseconds by a live replica (the largest, a
+/// 10,000-task submission, in well under a second), and writes carry request ids, so the retry
+/// elsewhere is never applied twice.
+const CLI_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);

@@ -168,7 +168,13 @@ impl Client {
         let mut ever_connected = false;
         let mut last_error: String;
         let mut pause = RETRY_PAUSE_MIN;
+        // Retries made at once in a row: a redirect or a broken connection moves to another
+        // replica without a pause, but never more times in a row than there are replicas
+        // (two replicas with stale views must not bounce a call between them in a busy loop).
+        let mut quick = 0usize;
         loop {
+            // Whether the next attempt goes to another replica at once (no pause).
+            let mut elsewhere = false;
             let mut dial_errors = Vec::new();
             match self.connect(prefer.as_deref(), &mut dial_errors).await {
                 None => {
@@ -199,6 +205,9 @@ impl Client {
                                     prefer = Some(addr.clone());
                                     self.current = None;
                                 }
+                                // A redirect, or the contacted replica naming itself (it has
+                                // just been elected): retry at once.
+                                elsewhere = true;
                             }
                             last_error = e.to_string();
                         }
@@ -213,6 +222,7 @@ impl Client {
                             {
                                 self.current = None;
                                 self.next_peer = (self.next_peer + 1) % self.peers.len();
+                                elsewhere = true;
                             }
                         }
                     }
@@ -224,9 +234,15 @@ impl Client {
                     started.elapsed().as_secs_f64()
                 ));
             }
-            // A retry pause after a failure (an election, a dead replica), not synchronization.
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(RETRY_PAUSE_MAX);
+            if elsewhere && quick < self.peers.len() {
+                quick += 1;
+            } else {
+                quick = 0;
+                // A retry pause after a failure (an election, a dead replica), not
+                // synchronization. A redirect, or a first failure of one replica, goes on at once.
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RETRY_PAUSE_MAX);
+            }
         }
     }
 }

@@ -69,7 +69,7 @@ fn file_then_environment_then_flags() {
     assert_eq!(v["raft"]["timing_multiplier"], 2.0);
     assert_eq!(v["scheduler"]["tick_ms"], 250, "a duration string, in ms");
     assert_eq!(v["worker"]["concurrency"], 8);
-    assert_eq!(v["raft"]["heartbeat_interval_ms"], 100, "a default");
+    assert_eq!(v["raft"]["heartbeat_interval_ms"], 125, "a default");
     // The environment over the file.
     let env = [
         ("FLEET__NODE__CLUSTER_NAME", "from-env"),

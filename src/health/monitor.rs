@@ -146,6 +146,11 @@ impl Health {
         *self.http_addr.lock().expect("http lock")
     }
 
+    /// False while this replica keeps out of elections (stalled, or cut off from a quorum).
+    pub fn standing_for_election(&self) -> bool {
+        self.monitor.lock().expect("monitor lock").elections_enabled
+    }
+
     /// Whether the scheduling loop is stalled now.
     pub fn is_stalled(&self) -> bool {
         *self.stalled.borrow()

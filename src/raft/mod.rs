@@ -25,6 +25,7 @@
 //!   the log after it (bounded by `raft.snapshot_every_entries`).
 
 pub mod flusher;
+pub mod leader_loss;
 pub mod log_store;
 pub mod network;
 pub mod state_machine_store;

@@ -39,7 +39,8 @@ pub struct NetworkFactory {
 
 impl NetworkFactory {
     /// `append_timeout` is the least deadline of one AppendEntries (see
-    /// [`PeerNetwork::append_entries`]); the server passes half the minimum election timeout.
+    /// [`PeerNetwork::append_entries`]); the server passes the maximum election timeout (the
+    /// leader lease).
     pub fn new(pool: PeerPool, snapshot_chunk_timeout: Duration, append_timeout: Duration) -> Self {
         NetworkFactory {
             pool,
@@ -103,8 +104,8 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
     type SnapshotData = Cursor<Vec<u8>>;
 
     /// The deadline is openraft's `soft_ttl` or `append_timeout`, whichever is longer.
-    /// openraft gives an append the heartbeat interval as its time to live (100 ms by
-    /// default, so 75 ms of soft TTL), but one append is a round trip *plus the follower's
+    /// openraft gives an append the heartbeat interval as its time to live (50 ms by
+    /// default, so 37 ms of soft TTL), but one append is a round trip *plus the follower's
     /// fsync*: on a link with 40 ms of latency each way, or a disk whose fsync takes 80 ms,
     /// every append missed its deadline, nothing committed, and the stalled scheduling loop
     /// handed leadership around (found by the chaos harness's latency scenario). An append that

@@ -64,6 +64,8 @@ pub struct Replica {
     pub(crate) proposer: proposer::Proposer,
     pub scheduler: crate::scheduler::Scheduler,
     pub health: crate::health::monitor::Health,
+    /// Whether the leader this replica follows looks dead (its connection closed).
+    pub(crate) leader_loss: crate::raft::leader_loss::LeaderLoss,
     pub(crate) incoming_snapshot: tokio::sync::Mutex<Option<IncomingSnapshot>>,
     /// Set to true to stop the process (after `leave`, or on a fatal formation error).
     pub stop: watch::Sender<Option<String>>,
@@ -198,7 +200,7 @@ impl Replica {
         let network = NetworkFactory::new(
             pool.clone(),
             Duration::from_millis(config.raft.snapshot_chunk_timeout_ms),
-            config.raft.election_timeout_min() / 2,
+            config.raft.election_timeout_max(),
         );
         let raft = Raft::new(id, raft_config, network, log.clone(), sm.clone())
             .await
@@ -218,6 +220,7 @@ impl Replica {
             proposer,
             scheduler: crate::scheduler::Scheduler::default(),
             health,
+            leader_loss: Default::default(),
             incoming_snapshot: tokio::sync::Mutex::new(None),
             stop,
             started_at: Instant::now(),
@@ -400,6 +403,52 @@ impl Replica {
                 admission.request_ended(id);
             })
             .await;
+        if let (Role::Replica, Some(from)) = (hello.role, hello.from_node) {
+            self.replica_connection_closed(from);
+        }
+    }
+
+    /// A connection from replica `from` ended: if `from` is the leader, it may have died; stand
+    /// for election when its lease ends (see [`crate::raft::leader_loss`]).
+    fn replica_connection_closed(self: Arc<Self>, from: NodeId) {
+        use crate::raft::leader_loss::{View, RETRY};
+        let m = self.raft.metrics().borrow_watched().clone();
+        let view = View {
+            me: self.id,
+            from,
+            leader: m.current_leader,
+            voters: m.membership_config.membership().voter_ids().collect(),
+            lease: self.config.raft.election_timeout_max(),
+            election_timeout_min: self.config.raft.election_timeout_min(),
+        };
+        let Some(c) = self.leader_loss.connection_closed(&view, Instant::now()) else {
+            return;
+        };
+        tracing::info!(
+            leader = from,
+            in_ms = c.at.saturating_duration_since(Instant::now()).as_millis() as u64,
+            "the leader's connection closed: standing for election when its lease ends"
+        );
+        tokio::spawn(
+            async move {
+                tokio::time::sleep_until(c.at.into()).await;
+                // A protocol timer: retried while another voter may still hold the lease.
+                while Instant::now() < c.until {
+                    let m = self.raft.metrics().borrow_watched().clone();
+                    if !self.leader_loss.is_suspected(from)
+                        || m.current_leader != Some(from)
+                        || !self.health.standing_for_election()
+                    {
+                        return;
+                    }
+                    if self.raft.trigger().elect(true).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+            .in_current_span(),
+        );
     }
 
     /// Decides whether to talk to the caller. Adopts the caller's cluster id when this node

@@ -32,6 +32,9 @@ use crate::state::{Command, CommandOutput, QueueStats, Task, TaskFilter, TaskId,
 pub const MAX_SUBMIT_BATCH: usize = 10_000;
 /// Most tasks one `list_tasks` call returns.
 pub const MAX_LIST_LIMIT: usize = 10_000;
+/// A forwarded call waiting for a new leader gives up this long before the caller's deadline,
+/// so its answer arrives in time.
+const FORWARD_MARGIN: Duration = Duration::from_millis(100);
 
 /// One accepted connection: the replica plus who is calling.
 #[derive(Clone)]
@@ -61,9 +64,13 @@ fn fatal(e: impl std::fmt::Display) -> Error {
 impl FleetService for Connection {
     async fn raft_append(self, _: Context, req: AppendReq) -> Result<AppendResp, Error> {
         self.require_replica("raft_append")?;
+        let leader = req.vote.leader_id().node_id;
         let resp = self.replica.raft.append_entries(req).await.map_err(fatal)?;
         if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_)) {
             self.replica.health.note_leader_contact();
+            self.replica
+                .leader_loss
+                .appended(leader, std::time::Instant::now());
         }
         Ok(resp)
     }
@@ -387,6 +394,39 @@ impl Replica {
         }
     }
 
+    /// The leader to forward a call to. While there is none, or the one this replica follows
+    /// is suspected dead (its connection closed, see `raft::leader_loss`) or is `except` (it
+    /// could not be dialled), waits for the next one: at most three election timeouts and
+    /// never past the caller's deadline. The caller then reaches the new leader as soon as it
+    /// is elected, instead of polling through the election.
+    async fn leader_to_forward_to(
+        &self,
+        deadline: std::time::Instant,
+        except: Option<NodeId>,
+    ) -> Option<(NodeId, String)> {
+        let until = (std::time::Instant::now() + self.config.raft.election_timeout_max() * 3)
+            .min(deadline.checked_sub(FORWARD_MARGIN).unwrap_or(deadline));
+        let mut metrics = self.raft.metrics();
+        loop {
+            let found = {
+                let m = metrics.borrow_watched();
+                m.current_leader
+                    .filter(|&l| Some(l) != except && !self.leader_loss.is_suspected(l))
+                    .and_then(|l| {
+                        let node = m.membership_config.membership().get_node(&l)?;
+                        Some((l, node.addr.clone()))
+                    })
+            };
+            if found.is_some() {
+                return found;
+            }
+            match tokio::time::timeout_at(until.into(), metrics.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
+    }
+
     /// Calls the leader with `f`, once. Fails with `NotLeader` if this call was already
     /// forwarded or no leader is known.
     pub(crate) async fn forward<T, F, Fut>(&self, ctx: Context, hop: u8, f: F) -> Result<T, Error>
@@ -394,19 +434,35 @@ impl Replica {
         F: FnOnce(FleetServiceClient, Context) -> Fut,
         Fut: Future<Output = Result<Result<T, Error>, tarpc::client::RpcError>>,
     {
-        let info = self.node_info();
-        let (Some(leader), Some(addr)) = (info.leader_id, info.leader_addr.clone()) else {
-            return Err(self.not_leader());
-        };
-        if hop > 0 || leader == self.id {
+        if hop > 0 {
             return Err(self.not_leader());
         }
-        let peer = self.pool.get(Some(leader), &addr);
-        let client = peer.client().await.map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot reach the leader (node {leader} at {addr}): {e}"
-            ))
-        })?;
+        let Some((mut leader, mut addr)) = self.leader_to_forward_to(ctx.deadline, None).await
+        else {
+            return Err(self.not_leader());
+        };
+        let mut peer = self.pool.get(Some(leader), &addr);
+        let client = match peer.client().await {
+            Ok(c) => c,
+            // The leader died before this replica noticed: forward to the next one.
+            Err(first) => {
+                let Some(next) = self.leader_to_forward_to(ctx.deadline, Some(leader)).await else {
+                    return Err(Error::Unavailable(format!(
+                        "cannot reach the leader (node {leader} at {addr}): {first}"
+                    )));
+                };
+                (leader, addr) = next;
+                peer = self.pool.get(Some(leader), &addr);
+                peer.client().await.map_err(|e| {
+                    Error::Unavailable(format!(
+                        "cannot reach the leader (node {leader} at {addr}): {e}"
+                    ))
+                })?
+            }
+        };
+        if leader == self.id {
+            return Err(self.not_leader());
+        }
         let mut fwd = tarpc::context::current();
         fwd.deadline = ctx.deadline;
         // If leadership moves while the call waits (the leader froze or stepped down), answer
@@ -433,6 +489,15 @@ impl Replica {
             Err(e) => {
                 if is_transport_failure(&e) {
                     peer.reset().await;
+                    // The leader died during the call: name the next one as soon as it is
+                    // known, so the caller retries there at once.
+                    if self
+                        .leader_to_forward_to(ctx.deadline, Some(leader))
+                        .await
+                        .is_some()
+                    {
+                        return Err(self.not_leader());
+                    }
                 }
                 Err(Error::Unavailable(format!(
                     "forwarding to the leader (node {leader} at {addr}) failed: {e}"

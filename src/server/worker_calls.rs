@@ -66,7 +66,12 @@ impl Replica {
                 "this replica just became leader and is catching up; retry shortly".into(),
             ));
         }
-        let limit = self.config.raft.election_timeout_min().as_millis() as u64;
+        // Followers elect no one else until the lease they granted (election_timeout_max from
+        // the heartbeat's sending time, which `last_quorum_acked` is) has run out; one heartbeat
+        // interval of it is kept as margin.
+        let limit = (self.config.raft.election_timeout_max()
+            - self.config.raft.heartbeat_interval())
+        .as_millis() as u64;
         let since_ack = m
             .last_quorum_acked
             .as_ref()
