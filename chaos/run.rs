@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// invariants. On by itself with `--scenario schedules`.
     #[arg(long)]
     pub schedules: bool,
+    /// The latency scenario's added one-way latency, instead of one drawn from the seed
+    /// (20-150 ms), e.g. `50ms`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub latency: Option<Duration>,
 }
 
 impl RunArgs {
@@ -113,6 +117,14 @@ impl RunArgs {
                 self.rate
             );
         }
+        if let Some(l) = self.latency {
+            if l.is_zero() || l > Duration::from_secs(5) {
+                bail!(
+                    "--latency {} is not valid: use 1ms to 5s",
+                    humantime::format_duration(l)
+                );
+            }
+        }
         if self.hold < Duration::from_millis(500) || self.hold > Duration::from_secs(600) {
             bail!(
                 "--hold {} is not valid: use 500ms to 10m",
@@ -138,6 +150,9 @@ impl RunArgs {
         }
         if self.with_schedules() {
             s.push_str(" --schedules");
+        }
+        if let Some(l) = self.latency {
+            s.push_str(&format!(" --latency {}", humantime::format_duration(l)));
         }
         s
     }
@@ -223,7 +238,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         fleet_bin.display()
     );
     let lease_expiry = Duration::from_millis(VISIBILITY_TIMEOUT_MS);
-    let mut planner = Planner::new(seed, scenarios.clone(), args.hold, lease_expiry);
+    let mut planner = Planner::new(seed, scenarios.clone(), args.hold, lease_expiry)
+        .with_latency(args.latency.map(|l| l.as_millis() as u64));
     let mut plans = Vec::new();
     if args.duration.is_none() {
         plans = (0..scenarios.len()).map(|_| planner.next_plan()).collect();

@@ -195,6 +195,8 @@ pub struct Planner {
     hold: Duration,
     lease_expiry: Duration,
     next: usize,
+    /// A fixed one-way latency for the latency scenario (else drawn).
+    latency_ms: Option<u64>,
 }
 
 impl Planner {
@@ -210,7 +212,15 @@ impl Planner {
             hold,
             lease_expiry,
             next: 0,
+            latency_ms: None,
         }
+    }
+
+    /// Fixes the latency scenario's one-way latency (the draw still happens, so every other
+    /// parameter of the seed stays the same).
+    pub fn with_latency(mut self, latency_ms: Option<u64>) -> Self {
+        self.latency_ms = latency_ms;
+        self
     }
 
     pub fn next_plan(&mut self) -> Plan {
@@ -227,7 +237,10 @@ impl Planner {
             scenario,
             hold_ms,
             pick: self.rng.random(),
-            latency_ms: self.rng.random_range(20..=150),
+            latency_ms: {
+                let drawn = self.rng.random_range(20..=150);
+                self.latency_ms.unwrap_or(drawn)
+            },
             clock_offset_ms: if self.rng.random() { offset } else { -offset },
         }
     }
