@@ -148,3 +148,28 @@ class Fleet:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def queue_counts(fleet, queue):
+    stats = json.loads(fleet.cli("queue", "stats", "--output", "json"))["value"]
+    return stats.get(queue, {})
+
+
+def noop_batch(path, n, queue="bench", command=("true",)):
+    with open(path, "w") as f:
+        line = json.dumps({"command": list(command), "queue": queue}) + "\n"
+        f.write(line * n)
+
+
+def tasks_per_second(fleet, n, queue="bench", command=("true",)):
+    """Submits `n` tasks at once (`submit --file`) and times them until every one succeeded:
+    submit, lease, run, report, each step committed through Raft. Tasks per second."""
+    batch = os.path.join(fleet.dir, f"batch-{queue}.jsonl")
+    noop_batch(batch, n, queue, command)
+    before = queue_counts(fleet, queue).get("succeeded", 0)
+    t0 = time.monotonic()
+    fleet.cli("submit", "--file", batch, timeout=300)
+    wait_for(f"{n} tasks to succeed",
+             lambda: queue_counts(fleet, queue).get("succeeded", 0) - before >= n,
+             timeout=600, every=0.05)
+    return n / (time.monotonic() - t0)

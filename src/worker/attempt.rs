@@ -7,9 +7,9 @@
 //! found through the attempt's cgroup or its fencing token ([`super::containment`]), so no
 //! process of an attempt outlives it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 
 use super::containment::Containment;
+use super::spawn;
 use crate::rpc::LeasedTask;
 use crate::state::AttemptOutcome;
 
@@ -101,27 +102,23 @@ pub async fn run(
         buf: VecDeque::new(),
         cap: output_tail_bytes,
     }));
-    let mut cmd = tokio::process::Command::new(&spec.command[0]);
-    cmd.args(&spec.command[1..])
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .env("FLEET_TASK_ID", lease.task.to_string())
-        .env("FLEET_ATTEMPT", lease.attempt.to_string())
-        .env("FLEET_FENCING_TOKEN", lease.fencing_token.to_string())
-        .env("FLEET_QUEUE", &spec.queue)
-        .env("FLEET_WORKER", worker_name)
-        // The worker's own systemd link is not the task's.
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    die_with_the_worker(&mut cmd);
-    let spawned = containment
-        .prepare(&mut cmd, lease.task.0, lease.fencing_token)
-        .and_then(|c| containment.spawn(&mut cmd).map(|child| (c, child)));
-    let (contained, mut child) = match spawned {
+    let spawned = containment.prepare(lease.fencing_token).and_then(|c| {
+        let request = spawn::Request {
+            program: &spec.command[0],
+            args: &spec.command[1..],
+            env: environment(lease, worker_name),
+            cgroup_procs: c.cgroup_procs(),
+        };
+        match containment.spawn(|| spawn::spawn(&request)) {
+            Ok(s) => Ok((c, s)),
+            Err(e) => {
+                // Nothing started: the cgroup goes back as it came.
+                containment.release(c);
+                Err(e)
+            }
+        }
+    });
+    let (contained, spawned) = match spawned {
         Ok(c) => c,
         Err(e) => {
             return Ended {
@@ -135,18 +132,13 @@ pub async fn run(
             }
         }
     };
-    let pid = child.id();
-    let pgid = pid.map(|p| p as i32).unwrap_or(0);
-    let readers = [
-        child
-            .stdout
-            .take()
-            .map(|o| tokio::spawn(drain_into(o, tail.clone()))),
-        child
-            .stderr
-            .take()
-            .map(|e| tokio::spawn(drain_into(e, tail.clone()))),
-    ];
+    let mut child = spawned.process;
+    let pid = Some(child.id());
+    let pgid = child.id() as i32;
+    let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(spawned.output)
+        .map(|out| tokio::spawn(drain_into(out, tail.clone())))
+        .map_err(|e| tracing::warn!(error = %e, "cannot read the attempt's output"))
+        .ok();
     let timeout = spec.execution_timeout_ms.map(Duration::from_millis);
     let timer = async {
         match timeout {
@@ -175,7 +167,7 @@ pub async fn run(
     }
     // And whatever escaped the group (setsid, daemons): its cgroup, or its fencing token.
     containment.end(contained, pid).await;
-    for r in readers.into_iter().flatten() {
+    if let Some(r) = reader {
         // A process that left the group may still hold the pipe: do not wait for it forever.
         let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
     }
@@ -210,37 +202,34 @@ pub async fn run(
     }
 }
 
-/// Makes the kernel SIGKILL the attempt's process when the worker dies (`kill -9`, a crash, the
-/// OOM killer): a dead worker cannot be fenced or heartbeat, so an attempt that outlived it
-/// would run unfenced while its lease expires and another worker runs the task again. Under
-/// systemd, the unit's `KillMode=mixed` also kills whatever the command started when the
-/// worker dies; without systemd, only the command's own process is covered.
-///
-/// The kernel ties the signal to the *thread* that forked: attempts are spawned from the
-/// worker's async runtime threads, which live as long as the process.
-fn die_with_the_worker(cmd: &mut tokio::process::Command) {
-    let worker_pid = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (prctl, getppid); it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The worker may have died between fork and prctl: then nobody would signal us.
-            if libc::getppid() as u32 != worker_pid {
-                return Err(std::io::Error::other(
-                    "the worker exited before the attempt started",
-                ));
-            }
-            Ok(())
-        });
+/// The attempt's environment: the worker's, without its own systemd link, plus the task's
+/// `env` and the attempt's identity.
+fn environment(lease: &LeasedTask, worker_name: &str) -> Vec<(OsString, OsString)> {
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+        .filter(|(k, _)| {
+            !matches!(
+                k.to_str(),
+                Some("NOTIFY_SOCKET" | "WATCHDOG_USEC" | "WATCHDOG_PID")
+            )
+        })
+        .collect();
+    let spec = &lease.spec;
+    env.extend(spec.env.iter().map(|(k, v)| (k.into(), v.into())));
+    for (k, v) in [
+        ("FLEET_TASK_ID", lease.task.to_string()),
+        ("FLEET_ATTEMPT", lease.attempt.to_string()),
+        ("FLEET_FENCING_TOKEN", lease.fencing_token.to_string()),
+        ("FLEET_QUEUE", spec.queue.clone()),
+        ("FLEET_WORKER", worker_name.to_string()),
+    ] {
+        env.insert(k.into(), v.into());
     }
+    env.into_iter().collect()
 }
 
 /// SIGTERM to the group, SIGKILL after `grace` if it is still there.
 async fn terminate(
-    child: &mut tokio::process::Child,
+    child: &mut spawn::Process,
     pgid: i32,
     grace: Duration,
 ) -> std::io::Result<std::process::ExitStatus> {

@@ -4,10 +4,11 @@
 //! Two mechanisms, chosen once at worker start (`worker.containment`):
 //!
 //! - **cgroup** (v2): each attempt runs in its own cgroup, a child of the worker's
-//!   (`<worker's cgroup>/fleet-worker-<pid>/attempt-<task>-<token>`). The attempt's process is
-//!   moved there between fork and exec, so everything it starts is inside, wherever it moves
-//!   in the process tree. At the end the cgroup is killed (`cgroup.kill`, or SIGKILL to every
-//!   pid in `cgroup.procs` on kernels before 5.14) and removed. Needs a writable cgroup v2
+//!   (`<worker's cgroup>/fleet-worker-<pid>/attempt-<n>`). The attempt's process is moved
+//!   there between clone and exec (`super::spawn`), so everything it starts is inside, wherever
+//!   it moves in the process tree. At the end the cgroup is killed (`cgroup.kill`, or SIGKILL
+//!   to every pid in `cgroup.procs` on kernels before 5.14) and, once empty, kept for the next
+//!   attempt (removed when the worker stops). Needs a writable cgroup v2
 //!   tree: root, or systemd's `Delegate=yes` (the shipped worker unit sets it). `auto` picks it
 //!   when creating the worker's cgroup works.
 //! - **subreaper**: the worker marks itself `PR_SET_CHILD_SUBREAPER`, so an attempt's orphans
@@ -18,15 +19,27 @@
 //! Either way, escaped processes get SIGTERM with the process group when an attempt is stopped
 //! (timeout, cancel, fencing), and SIGKILL once the attempt is over.
 
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Which mechanism a worker uses (`worker.containment`).
 #[derive(Debug)]
 pub enum Containment {
-    Cgroup { dir: PathBuf },
+    Cgroup {
+        dir: PathBuf,
+        pool: Mutex<CgroupPool>,
+    },
     Subreaper,
+}
+
+/// Empty attempt cgroups kept for the next attempts: creating and removing a cgroup per
+/// attempt was a tenth of the worker's CPU per no-op task (perf: `cgroup_mkdir`,
+/// `cgroup_rmdir`).
+#[derive(Debug, Default)]
+pub struct CgroupPool {
+    free: Vec<AttemptCgroup>,
+    /// Attempt cgroups created so far (names them).
+    created: u64,
 }
 
 /// What an attempt holds for its containment.
@@ -34,7 +47,22 @@ pub enum Containment {
 pub struct Contained {
     pub token: u64,
     /// The attempt's cgroup (cgroup mechanism only).
-    cgroup: Option<PathBuf>,
+    cgroup: Option<AttemptCgroup>,
+}
+
+/// An attempt cgroup and its `cgroup.procs`, kept open for the attempts that reuse it.
+#[derive(Debug)]
+struct AttemptCgroup {
+    dir: PathBuf,
+    procs: std::fs::File,
+}
+
+impl Contained {
+    /// The fd the attempt's process writes to move into its cgroup (`spawn::Request`).
+    pub fn cgroup_procs(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd as _;
+        self.cgroup.as_ref().map(|c| c.procs.as_raw_fd())
+    }
 }
 
 /// Attempt leaders the worker is running (pid): the subreaper must not reap them, tokio does.
@@ -46,14 +74,21 @@ impl Containment {
     pub fn setup(choice: &str) -> anyhow::Result<Containment> {
         match choice {
             "subreaper" => subreaper(),
-            "cgroup" => worker_cgroup().map(|dir| Containment::Cgroup { dir }),
+            "cgroup" => worker_cgroup().map(Containment::cgroup),
             _ => match worker_cgroup() {
-                Ok(dir) => Ok(Containment::Cgroup { dir }),
+                Ok(dir) => Ok(Containment::cgroup(dir)),
                 Err(e) => {
                     tracing::info!(reason = %e, "no writable cgroup v2 tree; attempts are contained with PR_SET_CHILD_SUBREAPER");
                     subreaper()
                 }
             },
+        }
+    }
+
+    fn cgroup(dir: PathBuf) -> Containment {
+        Containment::Cgroup {
+            dir,
+            pool: Mutex::default(),
         }
     }
 
@@ -64,60 +99,72 @@ impl Containment {
         }
     }
 
-    /// Prepares `cmd` so that everything it starts can be found again: for a cgroup, creates
-    /// the attempt's cgroup and moves the process into it before exec.
-    pub fn prepare(
-        &self,
-        cmd: &mut tokio::process::Command,
-        task: u64,
-        token: u64,
-    ) -> std::io::Result<Contained> {
-        let Containment::Cgroup { dir } = self else {
+    /// Prepares an attempt so that everything it starts can be found again. For a cgroup:
+    /// takes an empty attempt cgroup from the pool (or creates one) and opens its
+    /// `cgroup.procs`, which the child writes between clone and exec (`spawn`) to move in.
+    pub fn prepare(&self, token: u64) -> std::io::Result<Contained> {
+        let Containment::Cgroup { dir, pool } = self else {
             return Ok(Contained {
                 token,
                 cgroup: None,
             });
         };
-        let cg = dir.join(format!("attempt-{task}-{token}"));
-        match std::fs::create_dir(&cg) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        let procs = std::fs::OpenOptions::new()
-            .write(true)
-            .open(cg.join("cgroup.procs"))?;
-        let fd = procs.as_raw_fd();
-        // SAFETY: between fork and exec only write(2) on an fd opened before the fork; "0"
-        // moves the writing process (the attempt) into the cgroup. The fd is close-on-exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let _keep_open = &procs;
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
+        // One lock, released before any file system call.
+        let (free, n) = {
+            let mut p = pool.lock().expect("cgroup pool lock");
+            match p.free.pop() {
+                Some(cg) => (Some(cg), 0),
+                None => {
+                    p.created += 1;
+                    (None, p.created)
                 }
-                Ok(())
-            });
-        }
+            }
+        };
+        let cg = match free {
+            Some(cg) => cg,
+            None => {
+                let cg = dir.join(format!("attempt-{n}"));
+                match std::fs::create_dir(&cg) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(cg.join("cgroup.procs"))
+                {
+                    Ok(procs) => AttemptCgroup { dir: cg, procs },
+                    Err(e) => {
+                        let _ = std::fs::remove_dir(&cg);
+                        return Err(e);
+                    }
+                }
+            }
+        };
         Ok(Contained {
             token,
             cgroup: Some(cg),
         })
     }
 
-    /// Spawns the attempt's process and records it (the subreaper must leave it to tokio).
-    /// The record is taken under the lock [`reap_orphans`] holds, so a leader that exits at
-    /// once is never mistaken for an orphan.
+    /// Starts the attempt's process with `start` and records it (the subreaper must leave it to
+    /// the attempt). The record is taken under the lock [`reap_orphans`] holds, so a leader
+    /// that exits at once is never mistaken for an orphan.
     pub fn spawn(
         &self,
-        cmd: &mut tokio::process::Command,
-    ) -> std::io::Result<tokio::process::Child> {
+        start: impl FnOnce() -> std::io::Result<super::spawn::Spawned>,
+    ) -> std::io::Result<super::spawn::Spawned> {
         let mut leaders = LEADERS.lock().expect("leaders lock");
-        let child = cmd.spawn()?;
-        if let Some(pid) = child.id() {
-            leaders.push(pid);
-        }
+        let child = start()?;
+        leaders.push(child.process.id());
         Ok(child)
+    }
+
+    /// Gives back what [`Containment::prepare`] took for an attempt that never started.
+    pub fn release(&self, c: Contained) {
+        if let (Some(cg), Containment::Cgroup { pool, .. }) = (c.cgroup, self) {
+            pool.lock().expect("cgroup pool lock").free.push(cg);
+        }
     }
 
     /// Sends `sig` to every process of the attempt outside its process group's reach as well.
@@ -141,7 +188,7 @@ impl Containment {
                 break;
             }
             match &c.cgroup {
-                Some(cg) if std::fs::write(cg.join("cgroup.kill"), "1").is_ok() => {}
+                Some(cg) if std::fs::write(cg.dir.join("cgroup.kill"), "1").is_ok() => {}
                 _ => self.signal(&c, libc::SIGKILL),
             }
             if matches!(self, Containment::Subreaper) {
@@ -153,9 +200,12 @@ impl Containment {
         if matches!(self, Containment::Subreaper) {
             reap_orphans();
         }
-        if let Some(cg) = &c.cgroup {
-            if let Err(e) = std::fs::remove_dir(cg) {
-                tracing::warn!(cgroup = %cg.display(), error = %e, "cannot remove the attempt's cgroup");
+        if let (Some(cg), Containment::Cgroup { pool, .. }) = (c.cgroup, self) {
+            if members_of(&cg.dir).is_empty() {
+                // Empty: the next attempt reuses it.
+                pool.lock().expect("cgroup pool lock").free.push(cg);
+            } else if let Err(e) = std::fs::remove_dir(&cg.dir) {
+                tracing::warn!(cgroup = %cg.dir.display(), error = %e, "cannot remove the attempt's cgroup");
             }
         }
     }
@@ -163,14 +213,19 @@ impl Containment {
     /// The attempt's processes still alive.
     fn members(&self, c: &Contained) -> Vec<i32> {
         match &c.cgroup {
-            Some(cg) => std::fs::read_to_string(cg.join("cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect(),
+            Some(cg) => members_of(&cg.dir),
             None => descendants_with_token(std::process::id() as i32, c.token),
         }
     }
+}
+
+/// The processes in cgroup `cg`.
+fn members_of(cg: &Path) -> Vec<i32> {
+    std::fs::read_to_string(cg.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 /// Rounds of kill-and-check at the end of an attempt.
@@ -327,7 +382,10 @@ fn reap_orphans() {
 impl Drop for Containment {
     /// Removes this worker's cgroup when the worker stops (empty once every attempt ended).
     fn drop(&mut self) {
-        if let Containment::Cgroup { dir } = self {
+        if let Containment::Cgroup { dir, pool } = self {
+            for cg in pool.get_mut().expect("cgroup pool lock").free.drain(..) {
+                let _ = std::fs::remove_dir(cg.dir);
+            }
             let _ = std::fs::remove_dir(dir);
         }
     }

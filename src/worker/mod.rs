@@ -18,6 +18,7 @@
 pub mod attempt;
 pub mod containment;
 pub mod heartbeat;
+pub mod spawn;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
