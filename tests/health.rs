@@ -271,17 +271,28 @@ fn a_frozen_leader_is_replaced_and_steps_down_on_waking() {
         "tasks to keep completing",
         Duration::from_secs(15),
     );
-    let out = fleet(&[
-        "health",
-        "--cluster",
-        "--peers",
-        &others,
-        "--output",
-        "json",
-    ]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["status"], "degraded", "{v}");
+    // A member is unreachable once it has not answered for three peer polls: with a failover
+    // of about half a second that is later than the runs above.
+    wait_until(
+        "the cluster check to report the frozen member",
+        Duration::from_secs(15),
+        || {
+            let out = fleet(&[
+                "health",
+                "--cluster",
+                "--peers",
+                &others,
+                "--output",
+                "json",
+            ]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if out.status.code() == Some(1) && v["status"] == "degraded" {
+                Ok(())
+            } else {
+                Err(format!("{out:?}"))
+            }
+        },
+    );
     let (code, _) = health_of(&old_addr);
     assert_eq!(code, 2, "a frozen replica is unreachable");
 

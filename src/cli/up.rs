@@ -350,6 +350,11 @@ fn replica_members(args: &UpArgs, addrs: &[String], dir: &Path) -> Vec<Member> {
 async fn wait_for_leader(client: &mut Client, replicas: &mut [Member]) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
+        let status = client
+            .call(|c, ctx| async move { c.cluster_status(ctx, 0).await })
+            .await;
+        // After the status call too: a majority can elect a leader (in about half a second)
+        // before the look at the children that preceded it could see one that failed to start.
         for r in replicas.iter_mut() {
             if let Some(status) = r.exited() {
                 bail!(
@@ -360,9 +365,6 @@ async fn wait_for_leader(client: &mut Client, replicas: &mut [Member]) -> anyhow
                 );
             }
         }
-        let status = client
-            .call(|c, ctx| async move { c.cluster_status(ctx, 0).await })
-            .await;
         match status {
             Ok(s) if s.leader_id.is_some() => {
                 say!(
