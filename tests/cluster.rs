@@ -83,6 +83,15 @@ fn three_nodes_form_replicate_fail_over_and_restart() {
         new_status["leader_id"],
         failover.as_millis()
     );
+    // The survivors noticed the death by the closed connection, not by an election timeout
+    // (src/raft/leader_loss.rs): each says so in its log.
+    for id in [1u64, 2, 3].into_iter().filter(|&id| id != leader) {
+        let log = c.node(id).log_text();
+        assert!(
+            log.contains("the leader's connection closed: standing for election"),
+            "node {id}: {log}"
+        );
+    }
     let list = fleet_json(&["task", "list", "--limit", "10000", "--peers", &survivors]).unwrap();
     assert_eq!(list["linearizable"], true);
     assert_eq!(
