@@ -62,6 +62,12 @@ fn decode_format_3(what: &str, bytes: &[u8]) -> io::Result<State> {
 
 /// Reads state bytes of any format this fleet understands; a newer one is refused by name.
 pub fn decode_state(what: &str, bytes: &[u8]) -> io::Result<State> {
+    let mut state = decode_any_format(what, bytes)?;
+    state.rebuild_tally();
+    Ok(state)
+}
+
+fn decode_any_format(what: &str, bytes: &[u8]) -> io::Result<State> {
     let body = |b: &[u8]| {
         bincode::serde::decode_from_slice(b, bincode::config::standard())
             .map(|(v, _)| v)

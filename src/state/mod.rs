@@ -21,6 +21,7 @@
 
 pub mod pools;
 pub mod schedules;
+mod tally;
 pub mod task;
 
 use std::cmp::Reverse;
@@ -568,6 +569,9 @@ pub struct State {
     /// Pools and the tasks' claims on them (format 3, like `schedules`).
     #[serde(skip)]
     pub(crate) pools: Pools,
+    /// Per-queue counts (derived: rebuilt after decoding, see [`State::rebuild_tally`]).
+    #[serde(skip)]
+    tally: tally::Tally,
 }
 
 impl State {
@@ -673,8 +677,11 @@ impl State {
                     self.unindex(*task);
                 }
                 let t = self.tasks.get_mut(task).expect("exists");
+                let from = t.state;
                 t.state = TaskState::Queued;
                 t.ready_at_ms = now;
+                let q = t.spec.queue.clone();
+                self.tally.moved(&q, Some(from), Some(TaskState::Queued));
                 self.make_ready(*task);
                 self.run_reopened(*task);
                 Ok(CommandOutput::TaskUpdated {
@@ -702,6 +709,7 @@ impl State {
                 for (at, id) in purgeable {
                     self.finished.remove(&(at, id));
                     let t = self.tasks.remove(&id).expect("finished tasks exist");
+                    self.tally.moved(&t.spec.queue, Some(t.state), None);
                     self.forget_run(id);
                     self.forget_claim(id);
                     if let Some(k) = &t.spec.idempotency_key {
@@ -760,6 +768,9 @@ impl State {
                 let t = self.tasks.get_mut(&task).expect("exists");
                 t.state = TaskState::Cancelled;
                 t.finished_at_ms = Some(now);
+                let q = t.spec.queue.clone();
+                self.tally
+                    .moved(&q, Some(TaskState::Running), Some(TaskState::Cancelled));
                 self.finished.insert((now, task));
                 self.run_ended(task);
             }
@@ -829,6 +840,8 @@ impl State {
             finished_at_ms: None,
             seq: 0,
         };
+        self.tally
+            .moved(&task.spec.queue, None, Some(TaskState::Queued));
         let previous = self.tasks.insert(id, task);
         assert!(previous.is_none(), "task id {id} assigned twice");
         if let Some(key) = key {
@@ -858,6 +871,8 @@ impl State {
             seq,
             id,
         ));
+        self.tally
+            .ready(&t.spec.queue, t.state, t.ready_at_ms, true);
     }
 
     /// Removes a queued or failed task from whichever index holds it.
@@ -865,7 +880,10 @@ impl State {
         let t = &self.tasks[&id];
         self.waiting.remove(&(t.ready_at_ms, id));
         if let Some(q) = self.ready.get_mut(&t.spec.queue) {
-            q.remove(&(Reverse(t.spec.priority), t.seq, id));
+            if q.remove(&(Reverse(t.spec.priority), t.seq, id)) {
+                self.tally
+                    .ready(&t.spec.queue, t.state, t.ready_at_ms, false);
+            }
             if q.is_empty() {
                 self.ready.remove(&t.spec.queue);
             }
@@ -909,7 +927,10 @@ impl State {
             attempt,
             granted_at_ms: now,
         });
+        let from = t.state;
         t.state = TaskState::Running;
+        let q = t.spec.queue.clone();
+        self.tally.moved(&q, Some(from), Some(TaskState::Running));
         self.leased.insert(id);
         Some(LeaseGrant {
             task: id,
@@ -986,6 +1007,9 @@ impl State {
         }
         t.state = TaskState::Failed;
         t.ready_at_ms = now + t.spec.retry.delay_ms(used + 1, jitter_permille);
+        let q = t.spec.queue.clone();
+        self.tally
+            .moved(&q, Some(TaskState::Running), Some(TaskState::Failed));
         self.schedule(id);
         Ok(CommandOutput::TaskUpdated {
             id,
@@ -996,8 +1020,11 @@ impl State {
     fn finish(&mut self, id: TaskId, state: TaskState) {
         let now = self.clock_ms;
         let t = self.tasks.get_mut(&id).expect("exists");
+        let from = t.state;
         t.state = state;
         t.finished_at_ms = Some(now);
+        let q = t.spec.queue.clone();
+        self.tally.moved(&q, Some(from), Some(state));
         self.finished.insert((now, id));
         self.run_ended(id);
     }
@@ -1079,8 +1106,49 @@ impl State {
         self.tasks.len()
     }
 
-    /// Counts per queue (a scan of the retained tasks).
+    /// Counts per queue, from the tally kept as tasks move: O(queues).
     pub fn queue_stats(&self) -> BTreeMap<String, QueueStats> {
+        use tally::index;
+        self.tally
+            .queues
+            .iter()
+            .map(|(q, t)| {
+                let ready = self.ready.get(q).map_or(0, |r| r.len() as u64);
+                let n = |s: TaskState| t.by_state[index(s)];
+                let stats = QueueStats {
+                    ready,
+                    delayed: n(TaskState::Queued) - (ready - t.ready_failed),
+                    running: n(TaskState::Running),
+                    failed: n(TaskState::Failed) - t.ready_failed,
+                    dead: n(TaskState::Dead),
+                    succeeded: n(TaskState::Succeeded),
+                    cancelled: n(TaskState::Cancelled),
+                    oldest_ready_since_ms: t.ready_since.keys().next().copied(),
+                };
+                (q.clone(), stats)
+            })
+            .collect()
+    }
+
+    /// Rebuilds the derived per-queue counts from the tasks and the ready index (after
+    /// decoding a state: they are not encoded).
+    pub fn rebuild_tally(&mut self) {
+        let mut tally = tally::Tally::default();
+        for t in self.tasks.values() {
+            tally.moved(&t.spec.queue, None, Some(t.state));
+        }
+        for keys in self.ready.values() {
+            for (_, _, id) in keys {
+                let t = &self.tasks[id];
+                tally.ready(&t.spec.queue, t.state, t.ready_at_ms, true);
+            }
+        }
+        self.tally = tally;
+    }
+
+    /// Counts per queue by a scan of the retained tasks: what the tally must always equal.
+    #[cfg(test)]
+    pub fn queue_stats_scan(&self) -> BTreeMap<String, QueueStats> {
         let mut out: BTreeMap<String, QueueStats> = BTreeMap::new();
         for t in self.tasks.values() {
             let s = out.entry(t.spec.queue.clone()).or_default();
@@ -1280,6 +1348,103 @@ mod tests {
         let took = started.elapsed();
         assert_eq!(stats.values().map(|s| s.ready).sum::<u64>(), n as u64);
         eprintln!("queue_stats over {n} tasks in 8 queues: {took:?}");
+        let started = std::time::Instant::now();
+        assert_eq!(sm.state.queue_stats_scan(), stats);
+        eprintln!("the same by a scan of the tasks: {:?}", started.elapsed());
+    }
+
+    /// The per-queue tally always equals a scan of the tasks, through random operations and
+    /// snapshot round trips. Seeded: FLEET_TEST_SEED=N reruns one sequence.
+    #[test]
+    fn the_queue_tally_equals_a_scan_through_random_operations() {
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = std::env::var("FLEET_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        eprintln!("seed {seed} (rerun with FLEET_TEST_SEED={seed})");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut sm = Sm::new();
+        let mut now = 1_000u64;
+        let mut rid = 0u128;
+        for step in 0..3_000 {
+            now += rng.random_range(0..50);
+            let ids: Vec<TaskId> = sm.state.tasks.keys().copied().collect();
+            let pick = |rng: &mut rand::rngs::StdRng| ids[rng.random_range(0..ids.len())];
+            let cmd = match rng.random_range(0..10) {
+                0..=2 => {
+                    rid += 1;
+                    let mut sp = spec(&["true"]);
+                    sp.queue = format!("q{}", rng.random_range(0..3));
+                    sp.priority = rng.random_range(-1..=1);
+                    sp.retry.max_attempts = rng.random_range(1..=3);
+                    sp.retry.backoff_initial_ms = rng.random_range(0..100);
+                    if rng.random_bool(0.2) {
+                        sp.not_before_ms = Some(now + rng.random_range(0..300));
+                    }
+                    Command::SubmitTask {
+                        request_id: RequestId(rid),
+                        spec: sp,
+                    }
+                }
+                3 | 4 if !ids.is_empty() => Command::GrantLeases {
+                    worker: task::WorkerId(1),
+                    tasks: (0..3).map(|_| pick(&mut rng)).collect(),
+                },
+                5 | 6 if !ids.is_empty() => {
+                    let id = pick(&mut rng);
+                    let token = sm.state.tasks[&id]
+                        .lease
+                        .as_ref()
+                        .map_or(0, |l| l.fencing_token);
+                    if rng.random_bool(0.8) {
+                        Command::Complete {
+                            task: id,
+                            fencing_token: token,
+                            outcome: if rng.random_bool(0.5) {
+                                AttemptOutcome::Succeeded
+                            } else {
+                                AttemptOutcome::Failed {
+                                    exit_code: Some(1),
+                                    signal: None,
+                                    error: None,
+                                }
+                            },
+                            output_tail: String::new(),
+                            retry_jitter_permille: 0,
+                        }
+                    } else {
+                        Command::ExpireLease {
+                            task: id,
+                            fencing_token: token,
+                            reason: "test".into(),
+                            retry_jitter_permille: 0,
+                        }
+                    }
+                }
+                7 if !ids.is_empty() => Command::Cancel {
+                    task: pick(&mut rng),
+                },
+                8 if !ids.is_empty() => Command::Retry {
+                    task: pick(&mut rng),
+                },
+                _ => Command::PurgeFinished {
+                    finished_before_ms: now.saturating_sub(200),
+                    max: 10,
+                },
+            };
+            let _ = sm.one(now, cmd);
+            assert_eq!(
+                sm.state.queue_stats(),
+                sm.state.queue_stats_scan(),
+                "seed {seed}, step {step}"
+            );
+            if step % 500 == 0 {
+                let bytes = crate::raft::state_machine_store::encode_state(&sm.state).unwrap();
+                let back = crate::raft::state_machine_store::decode_state("test", &bytes).unwrap();
+                assert_eq!(back, sm.state, "seed {seed}, step {step}: round trip");
+            }
+        }
     }
 
     fn spec(cmd: &[&str]) -> TaskSpec {
