@@ -30,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
-from fleetbench import FLEET, ROOT, Fleet, median, tasks_per_second, wait_for  # noqa: E402
+from fleetbench import FLEET, ROOT, Fleet, read_ns, tasks_per_second, wait_for  # noqa: E402
 
 PEERS = os.path.join(ROOT, "benches", "peers", "target", "release", "fleet-peers")
 
@@ -42,14 +42,6 @@ def run_json(cmd, timeout=900):
     return json.loads(out.stdout)
 
 
-def read_acks(path):
-    try:
-        with open(path) as f:
-            return sorted(int(line.split()[0]) for line in f if line.strip())
-    except FileNotFoundError:
-        return []
-
-
 def first_ack_after(path, t0_ns):
     """The first acknowledgement after the outage the kill at t0 caused: the first gap of over
     50 ms between consecutive acknowledgements of the 1-client stream (about 1 ms apart
@@ -58,7 +50,7 @@ def first_ack_after(path, t0_ns):
     milliseconds after its death (etcd: through the follower that forwarded them), so "the
     first acknowledgement after t0" would measure nothing. Without such a gap: the first
     acknowledgement 5 ms after t0."""
-    acks = read_acks(path)
+    acks = read_ns(path)
     for a, b in zip(acks, acks[1:]):
         if t0_ns - 100_000_000 <= a <= t0_ns + 100_000_000 and b - a > 50_000_000:
             return (b - t0_ns) / 1e6

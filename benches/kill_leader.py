@@ -31,15 +31,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
-from fleetbench import FLEET, ROOT, Fleet, median, percentile, wait_for  # noqa: E402
-
-
-def read_ns(path):
-    try:
-        with open(path) as f:
-            return sorted(int(line.split()[0]) for line in f if line.strip())
-    except FileNotFoundError:
-        return []
+from fleetbench import FLEET, ROOT, Fleet, median, percentile, read_ns, wait_for  # noqa: E402
 
 
 def first_after(values, t):

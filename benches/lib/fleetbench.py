@@ -32,6 +32,16 @@ def wait_for(what, check, timeout=30.0, every=0.02):
     raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def read_ns(path):
+    """The first field of every line of a timeline file (`UNIX_NANOS ...`), sorted; empty when
+    the file does not exist yet."""
+    try:
+        with open(path) as f:
+            return sorted(int(line.split()[0]) for line in f if line.strip())
+    except FileNotFoundError:
+        return []
+
+
 def percentile(values, p):
     if not values:
         return float("nan")
