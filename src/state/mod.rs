@@ -1284,6 +1284,29 @@ impl Picker<'_> {
 /// What the state tests of several modules share.
 #[cfg(test)]
 pub(crate) mod testing {
+    /// A worker's report for `task` under `token`: success or a failed exit, at random.
+    pub fn random_report(
+        rng: &mut impl rand::Rng,
+        task: super::TaskId,
+        token: u64,
+    ) -> super::Command {
+        super::Command::Complete {
+            task,
+            fencing_token: token,
+            outcome: if rng.random_bool(0.5) {
+                super::AttemptOutcome::Succeeded
+            } else {
+                super::AttemptOutcome::Failed {
+                    exit_code: Some(1),
+                    signal: None,
+                    error: None,
+                }
+            },
+            output_tail: String::new(),
+            retry_jitter_permille: 0,
+        }
+    }
+
     use super::*;
 
     /// A state machine driven with an explicit leader clock, one command per entry.
@@ -1398,21 +1421,7 @@ mod tests {
                         .as_ref()
                         .map_or(0, |l| l.fencing_token);
                     if rng.random_bool(0.8) {
-                        Command::Complete {
-                            task: id,
-                            fencing_token: token,
-                            outcome: if rng.random_bool(0.5) {
-                                AttemptOutcome::Succeeded
-                            } else {
-                                AttemptOutcome::Failed {
-                                    exit_code: Some(1),
-                                    signal: None,
-                                    error: None,
-                                }
-                            },
-                            output_tail: String::new(),
-                            retry_jitter_permille: 0,
-                        }
+                        testing::random_report(&mut rng, id, token)
                     } else {
                         Command::ExpireLease {
                             task: id,

@@ -257,7 +257,7 @@ impl State {
 mod tests {
     use super::*;
     use crate::state::testing::Applier;
-    use crate::state::{AttemptOutcome, Command, RequestId, TaskSpec, WorkerId};
+    use crate::state::{Command, RequestId, TaskSpec, WorkerId};
     use rand::{Rng, SeedableRng};
 
     fn pooled(rid: u128, pool: &str, slots: u32) -> Command {
@@ -372,21 +372,7 @@ mod tests {
                         leased.get(rng.random_range(0..leased.len().max(1)))
                     {
                         let c = if rng.random_bool(0.7) {
-                            Command::Complete {
-                                task,
-                                fencing_token: token,
-                                outcome: if rng.random_bool(0.5) {
-                                    AttemptOutcome::Succeeded
-                                } else {
-                                    AttemptOutcome::Failed {
-                                        exit_code: Some(1),
-                                        signal: None,
-                                        error: None,
-                                    }
-                                },
-                                output_tail: String::new(),
-                                retry_jitter_permille: 0,
-                            }
+                            crate::state::testing::random_report(&mut rng, task, token)
                         } else {
                             Command::expire(task, token, "test".into(), 0)
                         };
