@@ -317,7 +317,7 @@ pub struct BenchArgs {
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Join(args) => join(config, args).await,
-        Command::Up(args) => up::up(&config, args).await,
+        Command::Up(args) => up::up(&config, cli.config.as_deref(), args).await,
         Command::Down(args) => up::down(args).await,
         Command::Worker(args) => worker::worker(config, args).await,
         Command::Logs(args) => logs::logs(&config, args).await,

@@ -351,6 +351,42 @@ pub struct QueueDefaults {
     pub visibility_timeout_ms: Option<u64>,
     /// Most tasks of the queue running at once across the fleet (the leader grants no more).
     pub max_running: Option<u32>,
+    /// How a worker runs the queue's attempts: "oneshot" (a process per attempt, the
+    /// default) or "persistent" (attempts are fed one by one to long-lived processes started
+    /// with `executor_command`; see docs/tasks.md). Read by workers, not by replicas.
+    pub executor: Option<String>,
+    /// The command that starts a persistent executor process (`executor = "persistent"`).
+    pub executor_command: Option<Vec<String>>,
+}
+
+impl QueueDefaults {
+    /// The persistent executor command, if the queue has one (after [`Config::validate`]).
+    pub fn persistent_command(&self) -> Option<&[String]> {
+        match self.executor.as_deref() {
+            Some("persistent") => self.executor_command.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn executor_valid(&self, q: &str) -> anyhow::Result<()> {
+        match (self.executor.as_deref(), &self.executor_command) {
+            (None | Some("oneshot"), None) => Ok(()),
+            (Some("persistent"), Some(c)) if !c.is_empty() && !c[0].is_empty() => Ok(()),
+            (Some("persistent"), _) => anyhow::bail!(
+                "queues.{q}.executor = \"persistent\" needs queues.{q}.executor_command, the \
+                 program (and its arguments) that starts the long-lived process, e.g. \
+                 [\"python3\", \"/srv/handler.py\"]"
+            ),
+            (None | Some("oneshot"), Some(_)) => anyhow::bail!(
+                "queues.{q}.executor_command is only used with executor = \"persistent\": add \
+                 that, or remove the command"
+            ),
+            (Some(other), _) => anyhow::bail!(
+                "queues.{q}.executor = {other:?} is not valid: use \"oneshot\" (a process per \
+                 attempt, the default) or \"persistent\""
+            ),
+        }
+    }
 }
 
 /// A worker process (`fleet worker`).
@@ -581,6 +617,7 @@ impl Config {
             crate::state::validate_queue_name(q)
                 .map_err(|e| anyhow::anyhow!("[queues.{q}]: {e}"))?;
             self.task_defaults_valid(&format!("queues.{q}"), &self.task_defaults(q))?;
+            self.queues[q].executor_valid(q)?;
             if self.queues[q].max_running == Some(0) {
                 anyhow::bail!(
                     "queues.{q}.max_running = 0 is not valid: use 1 or more, or leave it out \
@@ -756,6 +793,42 @@ mod tests {
     fn unknown_key_is_an_error_naming_it() {
         let err = toml::from_str::<Config>("[raft]\nheartbeat_interval = 5\n").unwrap_err();
         assert!(err.to_string().contains("heartbeat_interval"), "{err}");
+    }
+
+    #[test]
+    fn a_queue_executor_is_checked() {
+        let check = |executor: Option<&str>, command: Option<Vec<&str>>| {
+            let mut c = Config::default();
+            let q = QueueDefaults {
+                executor: executor.map(String::from),
+                executor_command: command.map(|c| c.into_iter().map(String::from).collect()),
+                ..Default::default()
+            };
+            c.queues.insert("py".into(), q.clone());
+            c.validate()
+                .map(|()| q.persistent_command().map(<[String]>::to_vec))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            check(Some("persistent"), Some(vec!["python3", "h.py"])),
+            Ok(Some(vec!["python3".to_string(), "h.py".to_string()]))
+        );
+        assert_eq!(check(None, None), Ok(None));
+        assert_eq!(check(Some("oneshot"), None), Ok(None));
+        let e = check(Some("persistent"), None).unwrap_err();
+        assert!(e.contains("queues.py.executor_command"), "{e}");
+        let e = check(Some("persistent"), Some(vec![])).unwrap_err();
+        assert!(e.contains("queues.py.executor_command"), "{e}");
+        let e = check(None, Some(vec!["python3"])).unwrap_err();
+        assert!(
+            e.contains("only used with executor = \"persistent\""),
+            "{e}"
+        );
+        let e = check(Some("forked"), None).unwrap_err();
+        assert!(
+            e.contains("queues.py.executor = \"forked\"") && e.contains("\"oneshot\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -125,10 +125,15 @@ fn fleet_up_runs_the_demo_and_a_submitted_task_then_restarts_on_its_data() {
     }
 
     // Again, on the same data: the earlier tasks are still there, and the new demo batch runs.
-    let (mut up, rx) = run_up(dir.path(), port);
+    // With a config file this time, which the workers read too: they serve its queues.
+    let config = dir.path().join("fleet.toml");
+    std::fs::write(&config, "[worker]\nqueues = [\"default\", \"second\"]\n").unwrap();
+    let (mut up, rx) = run_up_with(dir.path(), port, &["--config", config.to_str().unwrap()]);
     let mut seen = Vec::new();
     wait_for_line(dir.path(), &rx, "demo: all 20 tasks finished", &mut seen);
     assert_eq!(show_task(&peers, id).unwrap()["state"], "succeeded");
+    let second = submit_task(&peers, &["--queue", "second"], &["true".to_string()]);
+    wait_for_state(&peers, second, "succeeded", Duration::from_secs(30));
     assert!(
         seen.iter().any(|l| l.contains(&format!("({} to", id + 1))),
         "{}",

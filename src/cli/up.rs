@@ -190,11 +190,27 @@ impl Member {
     }
 }
 
-/// `config` is what the children read too (the same file and `FLEET__*` environment): the
-/// cluster name and auth token come from it.
-pub async fn up(config: &crate::config::Config, args: UpArgs) -> anyhow::Result<()> {
+/// `config` is what the children read too (the same file, `config_file`, passed on as
+/// `--config`, and the same `FLEET__*` environment): the cluster name and auth token come
+/// from it.
+pub async fn up(
+    config: &crate::config::Config,
+    config_file: Option<&Path>,
+    args: UpArgs,
+) -> anyhow::Result<()> {
     validate(&args)?;
     let exe = std::env::current_exe()?;
+    // The children start in their own directory: an absolute path.
+    let config_args: Vec<String> = match config_file {
+        Some(f) => vec![
+            "--config".into(),
+            f.canonicalize()
+                .with_context(|| format!("--config {}", f.display()))?
+                .display()
+                .to_string(),
+        ],
+        None => Vec::new(),
+    };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let dir = args.data_dir.canonicalize()?;
@@ -215,6 +231,9 @@ pub async fn up(config: &crate::config::Config, args: UpArgs) -> anyhow::Result<
         .collect();
     let peers = addrs.join(",");
     let mut replicas = replica_members(&args, &addrs, &dir);
+    for r in &mut replicas {
+        r.args.extend(config_args.iter().cloned());
+    }
     for (i, r) in replicas.iter_mut().enumerate() {
         let pid = r.start(&exe)?;
         say!(
@@ -241,13 +260,16 @@ pub async fn up(config: &crate::config::Config, args: UpArgs) -> anyhow::Result<
     }
     let mut workers: Vec<Member> = (1..=args.workers)
         .map(|i| {
-            let a = vec![
+            let a: Vec<String> = vec![
                 "worker".into(),
                 "--peers".into(),
                 peers.clone(),
                 "--name".into(),
                 format!("worker-{i}"),
-            ];
+            ]
+            .into_iter()
+            .chain(config_args.iter().cloned())
+            .collect();
             Member::new(
                 Kind::Worker,
                 format!("worker-{i}"),

@@ -98,6 +98,12 @@ async fn run(mut config: Config, args: WorkerRunArgs) -> anyhow::Result<()> {
         cluster_name: config.node.cluster_name.clone(),
         auth_token: config.node.auth_token.clone(),
         name,
+        persistent: config
+            .queues
+            .iter()
+            .filter(|(q, _)| config.worker.queues.contains(q))
+            .filter_map(|(q, d)| Some((q.clone(), d.persistent_command()?.to_vec())))
+            .collect(),
         config: config.worker.clone(),
     })
     .await

@@ -33,6 +33,21 @@ pub enum KillReason {
     Shutdown,
 }
 
+impl KillReason {
+    /// What an attempt killed for this reason is reported as (`None`: not reported).
+    pub fn outcome(self) -> Option<AttemptOutcome> {
+        match self {
+            KillReason::Cancelled => Some(AttemptOutcome::Cancelled),
+            KillReason::Fenced => Some(AttemptOutcome::Failed {
+                exit_code: None,
+                signal: None,
+                error: Some("killed: the lease was lost (fenced)".into()),
+            }),
+            KillReason::Shutdown => None,
+        }
+    }
+}
+
 /// How an attempt ended, as the worker saw it.
 #[derive(Debug)]
 pub struct Ended {
@@ -44,13 +59,20 @@ pub struct Ended {
 }
 
 /// The last `cap` bytes written to it.
-struct Tail {
+pub(super) struct Tail {
     buf: VecDeque<u8>,
     cap: usize,
 }
 
 impl Tail {
-    fn push(&mut self, data: &[u8]) {
+    pub(super) fn new(cap: usize) -> Tail {
+        Tail {
+            buf: VecDeque::new(),
+            cap,
+        }
+    }
+
+    pub(super) fn push(&mut self, data: &[u8]) {
         if self.cap == 0 {
             return;
         }
@@ -64,7 +86,7 @@ impl Tail {
         self.buf.extend(data);
     }
 
-    fn text(&self) -> String {
+    pub(super) fn text(&self) -> String {
         let bytes: Vec<u8> = self.buf.iter().copied().collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
@@ -80,7 +102,7 @@ async fn drain_into(mut r: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
     }
 }
 
-fn signal_group(pgid: i32, sig: i32) {
+pub(super) fn signal_group(pgid: i32, sig: i32) {
     // SAFETY: sends a signal to a process group this worker created; no memory is shared.
     unsafe {
         libc::killpg(pgid, sig);
@@ -98,26 +120,26 @@ pub async fn run(
     mut kill: mpsc::UnboundedReceiver<KillReason>,
 ) -> Ended {
     let spec = &lease.spec;
-    let tail = Arc::new(Mutex::new(Tail {
-        buf: VecDeque::new(),
-        cap: output_tail_bytes,
-    }));
-    let spawned = containment.prepare(lease.fencing_token).and_then(|c| {
-        let request = spawn::Request {
-            program: &spec.command[0],
-            args: &spec.command[1..],
-            env: environment(lease, worker_name),
-            cgroup_procs: c.cgroup_procs(),
-        };
-        match containment.spawn(|| spawn::spawn(&request)) {
-            Ok(s) => Ok((c, s)),
-            Err(e) => {
-                // Nothing started: the cgroup goes back as it came.
-                containment.release(c);
-                Err(e)
+    let tail = Arc::new(Mutex::new(Tail::new(output_tail_bytes)));
+    let spawned = containment
+        .prepare(format!("FLEET_FENCING_TOKEN={}", lease.fencing_token))
+        .and_then(|c| {
+            let request = spawn::Request {
+                program: &spec.command[0],
+                args: &spec.command[1..],
+                env: environment(lease, worker_name),
+                cgroup_procs: c.cgroup_procs(),
+                stdio: spawn::Stdio::Combined,
+            };
+            match containment.spawn(|| spawn::spawn(&request)) {
+                Ok(s) => Ok((c, s)),
+                Err(e) => {
+                    // Nothing started: the cgroup goes back as it came.
+                    containment.release(c);
+                    Err(e)
+                }
             }
-        }
-    });
+        });
     let (contained, spawned) = match spawned {
         Ok(c) => c,
         Err(e) => {
@@ -174,13 +196,7 @@ pub async fn run(
     let output_tail = tail.lock().expect("tail lock").text();
     let outcome = match stopped_by {
         Some(Err(())) => Some(AttemptOutcome::TimedOut),
-        Some(Ok(KillReason::Cancelled)) => Some(AttemptOutcome::Cancelled),
-        Some(Ok(KillReason::Fenced)) => Some(AttemptOutcome::Failed {
-            exit_code: None,
-            signal: None,
-            error: Some("killed: the lease was lost (fenced)".into()),
-        }),
-        Some(Ok(KillReason::Shutdown)) => None,
+        Some(Ok(reason)) => reason.outcome(),
         None => Some(match status {
             Ok(s) if s.success() => AttemptOutcome::Succeeded,
             Ok(s) => AttemptOutcome::Failed {
@@ -202,17 +218,22 @@ pub async fn run(
     }
 }
 
-/// The attempt's environment: the worker's, without its own systemd link, plus the task's
-/// `env` and the attempt's identity.
-fn environment(lease: &LeasedTask, worker_name: &str) -> Vec<(OsString, OsString)> {
-    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os()
+/// The worker's environment without its own systemd link: what every process it starts
+/// inherits.
+pub(super) fn worker_environment() -> BTreeMap<OsString, OsString> {
+    std::env::vars_os()
         .filter(|(k, _)| {
             !matches!(
                 k.to_str(),
                 Some("NOTIFY_SOCKET" | "WATCHDOG_USEC" | "WATCHDOG_PID")
             )
         })
-        .collect();
+        .collect()
+}
+
+/// The attempt's environment: the worker's, plus the task's `env` and the attempt's identity.
+fn environment(lease: &LeasedTask, worker_name: &str) -> Vec<(OsString, OsString)> {
+    let mut env = worker_environment();
     let spec = &lease.spec;
     env.extend(spec.env.iter().map(|(k, v)| (k.into(), v.into())));
     for (k, v) in [
@@ -228,7 +249,7 @@ fn environment(lease: &LeasedTask, worker_name: &str) -> Vec<(OsString, OsString
 }
 
 /// SIGTERM to the group, SIGKILL after `grace` if it is still there.
-async fn terminate(
+pub(super) async fn terminate(
     child: &mut spawn::Process,
     pgid: i32,
     grace: Duration,
@@ -253,19 +274,13 @@ mod tests {
 
     #[test]
     fn tail_keeps_the_last_bytes() {
-        let mut t = Tail {
-            buf: VecDeque::new(),
-            cap: 5,
-        };
+        let mut t = Tail::new(5);
         t.push(b"abc");
         t.push(b"defg");
         assert_eq!(t.text(), "cdefg");
         t.push(b"0123456789");
         assert_eq!(t.text(), "56789");
-        let mut z = Tail {
-            buf: VecDeque::new(),
-            cap: 0,
-        };
+        let mut z = Tail::new(0);
         z.push(b"abc");
         assert_eq!(z.text(), "");
     }

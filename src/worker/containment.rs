@@ -42,10 +42,13 @@ pub struct CgroupPool {
     created: u64,
 }
 
-/// What an attempt holds for its containment.
+/// What an attempt (or a persistent executor process) holds for its containment.
 #[derive(Debug)]
 pub struct Contained {
-    pub token: u64,
+    /// The environment entry every process of it inherits (`FLEET_FENCING_TOKEN=<token>` for
+    /// an attempt, `FLEET_EXECUTOR_ID=<id>` for a persistent executor): how the subreaper
+    /// mechanism finds them.
+    pub mark: String,
     /// The attempt's cgroup (cgroup mechanism only).
     cgroup: Option<AttemptCgroup>,
 }
@@ -102,12 +105,9 @@ impl Containment {
     /// Prepares an attempt so that everything it starts can be found again. For a cgroup:
     /// takes an empty attempt cgroup from the pool (or creates one) and opens its
     /// `cgroup.procs`, which the child writes between clone and exec (`spawn`) to move in.
-    pub fn prepare(&self, token: u64) -> std::io::Result<Contained> {
+    pub fn prepare(&self, mark: String) -> std::io::Result<Contained> {
         let Containment::Cgroup { dir, pool } = self else {
-            return Ok(Contained {
-                token,
-                cgroup: None,
-            });
+            return Ok(Contained { mark, cgroup: None });
         };
         // One lock, released before any file system call.
         let (free, n) = {
@@ -142,7 +142,7 @@ impl Containment {
             }
         };
         Ok(Contained {
-            token,
+            mark,
             cgroup: Some(cg),
         })
     }
@@ -214,7 +214,7 @@ impl Containment {
     fn members(&self, c: &Contained) -> Vec<i32> {
         match &c.cgroup {
             Some(cg) => members_of(&cg.dir),
-            None => descendants_with_token(std::process::id() as i32, c.token),
+            None => descendants_marked(std::process::id() as i32, &c.mark),
         }
     }
 }
@@ -305,9 +305,8 @@ fn sweep_dead_workers(parent: &Path) {
     }
 }
 
-/// Descendants of `root` whose environment names fencing token `token`.
-fn descendants_with_token(root: i32, token: u64) -> Vec<i32> {
-    let needle = format!("FLEET_FENCING_TOKEN={token}");
+/// Descendants of `root` whose environment holds the entry `needle` (`KEY=value`).
+fn descendants_marked(root: i32, needle: &str) -> Vec<i32> {
     descendants(root)
         .into_iter()
         .filter(|pid| {

@@ -4,7 +4,7 @@
 //!
 //! - the **lease loop** asks the leader for up to as many tasks as it has free slots, waiting
 //!   at the leader when nothing is ready (long poll), and starts one attempt per lease
-//!   ([`attempt::run`]);
+//!   ([`attempt::run`], or on a long-lived process of the queue's [`persistent`] executor);
 //! - the **heartbeat thread** ([`heartbeat`]) covers every lease with one heartbeat per
 //!   interval and kills attempts whose lease is gone or whose task was cancelled;
 //! - the **reporter** sends ended attempts to the leader in batches, retrying through elections.
@@ -18,6 +18,7 @@
 pub mod attempt;
 pub mod containment;
 pub mod heartbeat;
+pub mod persistent;
 pub mod spawn;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -51,6 +52,9 @@ pub struct WorkerOptions {
     pub auth_token: String,
     pub name: String,
     pub config: WorkerConfig,
+    /// The queues whose attempts run on persistent executors, and the command that starts
+    /// one (`[queues.<q>] executor = "persistent"`).
+    pub persistent: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Runs a worker until it is told to stop; returns after a clean drain.
@@ -110,10 +114,12 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
         worker = id.0,
         name = %opts.name,
         queues = ?cfg.queues,
+        persistent = ?opts.persistent.keys().collect::<Vec<_>>(),
         concurrency = cfg.concurrency,
         containment = containment.name(),
         "worker started"
     );
+    let executors = Arc::new(persistent::Executors::new(opts.persistent.clone()));
     let slots = Arc::new(Semaphore::new(cfg.concurrency as usize));
     let (alive_tx, mut alive_rx) = watch::channel(0usize);
     let mut launcher = Launcher {
@@ -121,6 +127,7 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
             name: opts.name.clone(),
             cfg: cfg.clone(),
             containment: containment.clone(),
+            executors: executors.clone(),
             hb_tx: hb_tx.clone(),
             report_tx,
             running: Arc::default(),
@@ -273,8 +280,17 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
         }
         let _ = alive_rx.wait_for(|n| *n == 0).await;
     }
-    // Every attempt has ended; its report (if any) is queued. Flush the reports.
+    // Every attempt has ended; its report (if any) is queued. Flush the reports, and stop the
+    // idle persistent executors meanwhile.
     drop(launcher);
+    executors
+        .shutdown(&persistent::AttemptEnv {
+            containment: &containment,
+            worker_name: &opts.name,
+            output_tail_bytes: 0,
+            kill_grace: Duration::from_millis(cfg.kill_grace_ms),
+        })
+        .await;
     let _ = reporter.await;
     // Hand back anything still leased to this worker (killed attempts, a lease whose grant
     // reply was lost).
@@ -372,6 +388,7 @@ struct AttemptContext {
     name: String,
     cfg: WorkerConfig,
     containment: Arc<containment::Containment>,
+    executors: Arc<persistent::Executors>,
     hb_tx: std::sync::mpsc::Sender<HeartbeatMsg>,
     report_tx: mpsc::UnboundedSender<AttemptReport>,
     running: Arc<Mutex<HashMap<TaskId, mpsc::UnboundedSender<KillReason>>>>,
@@ -381,22 +398,35 @@ struct AttemptContext {
 impl AttemptContext {
     async fn run(&self, lease: LeasedTask, kill_rx: mpsc::UnboundedReceiver<KillReason>) {
         let started = Instant::now();
+        let persistent = self.executors.serves(&lease.spec.queue);
         tracing::info!(
             task = %lease.task,
             attempt = lease.attempt,
             fencing_token = lease.fencing_token,
             command = ?lease.spec.command,
+            executor = if persistent { "persistent" } else { "oneshot" },
             "attempt started"
         );
-        let ended = attempt::run(
-            &lease,
-            &self.containment,
-            &self.name,
-            self.cfg.output_tail_bytes,
-            Duration::from_millis(self.cfg.kill_grace_ms),
-            kill_rx,
-        )
-        .await;
+        let kill_grace = Duration::from_millis(self.cfg.kill_grace_ms);
+        let ended = if persistent {
+            let env = persistent::AttemptEnv {
+                containment: &self.containment,
+                worker_name: &self.name,
+                output_tail_bytes: self.cfg.output_tail_bytes,
+                kill_grace,
+            };
+            self.executors.run(&lease, &env, kill_rx).await
+        } else {
+            attempt::run(
+                &lease,
+                &self.containment,
+                &self.name,
+                self.cfg.output_tail_bytes,
+                kill_grace,
+                kill_rx,
+            )
+            .await
+        };
         tracing::info!(
             task = %lease.task,
             attempt = lease.attempt,

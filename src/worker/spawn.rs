@@ -47,13 +47,27 @@ pub struct Request<'a> {
     pub env: Vec<(OsString, OsString)>,
     /// An fd of the attempt's `cgroup.procs`, opened for writing (cgroup containment).
     pub cgroup_procs: Option<RawFd>,
+    pub stdio: Stdio,
+}
+
+/// How the child's standard streams are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdio {
+    /// stdin from `/dev/null`; stdout and stderr into one pipe (a one-shot attempt).
+    Combined,
+    /// Three pipes: stdin to write requests to, stdout to read results from, stderr for output
+    /// (a persistent executor, [`super::persistent`]).
+    Separate,
 }
 
 /// A started attempt process.
 pub struct Spawned {
     pub process: Process,
-    /// The read end of the child's stdout and stderr.
+    /// The read end of the child's stdout (and of its stderr with [`Stdio::Combined`]).
     pub output: OwnedFd,
+    /// With [`Stdio::Separate`]: the write end of its stdin, the read end of its stderr.
+    pub stdin: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
 }
 
 /// A child process, awaited through its pidfd.
@@ -134,6 +148,7 @@ struct ChildArgs {
     cgroup_procs: c_int,
     stdin: c_int,
     output: c_int,
+    errout: c_int,
     worker_pid: libc::pid_t,
     errno: c_int,
     step: c_int,
@@ -179,15 +194,30 @@ fn spawn_at(req: &Request<'_>, path: &Path) -> Result<Spawned, (usize, io::Error
         .map_err(early)?;
     let argv = null_terminated(&argv_owned);
     let envp = null_terminated(&env_owned);
-    let stdin = dev_null().map_err(early)?;
     let (read, write) = pipe().map_err(early)?;
+    // The child's ends (dropped here once it has execed) and the worker's.
+    let (child_in, child_err, parent_in, parent_err) = match req.stdio {
+        Stdio::Combined => (None, None, None, None),
+        Stdio::Separate => {
+            let (in_r, in_w) = pipe().map_err(early)?;
+            let (err_r, err_w) = pipe().map_err(early)?;
+            (Some(in_r), Some(err_w), Some(in_w), Some(err_r))
+        }
+    };
+    let stdin = match &child_in {
+        Some(fd) => fd.as_raw_fd(),
+        None => dev_null().map_err(early)?.as_raw_fd(),
+    };
     let mut args = ChildArgs {
         path: path.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         cgroup_procs: req.cgroup_procs.unwrap_or(-1),
-        stdin: stdin.as_raw_fd(),
+        stdin,
         output: write.as_raw_fd(),
+        errout: child_err
+            .as_ref()
+            .map_or(write.as_raw_fd(), |fd| fd.as_raw_fd()),
         worker_pid: std::process::id() as libc::pid_t,
         errno: 0,
         step: -1,
@@ -220,6 +250,8 @@ fn spawn_at(req: &Request<'_>, path: &Path) -> Result<Spawned, (usize, io::Error
     // SAFETY: CLONE_PIDFD stored a new fd that this process owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop(write);
+    drop(child_in);
+    drop(child_err);
     if args.step >= 0 {
         // The child failed before exec and exited: reap it, then report why.
         let _ = reap(pidfd.as_raw_fd());
@@ -242,6 +274,8 @@ fn spawn_at(req: &Request<'_>, path: &Path) -> Result<Spawned, (usize, io::Error
             status: None,
         },
         output: read,
+        stdin: parent_in,
+        stderr: parent_err,
     })
 }
 
@@ -271,7 +305,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             *libc::__errno_location() = libc::ESRCH;
             fail(a, 2);
         }
-        if libc::dup2(a.stdin, 0) < 0 || libc::dup2(a.output, 1) < 0 || libc::dup2(a.output, 2) < 0
+        if libc::dup2(a.stdin, 0) < 0 || libc::dup2(a.output, 1) < 0 || libc::dup2(a.errout, 2) < 0
         {
             fail(a, 3);
         }
@@ -453,6 +487,7 @@ mod tests {
             args: &args,
             env: env(),
             cgroup_procs: None,
+            stdio: Stdio::Combined,
         })
         .expect("spawn");
         let mut p = s.process;
@@ -522,6 +557,7 @@ mod tests {
                 args: &[],
                 env: env.clone(),
                 cgroup_procs: None,
+                stdio: Stdio::Combined,
             })
             .expect("spawn")
         };
@@ -538,6 +574,7 @@ mod tests {
             args: &[],
             env: env(),
             cgroup_procs: None,
+            stdio: Stdio::Combined,
         })
         .err()
         .unwrap();
@@ -550,6 +587,7 @@ mod tests {
             args: &[],
             env: env(),
             cgroup_procs: None,
+            stdio: Stdio::Combined,
         })
         .err()
         .unwrap();
@@ -570,6 +608,7 @@ mod wait_tests {
             args: &args,
             env: std::env::vars_os().collect(),
             cgroup_procs: None,
+            stdio: Stdio::Combined,
         })
         .unwrap();
         let mut p = s.process;
