@@ -7,7 +7,8 @@ Run through benches/compare.sh, which installs the peers and builds the load gen
 Each round runs every system in turn, one at a time, on the same machine, each freshly
 started with its defaults and fsync on:
 
-  - fleet: 3 replicas (`fleet join`), `fleet bench` writers, 4 workers x 32 slots;
+  - fleet: 3 replicas (`fleet join`), `fleet bench` writers, 4 workers x 32 slots running
+    `true` per task, and the same on persistent executors (benches/noop_handler.py);
   - etcd 3.4 (Debian's etcd-server): 3 members, writers from benches/peers (etcd-client);
   - PostgreSQL 15 (Debian's): one server, `synchronous_commit = on`, a SKIP LOCKED queue
     from benches/peers with batched claims and completions, jobs in-process or spawning `true`.
@@ -172,18 +173,29 @@ class Postgres:
 
 # --- the lines ------------------------------------------------------------------------------
 
+# Queue `pbench` runs its attempts on persistent executors (docs/tasks.md): a no-op handler.
+PERSISTENT = ('[queues.pbench]\nexecutor = "persistent"\n'
+              f'executor_command = ["python3", "{ROOT}/benches/noop_handler.py"]\n')
+
+
 def fleet_round(cfg, res):
-    with Fleet() as f:
+    with Fleet(config_text=PERSISTENT) as f:
         f.start()
+        # Tasks first, on an empty cluster: the write lines leave their tasks queued (in a
+        # queue no worker serves), and queue depth has its own benchmark (queue_depth.py).
+        for i in range(4):
+            f.start_worker(f"w{i}", 32, ["--queues", "bench,pbench"])
+        res.setdefault(("tasks", "fleet", "one-shot"), []).append(
+            tasks_per_second(f, cfg.tasks))
+        # The executors start on the first attempts of each slot: warm them up first.
+        tasks_per_second(f, 1000, queue="pbench", command=("noop",))
+        res.setdefault(("tasks", "fleet", "persistent"), []).append(
+            tasks_per_second(f, cfg.tasks, queue="pbench", command=("noop",)))
         levels = run_json([FLEET, "bench", "--peers", f.peers, "--clients", cfg.levels,
                            "--seconds", str(cfg.seconds), "--output", "json"])
         for lv in levels:
             res.setdefault(("writes", "fleet", lv["clients"]), []).append(lv["writes_per_sec"])
             res.setdefault(("p50_ms", "fleet", lv["clients"]), []).append(lv["p50_ms"])
-        for i in range(4):
-            f.start_worker(f"w{i}", 32, ["--queues", "bench"])
-        res.setdefault(("tasks", "fleet", "one-shot"), []).append(
-            tasks_per_second(f, cfg.tasks))
         for k in range(cfg.kills):
             wait_for("a healthy fleet", lambda: f.leader() and all(
                 f.caught_up(n) for n in f.procs), timeout=60)
@@ -270,6 +282,11 @@ def report(cfg, machine, res, out):
         pt = med(res, "tasks", "postgres", job)
         rows.append(("no-op tasks/s end to end, 4 workers x 32 slots", fmt(ft),
                      f"Postgres SKIP LOCKED queue, {what}: {fmt(pt)}", ratio(ft, pt)))
+    fp = med(res, "tasks", "fleet", "persistent")
+    pt = med(res, "tasks", "postgres", "inproc")
+    rows.append(("no-op tasks/s, persistent executors (Python handler), 4 workers x 32 slots",
+                 fmt(fp), f"Postgres SKIP LOCKED queue, job in-process: {fmt(pt)}",
+                 ratio(fp, pt)))
     ff, ef = med(res, "failover_ms", "fleet", ""), med(res, "failover_ms", "etcd", "")
     rows.append(("`kill -9` leader -> first acknowledged write", fmt(ff, " ms"),
                  f"etcd: {fmt(ef, ' ms')}", ratio(ff, ef) + " (lower is better)"))
