@@ -748,15 +748,16 @@ fn opt(v: Option<u64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
-pub(crate) fn shell_words(words: &[String]) -> String {
+pub(crate) fn shell_words<S: AsRef<str>>(words: impl IntoIterator<Item = S>) -> String {
     words
-        .iter()
+        .into_iter()
         .map(|w| {
+            let w = w.as_ref();
             if !w.is_empty()
                 && w.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
             {
-                w.clone()
+                w.to_string()
             } else {
                 format!("'{}'", w.replace('\'', "'\\''"))
             }

@@ -190,7 +190,7 @@ fn precheck(t: &NewTask) -> anyhow::Result<()> {
         crate::state::validate_queue_name(q)?;
     }
     crate::state::check_task_size(
-        &t.command,
+        t.command.iter().map(String::as_str),
         t.env.iter().map(|(k, v)| k.len() + v.len()).sum(),
     )?;
     Ok(())

@@ -95,7 +95,10 @@ struct Inner {
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
     state: State,
-    current: Option<(SnapshotMeta, Arc<Vec<u8>>)>,
+    /// The last snapshot's metadata and size. Its bytes are in the snapshot file only, read
+    /// back when a follower needs them: a copy in memory would cost as much as the state's
+    /// encoding (about 140 bytes per retained task).
+    current: Option<(SnapshotMeta, usize)>,
 }
 
 /// The state machine store. Clones share the state.
@@ -119,7 +122,7 @@ impl StateMachineStore {
             inner.state = decode_state("snapshot state", &data)?;
             inner.last_applied = meta.last_log_id;
             inner.last_membership = meta.last_membership.clone();
-            inner.current = Some((meta, Arc::new(data)));
+            inner.current = Some((meta, data.len()));
         }
         Ok(StateMachineStore {
             inner: Arc::new(RwLock::new(inner)),
@@ -150,7 +153,7 @@ impl StateMachineStore {
             .await
             .current
             .as_ref()
-            .map(|(_, d)| d.len())
+            .map(|(_, size)| *size)
     }
 }
 
@@ -168,10 +171,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             (meta, encode_state(&inner.state)?)
         };
         let path = self.dir.join(SNAPSHOT_FILE);
-        let (m, d) = (meta.clone(), data.clone());
-        tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &d))
-            .await
-            .map_err(io::Error::other)??;
+        let m = meta.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            write_snapshot_file(&path, &m, &data).map(|()| data)
+        })
+        .await
+        .map_err(io::Error::other)??;
         tracing::info!(
             last_log_id = ?meta.last_log_id,
             bytes = data.len(),
@@ -183,7 +188,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         metrics::histogram!(crate::metrics::names::RAFT_SNAPSHOT_DURATION, "node" => node)
             .record(started.elapsed());
         let mut inner = self.inner.write().await;
-        inner.current = Some((meta.clone(), Arc::new(data.clone())));
+        inner.current = Some((meta.clone(), data.len()));
         Ok(Snapshot {
             meta,
             snapshot: Cursor::new(data),
@@ -236,41 +241,58 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // Decode before touching anything: a corrupt snapshot must not replace good state.
         let state: State = decode_state("received snapshot", &data)?;
         let path = self.dir.join(SNAPSHOT_FILE);
-        let (m, d) = (meta.clone(), data.clone());
-        tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &d))
+        let (m, size) = (meta.clone(), data.len());
+        tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &data))
             .await
             .map_err(io::Error::other)??;
-        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "installed a snapshot");
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = size, "installed a snapshot");
         let mut inner = self.inner.write().await;
         inner.state = state;
         inner.last_applied = meta.last_log_id;
         inner.last_membership = meta.last_membership.clone();
-        inner.current = Some((meta.clone(), Arc::new(data)));
+        inner.current = Some((meta.clone(), size));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let inner = self.inner.read().await;
-        Ok(inner.current.as_ref().map(|(meta, data)| Snapshot {
-            meta: meta.clone(),
-            snapshot: Cursor::new(data.as_ref().clone()),
+        if self.inner.read().await.current.is_none() {
+            return Ok(None);
+        }
+        // The file holds the current snapshot: it is written before `current` changes, and
+        // a newer one replaces it atomically (rename).
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let read = tokio::task::spawn_blocking(move || read_snapshot_file(&path))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(read.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
         }))
     }
 }
 
 /// Writes the snapshot atomically (see the module docs for the layout).
 fn write_snapshot_file(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
-    let body = bincode::serde::encode_to_vec((meta, data), bincode::config::standard())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    // The body is `(meta, data)` as bincode encodes the pair: the metadata, the length of the
+    // data, the data. Written in pieces, so the state's bytes are not copied once more.
+    let cfg = bincode::config::standard();
+    let err = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+    let mut head = bincode::serde::encode_to_vec(meta, cfg).map_err(err)?;
+    head.extend(bincode::encode_to_vec(data.len() as u64, cfg).map_err(err)?);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    crc.update(data);
     let tmp = path.with_extension("bin.tmp");
     {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         f.write_all(SNAPSHOT_MAGIC)?;
         f.write_all(&SNAPSHOT_FILE_FORMAT.to_le_bytes())?;
-        f.write_all(&crc32fast::hash(&body).to_le_bytes())?;
-        f.write_all(&(body.len() as u64).to_le_bytes())?;
-        f.write_all(&body)?;
-        f.sync_all()?;
+        f.write_all(&crc.finalize().to_le_bytes())?;
+        f.write_all(&((head.len() + data.len()) as u64).to_le_bytes())?;
+        f.write_all(&head)?;
+        f.write_all(data)?;
+        // fsync: the snapshot is durable before the log entries it covers may be purged.
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -305,9 +327,21 @@ fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>
     if crc32fast::hash(body) != crc {
         return Err(bad("checksum mismatch (corrupt)"));
     }
-    let ((meta, data), _): ((SnapshotMeta, Vec<u8>), usize) =
-        bincode::serde::decode_from_slice(body, bincode::config::standard())
-            .map_err(|e| bad(&e.to_string()))?;
+    // The body is `(meta, data)`: decode the metadata and the data's length, then keep the
+    // data where it lies in `bytes` instead of copying it out.
+    let cfg = bincode::config::standard();
+    let (meta, a): (SnapshotMeta, usize) =
+        bincode::serde::decode_from_slice(body, cfg).map_err(|e| bad(&e.to_string()))?;
+    let (n, b): (u64, usize) =
+        bincode::decode_from_slice(&body[a..], cfg).map_err(|e| bad(&e.to_string()))?;
+    let start = 24 + a + b;
+    let end = start
+        .checked_add(n as usize)
+        .filter(|e| *e <= 24 + len)
+        .ok_or_else(|| bad("truncated state"))?;
+    let mut data = bytes;
+    data.truncate(end);
+    data.drain(..start);
     Ok(Some((meta, data)))
 }
 
@@ -349,6 +383,25 @@ mod tests {
         future[0] = STATE_FORMAT + 1;
         let e = decode_state("future", &future).unwrap_err().to_string();
         assert!(e.contains("state format 4 is not understood"), "{e}");
+    }
+
+    /// The snapshot file is written in pieces and read without copying the state out, in the
+    /// very format the committed fixture was written in (`(meta, data)` encoded whole).
+    #[test]
+    fn a_snapshot_file_is_written_and_read_in_the_same_format() {
+        let fixture = std::fs::read(FORMAT_1).unwrap();
+        let (meta, data) = read_snapshot_file(Path::new(FORMAT_1)).unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SNAPSHOT_FILE);
+        write_snapshot_file(&path, &meta, &data).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), fixture);
+        let (meta2, data2) = read_snapshot_file(&path).unwrap().unwrap();
+        assert_eq!((meta2, data2), (meta, data));
+        let mut cut = fixture.clone();
+        cut.truncate(fixture.len() - 1);
+        std::fs::write(&path, &cut).unwrap();
+        let e = read_snapshot_file(&path).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
     }
 
     /// Format 2 (before schedules and pools) is the format-3 state without its two trailing

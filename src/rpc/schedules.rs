@@ -312,7 +312,7 @@ pub fn update(def: &ScheduleDef, old: &ScheduleSpec, now_ms: u64) -> Result<Sche
 fn patch_task(old: &TaskSpec, patch: &NewTask) -> TaskSpec {
     let mut t = old.clone();
     if !patch.command.is_empty() {
-        t.command = patch.command.clone();
+        t.command = patch.command.clone().into();
     }
     if let Some(q) = &patch.queue {
         t.queue = q.clone();

@@ -19,6 +19,7 @@
 //! `raft::state_machine_store`). Its size is the number of retained tasks; retention and purge
 //! of finished tasks arrive with the task lifecycle.
 
+pub mod argv;
 pub mod pools;
 pub mod schedules;
 mod tally;
@@ -29,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use argv::Argv;
 pub use pools::{PoolClaim, PoolView, Pools};
 pub use schedules::{
     CatchupPolicy, MissedTicks, OverlapPolicy, PlannedRun, PutChange, PutMode, RunKind, Schedule,
@@ -76,8 +78,8 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 /// What a client asks to run, and how.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSpec {
-    /// The program and its arguments; `command[0]` is the program.
-    pub command: Vec<String>,
+    /// The program and its arguments, the program first (one allocation: [`Argv`]).
+    pub command: Argv,
     /// The queue the task belongs to.
     pub queue: String,
     /// Higher runs first; FIFO within one priority.
@@ -101,7 +103,7 @@ impl TaskSpec {
     /// visibility timeout, no execution timeout.
     pub fn new(command: Vec<String>, queue: impl Into<String>) -> TaskSpec {
         TaskSpec {
-            command,
+            command: command.into(),
             queue: queue.into(),
             priority: 0,
             env: Vec::new(),
@@ -163,7 +165,7 @@ impl TaskSpec {
             &self.command,
             self.env.iter().map(|(k, v)| k.len() + v.len()).sum(),
         )?;
-        if self.command.is_empty() || self.command[0].is_empty() {
+        if self.command.program().is_empty() {
             return Err(CommandError::Invalid(
                 "the task command is empty: give a program and its arguments after `--`".into(),
             ));
@@ -175,19 +177,23 @@ impl TaskSpec {
 /// The per-task size limits: at most [`MAX_COMMAND_ARGS`] arguments, [`MAX_COMMAND_BYTES`] of
 /// command and as much of environment. The client checks them too, before it sends anything,
 /// so an oversized line of a task file is named by its line number.
-pub fn check_task_size(command: &[String], env_bytes: usize) -> Result<(), CommandError> {
+pub fn check_task_size<'a>(
+    command: impl IntoIterator<Item = &'a str>,
+    env_bytes: usize,
+) -> Result<(), CommandError> {
+    let (args, bytes) = command
+        .into_iter()
+        .fold((0, 0), |(n, b), a| (n + 1, b + a.len()));
     if env_bytes > MAX_COMMAND_BYTES {
         return Err(CommandError::Invalid(format!(
             "the environment is {env_bytes} bytes long; at most {MAX_COMMAND_BYTES} are accepted"
         )));
     }
-    if command.len() > MAX_COMMAND_ARGS {
+    if args > MAX_COMMAND_ARGS {
         return Err(CommandError::Invalid(format!(
-            "the task command has {} arguments; at most {MAX_COMMAND_ARGS} are accepted",
-            command.len()
+            "the task command has {args} arguments; at most {MAX_COMMAND_ARGS} are accepted"
         )));
     }
-    let bytes: usize = command.iter().map(|a| a.len()).sum();
     if bytes > MAX_COMMAND_BYTES {
         return Err(CommandError::Invalid(format!(
             "the task command is {bytes} bytes long; at most {MAX_COMMAND_BYTES} are accepted"
@@ -547,7 +553,9 @@ pub struct State {
     next_task_id: u64,
     next_fencing_token: u64,
     next_seq: u64,
-    tasks: BTreeMap<TaskId, Task>,
+    /// Boxed: a B-tree node holds 11 entries and sequential ids leave nodes about half full,
+    /// so unboxed tasks would cost their size again in empty slots.
+    tasks: BTreeMap<TaskId, Box<Task>>,
     /// Ready tasks per queue, in the order workers get them.
     ready: BTreeMap<String, BTreeSet<ReadyKey>>,
     /// Queued or failed tasks that become ready at a later time.
@@ -842,7 +850,7 @@ impl State {
         };
         self.tally
             .moved(&task.spec.queue, None, Some(TaskState::Queued));
-        let previous = self.tasks.insert(id, task);
+        let previous = self.tasks.insert(id, Box::new(task));
         assert!(previous.is_none(), "task id {id} assigned twice");
         if let Some(key) = key {
             self.idempotency_keys.insert(key, id);
@@ -1076,7 +1084,7 @@ impl State {
     /// Tasks holding a lease, with their leases (for the leader's lease tracking).    /// Tasks holding a lease, with their leases (for the leader's lease tracking).
     pub fn leases(&self) -> impl Iterator<Item = (&Task, &Lease)> {
         self.leased.iter().map(|id| {
-            let t = &self.tasks[id];
+            let t: &Task = &self.tasks[id];
             (t, t.lease.as_ref().expect("leased tasks hold a lease"))
         })
     }
@@ -1087,14 +1095,14 @@ impl State {
     }
 
     pub fn task(&self, id: TaskId) -> Option<&Task> {
-        self.tasks.get(&id)
+        self.tasks.get(&id).map(|t| &**t)
     }
 
     pub fn tasks(&self, filter: &TaskFilter) -> Vec<Task> {
         let start = filter.after.map(|a| a.0.saturating_add(1)).unwrap_or(0);
         self.tasks
             .range(TaskId(start)..)
-            .map(|(_, t)| t)
+            .map(|(_, t)| &**t)
             .filter(|t| filter.state.is_none_or(|s| t.state == s))
             .filter(|t| filter.queue.as_ref().is_none_or(|q| &t.spec.queue == q))
             .take(filter.limit)
@@ -1374,6 +1382,67 @@ mod tests {
         let started = std::time::Instant::now();
         assert_eq!(sm.state.queue_stats_scan(), stats);
         eprintln!("the same by a scan of the tasks: {:?}", started.elapsed());
+    }
+
+    /// What a queued task of a typical size costs in memory (resident anonymous bytes, from
+    /// /proc/self/statm) and in a snapshot:
+    /// `cargo test --release --lib -- --ignored state_memory_per_queued_task --nocapture`.
+    #[test]
+    #[ignore]
+    fn state_memory_per_queued_task() {
+        fn resident() -> u64 {
+            let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+            let f: Vec<u64> = statm
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect();
+            (f[1] - f[2]) * 4096
+        }
+        let n = 200_000u128;
+        let mut sm = Sm::new();
+        let before = resident();
+        let mut submitted = 0usize;
+        for batch in 0..(n / 1000) {
+            let cmds = (0..1000)
+                .map(|i| {
+                    let p = (batch * 1000 + i).to_string();
+                    let args = [
+                        "python3",
+                        "/srv/etl/load_partition.py",
+                        "--date",
+                        "2026-12-01",
+                        "--partition",
+                        &p,
+                    ];
+                    submitted += args.iter().map(|a| a.len()).sum::<usize>() + "parked".len();
+                    let mut sp = spec(&args);
+                    sp.queue = "parked".into();
+                    Command::SubmitTask {
+                        request_id: RequestId(batch * 1000 + i + 1),
+                        spec: sp,
+                    }
+                })
+                .collect();
+            sm.at(1_000, cmds);
+        }
+        let after = resident();
+        let encoded = bincode::serde::encode_to_vec(&sm.state, bincode::config::standard())
+            .unwrap()
+            .len();
+        eprintln!(
+            "size_of Task {} TaskSpec {} Attempt {} Lease {}",
+            std::mem::size_of::<Task>(),
+            std::mem::size_of::<TaskSpec>(),
+            std::mem::size_of::<Attempt>(),
+            std::mem::size_of::<Lease>()
+        );
+        eprintln!(
+            "{n} queued tasks: {} resident bytes per task; {} snapshot bytes per task; {} bytes \
+             of command and queue per task",
+            (after - before) / n as u64,
+            encoded / n as usize,
+            submitted / n as usize
+        );
     }
 
     /// The per-queue tally always equals a scan of the tasks, through random operations and

@@ -125,8 +125,8 @@ pub async fn run(
         .prepare(format!("FLEET_FENCING_TOKEN={}", lease.fencing_token))
         .and_then(|c| {
             let request = spawn::Request {
-                program: &spec.command[0],
-                args: &spec.command[1..],
+                program: spec.command.program(),
+                args: spec.command.args().collect(),
                 env: environment(lease, worker_name),
                 cgroup_procs: c.cgroup_procs(),
                 stdio: spawn::Stdio::Combined,
@@ -147,7 +147,7 @@ pub async fn run(
                 outcome: Some(AttemptOutcome::Failed {
                     exit_code: None,
                     signal: None,
-                    error: Some(format!("cannot start {:?}: {e}", spec.command[0])),
+                    error: Some(format!("cannot start {:?}: {e}", spec.command.program())),
                 }),
                 output_tail: String::new(),
                 pid: None,

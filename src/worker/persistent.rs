@@ -81,7 +81,7 @@ struct Request<'a> {
     attempt: u32,
     fencing_token: u64,
     queue: &'a str,
-    args: &'a [String],
+    args: &'a crate::state::Argv,
     env: BTreeMap<&'a str, &'a str>,
     execution_timeout_ms: Option<u64>,
 }
@@ -292,7 +292,7 @@ impl Executors {
         let contained = env.containment.prepare(format!("FLEET_EXECUTOR_ID={id}"))?;
         let request = spawn::Request {
             program: &pool.command[0],
-            args: &pool.command[1..],
+            args: pool.command[1..].iter().map(String::as_str).collect(),
             env: vars.into_iter().collect(),
             cgroup_procs: contained.cgroup_procs(),
             stdio: spawn::Stdio::Separate,

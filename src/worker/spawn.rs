@@ -42,7 +42,7 @@ use tokio::io::unix::AsyncFd;
 /// What to start.
 pub struct Request<'a> {
     pub program: &'a str,
-    pub args: &'a [String],
+    pub args: Vec<&'a str>,
     /// The complete environment of the child.
     pub env: Vec<(OsString, OsString)>,
     /// An fd of the attempt's `cgroup.procs`, opened for writing (cgroup containment).
@@ -178,7 +178,7 @@ fn spawn_at(req: &Request<'_>, path: &Path) -> Result<Spawned, (usize, io::Error
     let path = cstring(path.as_os_str()).map_err(early)?;
     let mut argv_owned = Vec::with_capacity(req.args.len() + 1);
     argv_owned.push(cstring(OsStr::new(req.program)).map_err(early)?);
-    for a in req.args {
+    for a in &req.args {
         argv_owned.push(cstring(OsStr::new(a)).map_err(early)?);
     }
     let env_owned = req
@@ -484,7 +484,7 @@ mod tests {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let s = spawn(&Request {
             program,
-            args: &args,
+            args: args.iter().map(String::as_str).collect(),
             env: env(),
             cgroup_procs: None,
             stdio: Stdio::Combined,
@@ -554,7 +554,7 @@ mod tests {
         let start = |env: &Vec<(OsString, OsString)>| {
             spawn(&Request {
                 program: "fleet-moved-program",
-                args: &[],
+                args: Vec::new(),
                 env: env.clone(),
                 cgroup_procs: None,
                 stdio: Stdio::Combined,
@@ -571,7 +571,7 @@ mod tests {
     fn a_missing_program_and_a_failed_exec_are_named() {
         let e = spawn(&Request {
             program: "no-such-program-fleet",
-            args: &[],
+            args: Vec::new(),
             env: env(),
             cgroup_procs: None,
             stdio: Stdio::Combined,
@@ -584,7 +584,7 @@ mod tests {
         std::fs::write(&f, "x").unwrap();
         let e = spawn(&Request {
             program: f.to_str().unwrap(),
-            args: &[],
+            args: Vec::new(),
             env: env(),
             cgroup_procs: None,
             stdio: Stdio::Combined,
@@ -602,10 +602,10 @@ mod wait_tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waits_for_a_running_process() {
-        let args = vec!["-c".to_string(), "sleep 0.2".to_string()];
+        let args = ["-c".to_string(), "sleep 0.2".to_string()];
         let s = spawn(&Request {
             program: "sh",
-            args: &args,
+            args: args.iter().map(String::as_str).collect(),
             env: std::env::vars_os().collect(),
             cgroup_procs: None,
             stdio: Stdio::Combined,
