@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use crate::cli::{connect, BenchArgs, Output};
 use crate::config::Config;
-use crate::rpc::SubmitTask;
-use crate::state::RequestId;
+use crate::rpc::{ReadMode, SubmitTask};
+use crate::state::{RequestId, TaskId, TaskState};
 
 #[derive(Debug, Serialize)]
 pub struct LevelReport {
@@ -30,6 +30,9 @@ pub struct LevelReport {
 }
 
 pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(n) = args.start_latency {
+        return start_latency(config, &args, n).await;
+    }
     let levels: Vec<usize> = args
         .clients
         .split(',')
@@ -128,6 +131,116 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     }
     Ok(())
+}
+
+/// What `--start-latency` reports.
+#[derive(Debug, Serialize)]
+pub struct StartLatencyReport {
+    pub tasks: usize,
+    pub queue: String,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// `fleet bench --start-latency N`: one persistent client, one task at a time on an idle
+/// fleet; submit call -> the start time the task printed. Both clocks are this machine's (the
+/// worker must run here).
+async fn start_latency(config: &Config, args: &BenchArgs, n: usize) -> anyhow::Result<()> {
+    if n == 0 || n > 100_000 {
+        bail!("--start-latency {n} is not valid: use 1 to 100000 tasks");
+    }
+    crate::state::validate_queue_name(&args.queue).map_err(|e| anyhow::anyhow!("--queue: {e}"))?;
+    let command = if args.command.is_empty() {
+        vec!["bash".into(), "-c".into(), "echo $EPOCHREALTIME".into()]
+    } else {
+        args.command.clone()
+    };
+    let mut client = connect(config, &args.client)?;
+    let mut latencies: Vec<f64> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut new = crate::rpc::NewTask::command(command.clone());
+        new.queue = Some(args.queue.clone());
+        let task = SubmitTask {
+            request_id: RequestId(rand::random()),
+            task: new,
+        };
+        let submitted_at = unix_nanos();
+        let r = client
+            .call(|c, ctx| {
+                let t = vec![task.clone()];
+                async move { c.submit(ctx, t, 0).await }
+            })
+            .await?;
+        let id = r
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("empty reply"))??
+            .id;
+        let started = wait_for_start_time(&mut client, id).await?;
+        latencies.push((started - submitted_at as f64 / 1e9) * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((n as f64 * p).ceil() as usize).clamp(1, n) - 1];
+    let report = StartLatencyReport {
+        tasks: n,
+        queue: args.queue.clone(),
+        p50_ms: pct(0.50),
+        p90_ms: pct(0.90),
+        p99_ms: pct(0.99),
+        max_ms: latencies[n - 1],
+    };
+    if args.client.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{n} tasks on queue {}: submit -> task start p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            report.queue, report.p50_ms, report.p90_ms, report.p99_ms, report.max_ms
+        );
+    }
+    Ok(())
+}
+
+/// Waits (polling, 2 ms apart) until task `id` succeeded; the start time it printed.
+async fn wait_for_start_time(
+    client: &mut crate::client::Client,
+    id: TaskId,
+) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = client
+            .call(|c, ctx| async move { c.get_task(ctx, id, ReadMode::Local, 0).await })
+            .await?;
+        if let Some(t) = reply.value {
+            match t.state {
+                TaskState::Succeeded => {
+                    let out = t
+                        .attempts
+                        .last()
+                        .map(|a| a.output_tail.clone())
+                        .unwrap_or_default();
+                    return out
+                        .split_whitespace()
+                        .next()
+                        .and_then(|w| w.parse::<f64>().ok())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "task {id} printed {out:?}: expected its start time in seconds \
+                                 since the epoch first (as bash's $EPOCHREALTIME)"
+                            )
+                        });
+                }
+                s if s.is_final() => bail!("task {id} ended {}", s.as_str()),
+                _ => {}
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("task {id} did not finish within 30 s: is a worker serving its queue?");
+        }
+        // Polling pace of a benchmark, not synchronization.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 fn unix_nanos() -> u128 {

@@ -311,6 +311,18 @@ pub struct BenchArgs {
     /// benchmark kills the leader during the run and finds the first write acknowledged after.
     #[arg(long, value_name = "FILE")]
     pub timeline: Option<std::path::PathBuf>,
+    /// Instead of writes: submit N tasks one at a time from this one connection, each after the
+    /// previous ended, and report the time from the submit call to the task's start as the
+    /// task prints it (the first word of its output, seconds since the epoch, as bash's
+    /// `$EPOCHREALTIME`). The task is CMD, by default `bash -c 'echo $EPOCHREALTIME'`.
+    #[arg(long, value_name = "N")]
+    pub start_latency: Option<usize>,
+    /// The queue of the --start-latency tasks.
+    #[arg(long, default_value = "default")]
+    pub queue: String,
+    /// The --start-latency task's command.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 /// Runs the parsed command with the configuration from [`load_config`].
