@@ -821,7 +821,7 @@ async fn run_replica(config: Config) -> anyhow::Result<()> {
     let notifier = crate::health::systemd::Notifier::from_env();
     notifier.ready(&format!("serving on {}", replica.addr));
     let watched = replica.clone();
-    notifier.spawn(move || watched.progress_status());
+    notifier.clone().spawn(move || watched.progress_status());
     let mut stop = replica.stop.subscribe();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {

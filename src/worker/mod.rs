@@ -144,7 +144,7 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
     ));
     let watched = shared.clone();
     let slots_total = cfg.concurrency;
-    notifier.spawn(move || {
+    notifier.clone().spawn(move || {
         let beats = watched.beats.load(Ordering::Relaxed);
         let failures = watched.failures.load(Ordering::Relaxed);
         let state = if watched.draining.load(Ordering::Relaxed) {

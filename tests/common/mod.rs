@@ -133,6 +133,13 @@ impl Proc {
         }
     }
 
+    /// The exit code once the process has exited (reaping it); `None` while it runs.
+    pub fn exit_code(&mut self) -> Option<Option<i32>> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status.code())
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
