@@ -106,6 +106,18 @@ pub enum AttemptOutcome {
     Cancelled,
 }
 
+impl AttemptOutcome {
+    /// A failure with a reason and no exit status (the process could not start, was fenced,
+    /// or a persistent executor reported or caused it).
+    pub fn failed(error: impl Into<String>) -> AttemptOutcome {
+        AttemptOutcome::Failed {
+            exit_code: None,
+            signal: None,
+            error: Some(error.into()),
+        }
+    }
+}
+
 impl std::fmt::Display for AttemptOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

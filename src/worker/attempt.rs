@@ -38,11 +38,9 @@ impl KillReason {
     pub fn outcome(self) -> Option<AttemptOutcome> {
         match self {
             KillReason::Cancelled => Some(AttemptOutcome::Cancelled),
-            KillReason::Fenced => Some(AttemptOutcome::Failed {
-                exit_code: None,
-                signal: None,
-                error: Some("killed: the lease was lost (fenced)".into()),
-            }),
+            KillReason::Fenced => Some(AttemptOutcome::failed(
+                "killed: the lease was lost (fenced)",
+            )),
             KillReason::Shutdown => None,
         }
     }
@@ -144,11 +142,10 @@ pub async fn run(
         Ok(c) => c,
         Err(e) => {
             return Ended {
-                outcome: Some(AttemptOutcome::Failed {
-                    exit_code: None,
-                    signal: None,
-                    error: Some(format!("cannot start {:?}: {e}", spec.command.program())),
-                }),
+                outcome: Some(AttemptOutcome::failed(format!(
+                    "cannot start {:?}: {e}",
+                    spec.command.program()
+                ))),
                 output_tail: String::new(),
                 pid: None,
             }
@@ -204,11 +201,7 @@ pub async fn run(
                 signal: s.signal(),
                 error: None,
             },
-            Err(e) => AttemptOutcome::Failed {
-                exit_code: None,
-                signal: None,
-                error: Some(format!("waiting for the process failed: {e}")),
-            },
+            Err(e) => AttemptOutcome::failed(format!("waiting for the process failed: {e}")),
         }),
     };
     Ended {

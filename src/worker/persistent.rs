@@ -114,15 +114,13 @@ fn classify(line: &[u8], token: u64) -> Line {
     }
     match o.get("ok") {
         Some(serde_json::Value::Bool(true)) => Line::Result(AttemptOutcome::Succeeded),
-        Some(serde_json::Value::Bool(false)) => Line::Result(AttemptOutcome::Failed {
-            exit_code: None,
-            signal: None,
-            error: Some(match o.get("error") {
+        Some(serde_json::Value::Bool(false)) => {
+            Line::Result(AttemptOutcome::failed(match o.get("error") {
                 Some(serde_json::Value::String(e)) => e.clone(),
                 Some(e) => e.to_string(),
                 None => "the persistent executor reported a failure".into(),
-            }),
-        }),
+            }))
+        }
         other => Line::Broken(format!(
             "the persistent executor's result has \"ok\": {}; expected true or false",
             other.map_or("(missing)".to_string(), |v| v.to_string())
@@ -209,14 +207,10 @@ impl Executors {
                 Ok(e) => e,
                 Err(e) => {
                     return Ended {
-                        outcome: Some(AttemptOutcome::Failed {
-                            exit_code: None,
-                            signal: None,
-                            error: Some(format!(
-                                "cannot start the persistent executor {:?}: {e}",
-                                pool.command[0]
-                            )),
-                        }),
+                        outcome: Some(AttemptOutcome::failed(format!(
+                            "cannot start the persistent executor {:?}: {e}",
+                            pool.command[0]
+                        ))),
                         output_tail: String::new(),
                         pid: None,
                     };
@@ -241,7 +235,7 @@ impl Executors {
             End::Broken(why) => {
                 tracing::warn!(executor = exec.id, error = %why, "the persistent executor broke the protocol; it is stopped");
                 exec.stop(env, &mut tail).await;
-                Some(failed(why))
+                Some(AttemptOutcome::failed(why))
             }
             End::Exited => {
                 let id = exec.id;
@@ -364,14 +358,6 @@ impl Executors {
             }
             e.stop(env, &mut sink).await;
         }
-    }
-}
-
-fn failed(error: String) -> AttemptOutcome {
-    AttemptOutcome::Failed {
-        exit_code: None,
-        signal: None,
-        error: Some(error),
     }
 }
 
@@ -535,11 +521,13 @@ mod tests {
                 br#"{"fencing_token":7,"ok":false,"error":"no such file"}"#,
                 7
             ),
-            Line::Result(failed("no such file".into()))
+            Line::Result(AttemptOutcome::failed("no such file"))
         );
         assert_eq!(
             classify(br#"{"fencing_token":7,"ok":false}"#, 7),
-            Line::Result(failed("the persistent executor reported a failure".into()))
+            Line::Result(AttemptOutcome::failed(
+                "the persistent executor reported a failure"
+            ))
         );
         // Anything else on stdout is output.
         for line in [
