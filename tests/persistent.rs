@@ -179,6 +179,16 @@ fn a_hung_process_is_killed_by_the_timeout_and_a_crashed_one_replaced() {
     let m = read_marks(&marks);
     assert_eq!(m[4].pid, m[5].pid, "{m:?}");
     assert_eq!(m[3].pid, m[4].pid, "{m:?}");
+
+    // A process that dies while idle (killed, out of memory) costs no attempt: the next task
+    // runs at its first attempt on a new process.
+    // SAFETY: kills the test's own executor process.
+    unsafe { libc::kill(m[5].pid, libc::SIGKILL) };
+    let next = submit_task(&peers, &["--max-attempts", "1"], &args("ok", &marks));
+    let t = wait_for_state(&peers, next, "succeeded", Duration::from_secs(30));
+    assert_eq!(t["attempts"].as_array().unwrap().len(), 1, "{t}");
+    let m = read_marks(&marks);
+    assert_ne!(m[6].pid, m[5].pid, "{m:?}");
 }
 
 #[test]

@@ -12,7 +12,8 @@
 //! attempt's output, captured per attempt exactly as for one-shot tasks.
 //!
 //! Leases, heartbeats and fencing are the worker's, unchanged. What ends an attempt other than
-//! its result also ends the process, which is started again for the next attempt: the
+//! its result also ends the process, which is started again for the next attempt (as is one
+//! found dead when an attempt would be given to it): the
 //! execution timeout, a cancel or a lost lease (SIGTERM to its process group, SIGKILL after
 //! the grace period), the process exiting, or a result that breaks the protocol. The process
 //! is contained like an attempt (its own cgroup or, with the subreaper, its own
@@ -200,7 +201,7 @@ impl Executors {
     ) -> Ended {
         let pool = &self.pools[&lease.spec.queue];
         let mut tail = Tail::new(env.output_tail_bytes);
-        let idle = pool.idle.lock().expect("idle lock").pop();
+        let idle = self.idle_process(pool, env).await;
         let mut exec = match idle {
             Some(e) => e,
             None => match self.start(pool, &lease.spec.queue, env).await {
@@ -264,6 +265,23 @@ impl Executors {
             outcome,
             output_tail: tail.text(),
             pid,
+        }
+    }
+
+    /// An idle process of `pool` that is still alive. One that exited while idle (killed, out
+    /// of memory) is cleaned up and not used: the attempt must not fail for it.
+    async fn idle_process(&self, pool: &Pool, env: &AttemptEnv<'_>) -> Option<Executor> {
+        loop {
+            let mut e = pool.idle.lock().expect("idle lock").pop()?;
+            if !e.process.has_exited() {
+                return Some(e);
+            }
+            tracing::warn!(
+                executor = e.id,
+                pid = e.process.id(),
+                "a persistent executor exited while idle; starting another"
+            );
+            e.stop(env, &mut Tail::new(0)).await;
         }
     }
 

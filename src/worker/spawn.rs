@@ -82,6 +82,16 @@ impl Process {
         self.pid
     }
 
+    /// Whether the process has exited (reaping it then), without waiting.
+    pub fn has_exited(&mut self) -> bool {
+        if self.status.is_none() {
+            if let Ok(Some(s)) = reap(self.pidfd.get_ref().as_raw_fd()) {
+                self.status = Some(s);
+            }
+        }
+        self.status.is_some()
+    }
+
     /// Waits for the process to exit and reaps it. Returns the same status when called again.
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         loop {
