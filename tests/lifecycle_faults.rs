@@ -68,33 +68,9 @@ fn a_frozen_worker_is_fenced_after_its_visibility_timeout() {
     let (c, config, peers) = start_fleet(3, 200);
     let dir = c.dir.path().to_path_buf();
     // The visibility timeout (2 s) is shorter than the worker liveness timeout (3 s).
-    let a = TestWorker::start(&dir, "a", &peers, &config, &["--concurrency", "1"]);
     let marks = dir.join("marks");
     let cmd = marker_command(&marks, "if [ $FLEET_ATTEMPT = 1 ]; then exec sleep 600; fi");
-    let id = submit_task(
-        &peers,
-        &["--visibility-timeout", "2s", "--backoff-initial", "200ms"],
-        &cmd,
-    );
-    let first = wait_until("the task to start on a", Duration::from_secs(20), || {
-        read_marks(&marks)
-            .first()
-            .cloned()
-            .ok_or_else(|| "no mark".to_string())
-    });
-    a.signal(libc::SIGSTOP);
-    let _b = TestWorker::start(&dir, "b", &peers, &config, &["--concurrency", "1"]);
-    let t = wait_for_state(&peers, id, "succeeded", Duration::from_secs(30));
-    let reason = t["attempts"][0]["outcome"]["lost"]["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(reason.contains("visibility timeout"), "{t}");
-    assert!(
-        alive(first.pid),
-        "the frozen worker's attempt still runs (only the worker was stopped)"
-    );
-    a.signal(libc::SIGCONT);
+    let (a, _b, id, _, first) = fenced_while_frozen(&dir, &peers, &config, &marks, &cmd);
     wait_until(
         "the stale attempt's process to be killed",
         Duration::from_secs(15),

@@ -199,29 +199,9 @@ fn a_frozen_workers_late_result_is_fenced_and_its_process_killed() {
     // A short failover grace: the leader was just elected, and no lease expires in its grace.
     let (c, config, peers) = persistent_fleet(200, &handler());
     let dir = c.dir.path().to_path_buf();
-    let a = TestWorker::start(&dir, "a", &peers, &config, &["--concurrency", "1"]);
     let marks = dir.join("marks");
-    let id = submit_task(
-        &peers,
-        &["--visibility-timeout", "2s", "--backoff-initial", "200ms"],
-        &args("hang-first", &marks),
-    );
-    let first = wait_until("the task to start on a", Duration::from_secs(20), || {
-        read_marks(&marks)
-            .first()
-            .cloned()
-            .ok_or_else(|| "no mark".to_string())
-    });
-    a.signal(libc::SIGSTOP);
-    let _b = TestWorker::start(&dir, "b", &peers, &config, &["--concurrency", "1"]);
-    let t = wait_for_state(&peers, id, "succeeded", Duration::from_secs(30));
-    let reason = t["attempts"][0]["outcome"]["lost"]["reason"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(reason.contains("visibility timeout"), "{t}");
-    assert!(alive(first.pid), "only the worker was stopped");
-    a.signal(libc::SIGCONT);
+    let (_a, _b, id, _, first) =
+        fenced_while_frozen(&dir, &peers, &config, &marks, &args("hang-first", &marks));
     wait_dead(
         first.pid,
         "the fenced attempt's executor process to be killed",

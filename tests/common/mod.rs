@@ -644,3 +644,42 @@ pub fn inject_stall(addr: &str, component: &str, duration: &str) {
     ]);
     assert!(out.status.success(), "fault stall refused: {out:?}");
 }
+
+/// A task fenced because its worker froze: worker `a` (1 slot) starts `cmd` (which must hang
+/// on attempt 1 and mark `marks`, see [`marker_command`]), is frozen with SIGSTOP, the lease
+/// expires (2 s visibility timeout), worker `b` runs the retry to success, and `a` is resumed.
+/// Returns both workers, the task id, the task as it ended and attempt 1's mark.
+pub fn fenced_while_frozen(
+    dir: &Path,
+    peers: &str,
+    config: &Path,
+    marks: &Path,
+    cmd: &[String],
+) -> (TestWorker, TestWorker, u64, Value, Mark) {
+    let a = TestWorker::start(dir, "a", peers, config, &["--concurrency", "1"]);
+    let id = submit_task(
+        peers,
+        &["--visibility-timeout", "2s", "--backoff-initial", "200ms"],
+        cmd,
+    );
+    let first = wait_until("the task to start on a", Duration::from_secs(20), || {
+        read_marks(marks)
+            .first()
+            .cloned()
+            .ok_or_else(|| "no mark".to_string())
+    });
+    a.signal(libc::SIGSTOP);
+    let b = TestWorker::start(dir, "b", peers, config, &["--concurrency", "1"]);
+    let t = wait_for_state(peers, id, "succeeded", Duration::from_secs(30));
+    let reason = t["attempts"][0]["outcome"]["lost"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("visibility timeout"), "{t}");
+    assert!(
+        alive(first.pid),
+        "the frozen worker's attempt still runs (only the worker was stopped)"
+    );
+    a.signal(libc::SIGCONT);
+    (a, b, id, t, first)
+}
