@@ -8,7 +8,10 @@
 //! 4. **token-run-twice**: a fencing token (one lease) is executed at most once.
 //! 5. **overlap**: two executions of one task overlap in time only when the one with the older
 //!    lease had lost it and was killed: it never ran to its end while the newer one ran, and
-//!    its attempt did not succeed.
+//!    its attempt did not succeed. One exception, because no scheduler can do better: a worker
+//!    that could not hear the cluster (frozen, or cut off from every replica) learns that its
+//!    lease moved on at its first heartbeat after the heal, so its execution may end on its
+//!    own before then: within [`HEAL_GRACE_MS`] of that worker's heal, and never as a success.
 //! 6. **leader-per-term**: at most one replica leads in any term (no replica claims to lead a
 //!    term another leads, and no two replicas name different leaders for one term).
 //! 7. **tick-exactly-once** (with schedules): no (schedule, fire time) has two runs; every fire
@@ -24,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::history::{ExecEvent, ExecKind, History, TaskRecord};
+use crate::history::{ExecEvent, ExecKind, History, Isolation, TaskRecord};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
@@ -61,6 +64,11 @@ impl Execution {
     }
 }
 
+/// How long after a worker's isolation ends it may take to hear that its lease moved on: the
+/// chaos workers' heartbeat interval (300 ms, `cluster::CONFIG`), a reconnect after the
+/// replica dropped the frozen connection, and the kill's delivery.
+pub const HEAL_GRACE_MS: u64 = 1_000;
+
 pub fn check(h: &History) -> Vec<Violation> {
     let mut out = Vec::new();
     let tasks: BTreeMap<u64, &TaskRecord> = h.tasks.iter().map(|t| (t.id, t)).collect();
@@ -70,7 +78,13 @@ pub fn check(h: &History) -> Vec<Violation> {
         check_successes(t, execs.get(&t.id), &mut out);
     }
     for (task, list) in &execs {
-        check_overlaps(*task, list, tasks.get(task).copied(), &mut out);
+        check_overlaps(
+            *task,
+            list,
+            tasks.get(task).copied(),
+            &h.isolations,
+            &mut out,
+        );
     }
     check_leaders(h, &mut out);
     check_ticks(h, &mut out);
@@ -320,6 +334,7 @@ fn check_overlaps(
     task: u64,
     list: &[Execution],
     record: Option<&TaskRecord>,
+    isolations: &[Isolation],
     out: &mut Vec<Violation>,
 ) {
     for (i, a) in list.iter().enumerate() {
@@ -329,7 +344,7 @@ fn check_overlaps(
             if !overlap {
                 continue;
             }
-            if old.completed() {
+            if old.completed() && !ended_before_it_could_hear(old, isolations) {
                 v(
                     out,
                     "overlap",
@@ -363,6 +378,15 @@ fn check_overlaps(
             }
         }
     }
+}
+
+/// Whether `old`'s worker was isolated before `old` ended, and `old` ended within
+/// [`HEAL_GRACE_MS`] of that isolation's end (so before its first heartbeat could fence it).
+fn ended_before_it_could_hear(old: &Execution, isolations: &[Isolation]) -> bool {
+    let end = old.end_ms();
+    isolations.iter().any(|iso| {
+        iso.workers.contains(&old.worker) && iso.from_ms < end && end <= iso.to_ms + HEAL_GRACE_MS
+    })
 }
 
 fn check_leaders(h: &History, out: &mut Vec<Violation>) {
@@ -570,6 +594,38 @@ mod tests {
         let mut h = clean();
         h.executions.push(ev(ExecKind::Start, 1, 10, "b", 150));
         assert!(invariants(&h).contains(&"token-run-twice"));
+    }
+
+    #[test]
+    fn an_isolated_worker_may_end_an_execution_only_until_it_can_hear() {
+        // Task 2's first execution (token 11, worker a) ran to its end at 5,500 while token
+        // 12 ran from 5,000: a was frozen 1,000..5,200.
+        let mut h = clean();
+        for e in &mut h.executions {
+            if e.task == 2 && e.token == 11 && e.kind == ExecKind::Killed {
+                e.kind = ExecKind::End;
+                e.exit = Some(0);
+            }
+        }
+        let frozen = |worker: &str, to_ms: u64| Isolation {
+            workers: vec![worker.into()],
+            from_ms: 1_000,
+            to_ms,
+        };
+        h.isolations = vec![frozen("a", 5_200)];
+        assert_eq!(check(&h), vec![], "ended 300 ms after the heal: allowed");
+        // Another worker's isolation does not excuse it.
+        h.isolations = vec![frozen("b", 5_200)];
+        assert!(invariants(&h).contains(&"overlap"));
+        // Nor one that healed long before it ended.
+        h.isolations = vec![frozen("a", 5_500 - HEAL_GRACE_MS - 1)];
+        assert!(invariants(&h).contains(&"overlap"));
+        // And the excused execution still must not be recorded as a success.
+        h.isolations = vec![frozen("a", 5_200)];
+        h.tasks[1].attempts[0].outcome = "succeeded".into();
+        assert!(check(&h)
+            .iter()
+            .any(|v| v.invariant == "overlap" && v.detail.contains("recorded as succeeded")));
     }
 
     #[test]

@@ -36,6 +36,20 @@ pub struct History {
     /// Pool name -> slots.
     #[serde(default)]
     pub pools: std::collections::BTreeMap<String, u32>,
+    /// When workers could not hear the cluster (frozen, or cut off from every replica): an
+    /// attempt of such a worker may run on, and even end, after its lease moved on, until
+    /// the worker's first heartbeat after the heal tells it so.
+    #[serde(default)]
+    pub isolations: Vec<Isolation>,
+}
+
+/// Workers that could not hear the cluster from `from_ms` until `to_ms` (the heal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Isolation {
+    /// The workers' names (as in the execution log).
+    pub workers: Vec<String>,
+    pub from_ms: u64,
+    pub to_ms: u64,
 }
 
 /// One submission attempt by the workload.

@@ -30,7 +30,7 @@ use fleet::state::{RequestId, TaskFilter, TaskId};
 use rand::{Rng, SeedableRng};
 
 use crate::cluster::{Cluster, VISIBILITY_TIMEOUT_MS};
-use crate::history::{wall_ms, History, LeaderObs, Submission, TaskRecord};
+use crate::history::{wall_ms, History, Isolation, LeaderObs, Submission, TaskRecord};
 use crate::proxy::{Endpoint, Rules};
 use crate::report::{Report, ScenarioResult};
 use crate::scenario::{Planner, Scenario};
@@ -164,6 +164,8 @@ pub struct Shared {
     pub timeline: Mutex<Vec<(u64, String)>>,
     pub leaders: Mutex<Vec<LeaderObs>>,
     pub submissions: Mutex<Vec<Submission>>,
+    /// Workers frozen or cut off, and when (for the overlap invariant).
+    pub isolations: Mutex<Vec<Isolation>>,
     /// Replicas the observer polls: id -> real address.
     pub observed: Mutex<BTreeMap<u64, String>>,
     /// Where clients connect (the members' proxies).
@@ -178,6 +180,16 @@ impl Shared {
         let t = wall_ms();
         println!("[{:>7.1}s] {what}", (t - self.t0_ms) as f64 / 1000.0);
         self.timeline.lock().expect("timeline").push((t, what));
+    }
+
+    /// Records that `workers` could not hear the cluster from `from_ms` until now.
+    fn isolated(&self, workers: Vec<String>, from_ms: u64) {
+        let iso = Isolation {
+            workers,
+            from_ms,
+            to_ms: wall_ms(),
+        };
+        self.isolations.lock().expect("isolations").push(iso);
     }
 
     fn fronts(&self) -> Vec<String> {
@@ -277,6 +289,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         timeline: Mutex::default(),
         leaders: Mutex::default(),
         submissions: Mutex::default(),
+        isolations: Mutex::default(),
         observed: Mutex::default(),
         fronts: Mutex::default(),
         exec_log: out.join("executions.jsonl"),
@@ -400,6 +413,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         leaders: shared.leaders.lock().expect("leaders").clone(),
         schedules,
         pools,
+        isolations: shared.isolations.lock().expect("isolations").clone(),
     };
     std::fs::write(
         out.join("history.json"),
@@ -857,6 +871,7 @@ async fn run_plan(
             Scenario::StopWorker => {
                 let w = cluster.workers[widx].name.clone();
                 r.target = format!("worker {w}");
+                let from_ms = wall_ms();
                 cluster.stop_worker(widx);
                 shared.say(format!(
                     "FAULT {name}: SIGSTOP worker {w} and its {} attempts",
@@ -864,6 +879,7 @@ async fn run_plan(
                 ));
                 hold_fault(&mut r, hold).await;
                 cluster.cont_worker(widx);
+                shared.isolated(vec![w.clone()], from_ms);
                 shared.say(format!("HEAL {name}: SIGCONT worker {w}"));
             }
             Scenario::StallLoop | Scenario::StallFsync => {
@@ -923,9 +939,14 @@ async fn run_plan(
                 }
                 r.target = "all workers".into();
                 shared.say(format!("FAULT {name}: workers cut off from every replica"));
+                let from_ms = wall_ms();
                 cluster.net.set(rules);
                 hold_fault(&mut r, hold).await;
                 cluster.net.heal();
+                shared.isolated(
+                    cluster.workers.iter().map(|w| w.name.clone()).collect(),
+                    from_ms,
+                );
                 shared.say(format!("HEAL {name}: network healed"));
             }
             Scenario::Latency => {
