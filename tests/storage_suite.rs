@@ -19,8 +19,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
             .path(dir.path().join("db"))
             .open()
             .expect("open sled");
-        let log =
-            LogStore::open(db.clone(), Flusher::start(db, Default::default())).expect("log store");
+        let flusher = Flusher::start(db.clone(), &dir.path().join("db"), Default::default())
+            .expect("fsync thread");
+        let log = LogStore::open(db, flusher).expect("log store");
         let sm = StateMachineStore::open(dir.path()).expect("state machine store");
         Ok((dir, log, sm))
     }

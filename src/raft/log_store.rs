@@ -250,13 +250,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // Plain inserts in index order, not a `sled::Batch`: sled recovers a prefix of its
+        // log, so a crash midway leaves a prefix of these entries, which Raft handles (none
+        // was acknowledged). A batch would add nothing here and costs two more buffer writes
+        // (`pin_log` seals the current buffer, then a batch manifest), each with its own
+        // `sync_file_range` on the write path: ~0.25 ms per append on this machine.
         for entry in entries {
-            batch.insert(&entry.log_id.index().to_be_bytes(), encode(&entry)?);
+            self.log
+                .insert(entry.log_id.index().to_be_bytes(), encode(&entry)?)
+                .map_err(io_err)?;
         }
-        // The entries are readable as soon as the batch is applied; they are durable only
-        // after the flusher's fsync, which is when openraft hears about them.
-        self.log.apply_batch(batch).map_err(io_err)?;
+        // The entries are readable now; they are durable only after the flusher's fsync,
+        // which is when openraft hears about them.
         self.flusher.after_flush(callback);
         Ok(())
     }

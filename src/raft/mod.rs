@@ -10,7 +10,9 @@
 //!
 //! Where the fsyncs happen:
 //! 1. `LogStore::append`: entries are written to sled, then the flusher thread calls
-//!    `Db::flush` (an fsync) and only then completes openraft's `IOFlushed` callback.
+//!    `Db::flush`, `fsync`s any new blob file, `fdatasync`s sled's log file (sled's own flush
+//!    is only `sync_file_range` on Linux: see `flusher`), and only then completes openraft's
+//!    `IOFlushed` callback.
 //! 2. `LogStore::save_vote`: returns only after the flusher has flushed the vote.
 //! 3. Snapshot files: written to a temporary file, fsynced, renamed, and the directory fsynced.
 //!

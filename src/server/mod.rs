@@ -116,7 +116,12 @@ impl Replica {
                  stall this replica; never enable it in production"
             );
         }
-        let flusher = Flusher::start(db.clone(), health.faults.storage.clone());
+        let flusher = Flusher::start(
+            db.clone(),
+            &data_dir.join("db"),
+            health.faults.storage.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot start the fsync thread: {e}"))?;
         let log = LogStore::open(db, flusher)?;
 
         let identity = match log.identity()? {
