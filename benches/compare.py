@@ -46,14 +46,15 @@ def run_json(cmd, timeout=900):
 def first_ack_after(path, t0_ns):
     """The first acknowledgement after the outage the kill at t0 caused: the first gap of over
     50 ms between consecutive acknowledgements of the 1-client stream (about 1 ms apart
-    otherwise) that starts within 100 ms of t0; the failover is from t0 to the acknowledgement
-    that ends it. Writes the dead leader had committed may still be acknowledged a few
+    otherwise) that starts within 100 ms of t0 and ends after t0 (a pause of the writer just
+    before the kill is not the outage); the failover is from t0 to the acknowledgement that
+    ends it. Writes the dead leader had committed may still be acknowledged a few
     milliseconds after its death (etcd: through the follower that forwarded them), so "the
     first acknowledgement after t0" would measure nothing. Without such a gap: the first
     acknowledgement 5 ms after t0."""
     acks = read_ns(path)
     for a, b in zip(acks, acks[1:]):
-        if t0_ns - 100_000_000 <= a <= t0_ns + 100_000_000 and b - a > 50_000_000:
+        if t0_ns - 100_000_000 <= a <= t0_ns + 100_000_000 and b - a > 50_000_000 and b > t0_ns:
             return (b - t0_ns) / 1e6
     for a in acks:
         if a >= t0_ns + 5_000_000:
