@@ -24,6 +24,7 @@ pub mod pools;
 pub mod schedules;
 mod tally;
 pub mod task;
+pub mod workflows;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
