@@ -330,6 +330,249 @@ pub fn check_task_name(name: &str) -> Result<(), CommandError> {
     }
 }
 
+/// How a task of a run ended, as the run sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskEnd {
+    Succeeded,
+    /// Dead: every attempt failed.
+    Failed,
+    Cancelled,
+}
+
+/// Where one task of a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Its trigger rule is not decided yet.
+    Waiting,
+    /// Its trigger rule was met and the caller created the task (its id is kept by the caller).
+    Started,
+    Succeeded,
+    Failed,
+    /// Never ran: upstream failures made its trigger rule unsatisfiable.
+    UpstreamFailed,
+    /// Never ran: its trigger rule can no longer be met, with no failure to blame.
+    Skipped,
+    /// Cancelled with its run, started or not.
+    Cancelled,
+}
+
+impl NodeState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, NodeState::Waiting | NodeState::Started)
+    }
+
+    fn as_upstream(self) -> Option<fn(&mut UpstreamCounts)> {
+        match self {
+            NodeState::Succeeded => Some(|c| c.succeeded += 1),
+            NodeState::Failed | NodeState::UpstreamFailed => Some(|c| c.failed += 1),
+            NodeState::Skipped | NodeState::Cancelled => Some(|c| c.skipped += 1),
+            NodeState::Waiting | NodeState::Started => None,
+        }
+    }
+}
+
+/// How a run ended (or that it has not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    /// Every leaf task (one no other task runs after) succeeded or was skipped.
+    Succeeded,
+    /// Some leaf task failed, ended upstream_failed, or was cancelled.
+    Failed,
+    Cancelled,
+}
+
+/// The progress of one run through its graph: one [`NodeState`] per task, and per task the
+/// counts of its upstream tasks that ended, kept as they end (so a task's end costs O(its
+/// downstream edges)). Pure: the caller creates and cancels the real tasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunProgress {
+    pub nodes: Vec<NodeState>,
+    counts: Vec<UpstreamCounts>,
+    /// Tasks not final yet; the run ends when it reaches 0.
+    open: usize,
+    pub state: RunState,
+}
+
+impl RunProgress {
+    /// A new run: returns it and the tasks to start now (those without upstream, and any that
+    /// the rules decide at once).
+    pub fn start(graph: &Graph, rules: &[TriggerRule]) -> (RunProgress, Vec<usize>) {
+        let n = graph.names.len();
+        let mut run = RunProgress {
+            nodes: vec![NodeState::Waiting; n],
+            counts: graph
+                .upstream
+                .iter()
+                .map(|u| UpstreamCounts {
+                    total: u.len() as u32,
+                    ..Default::default()
+                })
+                .collect(),
+            open: n,
+            state: RunState::Running,
+        };
+        let roots: Vec<usize> = (0..n).filter(|&i| graph.upstream[i].is_empty()).collect();
+        let start = run.settle(graph, rules, roots);
+        (run, start)
+    }
+
+    /// Task `node` ended: returns the tasks that may start now. A task that is not started
+    /// (already final, or cancelled with its run) is ignored.
+    pub fn task_ended(
+        &mut self,
+        graph: &Graph,
+        rules: &[TriggerRule],
+        node: usize,
+        end: TaskEnd,
+    ) -> Vec<usize> {
+        if self.nodes.get(node) != Some(&NodeState::Started) {
+            return Vec::new();
+        }
+        let state = match end {
+            TaskEnd::Succeeded => NodeState::Succeeded,
+            TaskEnd::Failed => NodeState::Failed,
+            TaskEnd::Cancelled => NodeState::Cancelled,
+        };
+        self.finish(graph, node, state);
+        let downstream = graph.downstream[node].clone();
+        self.settle(graph, rules, downstream)
+    }
+
+    /// Cancels the run: every task not final is cancelled; returns the started ones (the
+    /// caller cancels their tasks).
+    pub fn cancel(&mut self, graph: &Graph) -> Vec<usize> {
+        if self.state != RunState::Running {
+            return Vec::new();
+        }
+        let mut started = Vec::new();
+        for i in 0..self.nodes.len() {
+            match self.nodes[i] {
+                NodeState::Started => {
+                    started.push(i);
+                    self.finish(graph, i, NodeState::Cancelled)
+                }
+                NodeState::Waiting => self.finish(graph, i, NodeState::Cancelled),
+                _ => {}
+            }
+        }
+        self.state = RunState::Cancelled;
+        started
+    }
+
+    /// Runs again the tasks that did not succeed (`failed_only`: only failed and
+    /// upstream_failed ones, keeping skipped and cancelled ones as they are), and everything
+    /// downstream of them; succeeded tasks are kept. Returns the tasks to start now. Refused
+    /// (`None`) while the run is still running.
+    pub fn retry(
+        &mut self,
+        graph: &Graph,
+        rules: &[TriggerRule],
+        failed_only: bool,
+    ) -> Option<Vec<usize>> {
+        if self.state == RunState::Running {
+            return None;
+        }
+        let redo = |s: NodeState| match s {
+            NodeState::Failed | NodeState::UpstreamFailed => true,
+            NodeState::Skipped | NodeState::Cancelled => !failed_only,
+            _ => false,
+        };
+        // The tasks to redo and everything downstream of them (a downstream task that
+        // succeeded ran on the old results: Airflow's clear with downstream).
+        let mut reset = vec![false; self.nodes.len()];
+        let mut stack: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| redo(self.nodes[i]))
+            .collect();
+        while let Some(i) = stack.pop() {
+            if !std::mem::replace(&mut reset[i], true) {
+                stack.extend(graph.downstream[i].iter().copied());
+            }
+        }
+        for (node, &r) in self.nodes.iter_mut().zip(&reset) {
+            if r {
+                *node = NodeState::Waiting;
+            }
+        }
+        // Recount from scratch: retries are rare, and this keeps the counters exact.
+        for (i, ups) in graph.upstream.iter().enumerate() {
+            let mut c = UpstreamCounts {
+                total: ups.len() as u32,
+                ..Default::default()
+            };
+            for &u in ups {
+                if let Some(add) = self.nodes[u].as_upstream() {
+                    add(&mut c);
+                }
+            }
+            self.counts[i] = c;
+        }
+        self.open = reset.iter().filter(|r| **r).count();
+        self.state = RunState::Running;
+        let candidates: Vec<usize> = (0..self.nodes.len()).filter(|&i| reset[i]).collect();
+        Some(self.settle(graph, rules, candidates))
+    }
+
+    /// Decides `candidates` and, through a work list, every task their decisions decide in
+    /// turn (an upstream_failed task can fail its own downstream at once). Returns the tasks
+    /// to start.
+    fn settle(
+        &mut self,
+        graph: &Graph,
+        rules: &[TriggerRule],
+        candidates: Vec<usize>,
+    ) -> Vec<usize> {
+        let mut start = Vec::new();
+        let mut work = candidates;
+        while let Some(i) = work.pop() {
+            if self.nodes[i] != NodeState::Waiting {
+                continue;
+            }
+            match rules[i].decide(self.counts[i]) {
+                Readiness::Wait => {}
+                Readiness::Ready => {
+                    self.nodes[i] = NodeState::Started;
+                    start.push(i);
+                }
+                Readiness::UpstreamFailed => {
+                    self.finish(graph, i, NodeState::UpstreamFailed);
+                    work.extend(graph.downstream[i].iter().copied());
+                }
+                Readiness::Skipped => {
+                    self.finish(graph, i, NodeState::Skipped);
+                    work.extend(graph.downstream[i].iter().copied());
+                }
+            }
+        }
+        start.sort_unstable();
+        start
+    }
+
+    /// Records that task `i` is final and counts it in its downstream tasks.
+    fn finish(&mut self, graph: &Graph, i: usize, state: NodeState) {
+        debug_assert!(state.is_final() && !self.nodes[i].is_final());
+        self.nodes[i] = state;
+        if let Some(add) = state.as_upstream() {
+            for &d in &graph.downstream[i] {
+                add(&mut self.counts[d]);
+            }
+        }
+        self.open -= 1;
+        if self.open == 0 && self.state == RunState::Running {
+            let leaves_ok = (0..self.nodes.len())
+                .filter(|&n| graph.downstream[n].is_empty())
+                .all(|n| matches!(self.nodes[n], NodeState::Succeeded | NodeState::Skipped));
+            self.state = if leaves_ok {
+                RunState::Succeeded
+            } else {
+                RunState::Failed
+            };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,5 +727,153 @@ mod tests {
             "{e}"
         );
         assert!(e.len() < 400, "the error stays short: {e}");
+    }
+
+    /// A run driven to its end: `ends` says how each started task ends (by name; default
+    /// success). Returns the order tasks started and the final progress.
+    fn drive(
+        g: &Graph,
+        rules: &[TriggerRule],
+        ends: &[(&str, TaskEnd)],
+    ) -> (Vec<String>, RunProgress) {
+        let (mut run, mut ready) = RunProgress::start(g, rules);
+        let mut order = Vec::new();
+        while let Some(i) = ready.pop() {
+            order.push(g.names[i].clone());
+            let end = ends
+                .iter()
+                .find(|(n, _)| *n == g.names[i])
+                .map_or(TaskEnd::Succeeded, |(_, e)| *e);
+            ready.extend(run.task_ended(g, rules, i, end));
+        }
+        (order, run)
+    }
+
+    fn node(g: &Graph, name: &str) -> usize {
+        g.names.iter().position(|n| n == name).expect("task")
+    }
+
+    fn etl() -> Graph {
+        Graph::new(&after(&[
+            ("extract", &[]),
+            ("t1", &["extract"]),
+            ("t2", &["extract"]),
+            ("t3", &["extract"]),
+            ("load", &["t1", "t2", "t3"]),
+            ("notify", &["load"]),
+        ]))
+        .expect("valid")
+    }
+
+    #[test]
+    fn a_run_starts_each_task_after_its_upstreams_and_succeeds() {
+        let g = etl();
+        let rules = vec![TriggerRule::AllSuccess; g.names.len()];
+        let (order, run) = drive(&g, &rules, &[]);
+        assert_eq!(run.state, RunState::Succeeded);
+        assert!(run.nodes.iter().all(|s| *s == NodeState::Succeeded));
+        let pos = |n: &str| order.iter().position(|x| x == n).expect("ran");
+        for (task, ups) in [
+            ("t1", "extract"),
+            ("load", "t1"),
+            ("load", "t3"),
+            ("notify", "load"),
+        ] {
+            assert!(pos(ups) < pos(task), "{ups} before {task}: {order:?}");
+        }
+        assert_eq!(order.len(), 6, "each task once: {order:?}");
+    }
+
+    #[test]
+    fn a_failure_propagates_upstream_failed_and_fails_the_run() {
+        let g = etl();
+        let rules = vec![TriggerRule::AllSuccess; g.names.len()];
+        let (order, run) = drive(&g, &rules, &[("t2", TaskEnd::Failed)]);
+        assert!(!order.contains(&"load".to_string()));
+        assert_eq!(run.nodes[node(&g, "t2")], NodeState::Failed);
+        assert_eq!(run.nodes[node(&g, "load")], NodeState::UpstreamFailed);
+        assert_eq!(run.nodes[node(&g, "notify")], NodeState::UpstreamFailed);
+        assert_eq!(run.nodes[node(&g, "t1")], NodeState::Succeeded);
+        assert_eq!(run.state, RunState::Failed);
+    }
+
+    #[test]
+    fn an_all_done_cleanup_and_a_one_failed_alert_run_after_a_failure() {
+        let g = Graph::new(&after(&[
+            ("work", &[]),
+            ("cleanup", &["work"]),
+            ("alert", &["work"]),
+        ]))
+        .expect("valid");
+        let mut rules = vec![TriggerRule::AllSuccess; 3];
+        rules[node(&g, "cleanup")] = TriggerRule::AllDone;
+        rules[node(&g, "alert")] = TriggerRule::OneFailed;
+        let (order, run) = drive(&g, &rules, &[("work", TaskEnd::Failed)]);
+        assert_eq!(order[0], "work");
+        assert!(order.contains(&"cleanup".to_string()) && order.contains(&"alert".to_string()));
+        // The run's state comes from its leaves, as in Airflow: `work` failed, but the
+        // leaves (cleanup, alert) succeeded, so the failure was handled.
+        assert_eq!(run.nodes[node(&g, "work")], NodeState::Failed);
+        assert_eq!(run.state, RunState::Succeeded);
+        // Without the failure, the alert is skipped and the run still succeeds.
+        let (order, run) = drive(&g, &rules, &[]);
+        assert!(!order.contains(&"alert".to_string()));
+        assert_eq!(run.nodes[node(&g, "alert")], NodeState::Skipped);
+        assert_eq!(run.state, RunState::Succeeded);
+    }
+
+    #[test]
+    fn retry_failed_only_reruns_the_failed_and_their_downstream_and_keeps_the_rest() {
+        let g = etl();
+        let rules = vec![TriggerRule::AllSuccess; g.names.len()];
+        let (_, mut run) = drive(&g, &rules, &[("t2", TaskEnd::Failed)]);
+        assert_eq!(run.state, RunState::Failed);
+        let mut ready = run.retry(&g, &rules, true).expect("the run ended");
+        assert_eq!(ready, vec![node(&g, "t2")], "only t2 starts again");
+        assert_eq!(run.nodes[node(&g, "t1")], NodeState::Succeeded, "kept");
+        let mut rerun = Vec::new();
+        while let Some(i) = ready.pop() {
+            rerun.push(g.names[i].as_str());
+            ready.extend(run.task_ended(&g, &rules, i, TaskEnd::Succeeded));
+        }
+        assert_eq!(rerun, vec!["t2", "load", "notify"]);
+        assert_eq!(run.state, RunState::Succeeded);
+        // A running run cannot be retried.
+        let (mut running, _) = RunProgress::start(&g, &rules);
+        assert!(running.retry(&g, &rules, false).is_none());
+    }
+
+    #[test]
+    fn cancel_ends_every_open_task_and_returns_the_started_ones() {
+        let g = etl();
+        let rules = vec![TriggerRule::AllSuccess; g.names.len()];
+        let (mut run, ready) = RunProgress::start(&g, &rules);
+        assert_eq!(ready, vec![node(&g, "extract")]);
+        assert_eq!(run.cancel(&g), vec![node(&g, "extract")]);
+        assert!(run.nodes.iter().all(|s| *s == NodeState::Cancelled));
+        assert_eq!(run.state, RunState::Cancelled);
+        // The cancelled task's late end changes nothing.
+        assert!(run
+            .task_ended(&g, &rules, node(&g, "extract"), TaskEnd::Succeeded)
+            .is_empty());
+        assert_eq!(run.state, RunState::Cancelled);
+    }
+
+    #[test]
+    fn a_fan_out_of_a_thousand_counts_each_edge_once() {
+        let mut edges: Vec<(String, Vec<String>)> = vec![("root".into(), vec![])];
+        for i in 0..1000 {
+            edges.push((format!("f{i:04}"), vec!["root".into()]));
+        }
+        edges.push((
+            "join".into(),
+            (0..1000).map(|i| format!("f{i:04}")).collect(),
+        ));
+        let g = Graph::new(&edges.into_iter().collect()).expect("valid");
+        let rules = vec![TriggerRule::AllSuccess; g.names.len()];
+        let (order, run) = drive(&g, &rules, &[]);
+        assert_eq!(order.len(), 1002);
+        assert_eq!(order.last().map(String::as_str), Some("join"));
+        assert_eq!(run.state, RunState::Succeeded);
     }
 }
