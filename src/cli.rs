@@ -17,6 +17,7 @@ pub mod schedule;
 pub mod submit;
 pub mod up;
 pub mod worker;
+pub mod workflow;
 
 pub use submit::SubmitArgs;
 pub use up::UpArgs;

@@ -158,7 +158,7 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 /// Fills the fields `line` leaves out from `template`.
-fn merge(mut line: NewTask, t: &NewTask) -> NewTask {
+pub(crate) fn merge(mut line: NewTask, t: &NewTask) -> NewTask {
     line.queue = line.queue.or_else(|| t.queue.clone());
     line.priority = line.priority.or(t.priority);
     for (k, v) in &t.env {

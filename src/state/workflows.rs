@@ -315,6 +315,15 @@ impl Graph {
 
 /// A task name: 1 to [`MAX_WORKFLOW_TASK_NAME`] characters of letters, digits, `-`, `_`, `.`.
 pub fn check_task_name(name: &str) -> Result<(), CommandError> {
+    check_name("task", name)
+}
+
+/// A workflow name: the same characters and length as a task name.
+pub fn check_workflow_name(name: &str) -> Result<(), CommandError> {
+    check_name("workflow", name)
+}
+
+fn check_name(kind: &str, name: &str) -> Result<(), CommandError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_WORKFLOW_TASK_NAME
         && name
@@ -324,8 +333,8 @@ pub fn check_task_name(name: &str) -> Result<(), CommandError> {
         Ok(())
     } else {
         Err(CommandError::Invalid(format!(
-            "task name {name:?} is not valid: use 1 to {MAX_WORKFLOW_TASK_NAME} letters, digits, \
-             '-', '_' or '.'"
+            "{kind} name {name:?} is not valid: use 1 to {MAX_WORKFLOW_TASK_NAME} letters, \
+             digits, '-', '_' or '.'"
         )))
     }
 }
