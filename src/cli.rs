@@ -66,6 +66,9 @@ pub enum Command {
     /// Run tasks by time: cron expressions and intervals with exactly-once ticks.
     #[command(subcommand)]
     Schedule(schedule::ScheduleCommand),
+    /// Tasks with dependencies: check a workflow file (`fleet workflow validate FILE`).
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCommand),
     /// Named, cluster-wide concurrency limits for tasks and schedules.
     #[command(subcommand)]
     Pool(schedule::PoolCommand),
@@ -337,6 +340,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Submit(args) => submit::submit(&config, args).await,
         Command::Schedule(cmd) => schedule::schedule(&config, cmd).await,
         Command::Pool(cmd) => schedule::pool(&config, cmd).await,
+        Command::Workflow(cmd) => workflow::workflow(cmd),
         Command::Task(TaskCommand::List {
             client,
             state,

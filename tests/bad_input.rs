@@ -486,3 +486,55 @@ fn task_and_worker_options_are_named() {
     let listed = fleet_json(&["task", "list", "--peers", p]).unwrap();
     assert_eq!(listed["value"].as_array().unwrap().len(), 0, "{listed}");
 }
+
+/// `fleet workflow validate FILE`, as a user runs it: a good file prints its layers; a cycle,
+/// an unknown upstream, an unknown key and a missing file fail with the file and the fault
+/// named.
+#[test]
+fn workflow_files_are_checked_with_the_fault_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.to_string_lossy().into_owned()
+    };
+    let etl = "name = \"etl\"\n[defaults]\nqueue = \"default\"\n\
+               [tasks.extract]\ncommand = [\"sh\", \"-c\", \"extract.sh\"]\n\
+               [tasks.transform]\ncommand = [\"sh\", \"-c\", \"transform.sh\"]\nafter = [\"extract\"]\n\
+               [tasks.load]\ncommand = [\"sh\", \"-c\", \"load.sh\"]\nafter = [\"transform\"]\n\
+               trigger = \"all_success\"\n";
+    let good = write("etl.toml", etl);
+    let out = fleet(&["workflow", "validate", &good]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("workflow etl: 3 tasks, 2 edges, 3 layers")
+            && text.contains("layer 3:\n  load  after transform"),
+        "{text}"
+    );
+
+    let cycle = write(
+        "cycle.toml",
+        &etl.replace("extract.sh\"]\n", "extract.sh\"]\nafter = [\"load\"]\n"),
+    );
+    let unknown = write(
+        "unknown.toml",
+        &etl.replace("[\"transform\"]", "[\"transfrom\"]"),
+    );
+    let typo = write("typo.toml", &etl.replace("trigger =", "triger ="));
+    let missing = dir.path().join("none.toml").to_string_lossy().into_owned();
+    for (file, needle) in [
+        (&cycle, "cycle: extract -> transform -> load -> extract"),
+        (&unknown, "\"load\" runs after \"transfrom\""),
+        (&typo, "triger"),
+        (&missing, "cannot read workflow file"),
+    ] {
+        let out = fleet(&["workflow", "validate", file]);
+        assert!(!out.status.success(), "{file} was accepted");
+        let err = stderr_of(&out);
+        assert!(
+            err.contains(file.as_str()) && err.contains(needle),
+            "{file}: {err}"
+        );
+    }
+}

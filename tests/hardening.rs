@@ -37,7 +37,16 @@ fn run_with_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
 fn every_command_ends_quietly_on_a_closed_stdout() {
     let (_c, _config, peers) = start_fleet(1, 200);
     let id = submit_task(&peers, &[], &["true".to_string()]).to_string();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let workflow = dir.path().join("w.toml");
+    std::fs::write(
+        &workflow,
+        "name = \"w\"\n[tasks.a]\ncommand = [\"true\"]\n[tasks.b]\ncommand = [\"true\"]\nafter = [\"a\"]\n",
+    )
+    .expect("write");
+    let workflow = workflow.to_string_lossy().into_owned();
     let commands: Vec<Vec<&str>> = vec![
+        vec!["workflow", "validate", &workflow],
         vec!["task", "show", &id, "--peers", &peers],
         vec!["task", "list", "--peers", &peers],
         vec!["task", "show", &id, "--peers", &peers, "--output", "json"],

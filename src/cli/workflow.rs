@@ -207,6 +207,67 @@ pub fn parse_workflow(text: &str) -> Result<WorkflowDef, String> {
     })
 }
 
+/// `fleet workflow ...`.
+#[derive(clap::Subcommand, Debug)]
+pub enum WorkflowCommand {
+    /// Check a workflow file and print its graph in topological layers. Reads the file only:
+    /// nothing is sent to the cluster (storing and running workflows is not built yet).
+    Validate {
+        /// The workflow file (TOML).
+        file: std::path::PathBuf,
+    },
+}
+
+pub fn workflow(cmd: WorkflowCommand) -> anyhow::Result<()> {
+    match cmd {
+        WorkflowCommand::Validate { file } => {
+            let def = read_workflow_file(&file)?;
+            print!("{}", render_graph(&def));
+            Ok(())
+        }
+    }
+}
+
+/// The graph as text: a summary line, then each layer's tasks with their upstream tasks and
+/// any trigger rule other than the default.
+pub fn render_graph(def: &WorkflowDef) -> String {
+    let edges: BTreeMap<String, Vec<String>> = def
+        .tasks
+        .iter()
+        .map(|(n, t)| (n.clone(), t.after.clone()))
+        .collect();
+    let graph = match Graph::new(&edges) {
+        Ok(g) => g,
+        Err(e) => return format!("{e}\n"),
+    };
+    let layers = graph.layers();
+    let edge_count: usize = graph.upstream.iter().map(Vec::len).sum();
+    let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let mut out = format!(
+        "workflow {}: {}, {}, {}\n",
+        def.name,
+        count(def.tasks.len(), "task"),
+        count(edge_count, "edge"),
+        count(layers.len(), "layer")
+    );
+    for (i, layer) in layers.iter().enumerate() {
+        out.push_str(&format!("layer {}:\n", i + 1));
+        for &node in layer {
+            let name = &graph.names[node];
+            let t = &def.tasks[name];
+            out.push_str(&format!("  {name}"));
+            if !t.after.is_empty() {
+                out.push_str(&format!("  after {}", t.after.join(", ")));
+            }
+            if t.trigger != TriggerRule::default() {
+                out.push_str(&format!("  (trigger {})", t.trigger.as_str()));
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Reads and checks a workflow file; errors name the file.
 pub fn read_workflow_file(path: &Path) -> anyhow::Result<WorkflowDef> {
     let text = std::fs::read_to_string(path)
@@ -247,6 +308,19 @@ trigger = "all_success"
         assert_eq!(load.trigger, TriggerRule::AllSuccess);
         assert_eq!(load.task.queue.as_deref(), Some("default"));
         assert_eq!(load.task.command, vec!["sh", "-c", "load.sh"]);
+    }
+
+    #[test]
+    fn the_graph_is_printed_in_layers() {
+        let w = parse_workflow(&ETL.replace("trigger = \"all_success\"", "trigger = \"all_done\""))
+            .expect("valid");
+        assert_eq!(
+            render_graph(&w),
+            "workflow etl: 3 tasks, 2 edges, 3 layers\n\
+             layer 1:\n  extract\n\
+             layer 2:\n  transform  after extract\n\
+             layer 3:\n  load  after transform  (trigger all_done)\n"
+        );
     }
 
     #[test]
