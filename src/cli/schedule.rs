@@ -518,6 +518,7 @@ fn print_show(v: &ScheduleView) {
                 "task {task} {}",
                 v.run_states.get(task).map_or("(purged)", |s| s.as_str())
             ),
+            TickResult::WorkflowRun { run } => format!("run {run} of the workflow"),
             TickResult::Queued => "queued behind the running run".into(),
             TickResult::Skipped { reason } => format!("skipped: {reason}"),
             TickResult::Missed {

@@ -29,6 +29,7 @@ use serde::Deserialize;
 
 use super::submit::{merge, parse_duration_ms, parse_env};
 use crate::rpc::NewTask;
+use crate::state::runs::MAX_ACTIVE_RUNS;
 use crate::state::workflows::{Graph, TriggerRule};
 
 /// A checked workflow definition, as the CLI sends it.
@@ -47,9 +48,6 @@ pub struct WorkflowTaskDef {
     pub after: Vec<String>,
     pub trigger: TriggerRule,
 }
-
-/// Most runs of one workflow at a time that `max_active_runs` may allow.
-pub const MAX_ACTIVE_RUNS: u32 = 10_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -28,13 +28,13 @@ type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<
 const SNAPSHOT_MAGIC: &[u8; 8] = b"FLEETSNP";
 const SNAPSHOT_FILE_FORMAT: u32 = 1;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
-/// The format of the state bytes. 3: the state, then its schedules, then its pools. 2 (still
-/// read): the state only (no schedules, no pools). 1 (still read): attempts carry no worker
-/// name either.
-pub const STATE_FORMAT: u8 = 3;
+/// The format of the state bytes. 4: the state, then its schedules, its pools and its
+/// workflows (with their runs). 3 (still read): no workflows. 2 (still read): the state only
+/// (no schedules, no pools). 1 (still read): attempts carry no worker name either.
+pub const STATE_FORMAT: u8 = 4;
 
-/// The state bytes of `state` (format byte, then bincode of the state, its schedules and its
-/// pools).
+/// The state bytes of `state` (format byte, then bincode of the state, its schedules, its
+/// pools and its workflows).
 pub fn encode_state(state: &State) -> io::Result<Vec<u8>> {
     let mut out = vec![STATE_FORMAT];
     let cfg = bincode::config::standard();
@@ -42,11 +42,13 @@ pub fn encode_state(state: &State) -> io::Result<Vec<u8>> {
     bincode::serde::encode_into_std_write(state, &mut out, cfg).map_err(err)?;
     bincode::serde::encode_into_std_write(&state.schedules, &mut out, cfg).map_err(err)?;
     bincode::serde::encode_into_std_write(&state.pools, &mut out, cfg).map_err(err)?;
+    bincode::serde::encode_into_std_write(&state.workflows, &mut out, cfg).map_err(err)?;
     Ok(out)
 }
 
-/// Format 3's body: the state, its schedules and its pools, one after the other.
-fn decode_format_3(what: &str, bytes: &[u8]) -> io::Result<State> {
+/// The body of format 3 (`with_workflows` false) or 4: the state, its schedules, its pools
+/// and (4) its workflows, one after the other.
+fn decode_parts(what: &str, bytes: &[u8], with_workflows: bool) -> io::Result<State> {
     let cfg = bincode::config::standard();
     let err = |e: bincode::error::DecodeError| {
         io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}"))
@@ -54,9 +56,14 @@ fn decode_format_3(what: &str, bytes: &[u8]) -> io::Result<State> {
     let (mut state, a): (State, usize) =
         bincode::serde::decode_from_slice(bytes, cfg).map_err(err)?;
     let (schedules, b) = bincode::serde::decode_from_slice(&bytes[a..], cfg).map_err(err)?;
-    let (pools, _) = bincode::serde::decode_from_slice(&bytes[a + b..], cfg).map_err(err)?;
+    let (pools, c) = bincode::serde::decode_from_slice(&bytes[a + b..], cfg).map_err(err)?;
     state.schedules = schedules;
     state.pools = pools;
+    if with_workflows {
+        let (workflows, _) =
+            bincode::serde::decode_from_slice(&bytes[a + b + c..], cfg).map_err(err)?;
+        state.workflows = workflows;
+    }
     Ok(state)
 }
 
@@ -74,7 +81,8 @@ fn decode_any_format(what: &str, bytes: &[u8]) -> io::Result<State> {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}")))
     };
     match bytes.first() {
-        Some(&STATE_FORMAT) => decode_format_3(what, &bytes[1..]),
+        Some(&STATE_FORMAT) => decode_parts(what, &bytes[1..], true),
+        Some(3) => decode_parts(what, &bytes[1..], false),
         Some(2) => body(&bytes[1..]),
         Some(1) => crate::state::decoding_attempts_without_names(|| body(&bytes[1..])),
         Some(v) => Err(io::Error::new(
@@ -382,7 +390,7 @@ mod tests {
         let mut future = again.clone();
         future[0] = STATE_FORMAT + 1;
         let e = decode_state("future", &future).unwrap_err().to_string();
-        assert!(e.contains("state format 4 is not understood"), "{e}");
+        assert!(e.contains("state format 5 is not understood"), "{e}");
     }
 
     /// The snapshot file is written in pieces and read without copying the state out, in the
@@ -469,5 +477,17 @@ mod tests {
         assert_eq!(read, state);
         assert_eq!(read.schedules().len(), 1);
         assert_eq!(read.pool_views()[0].queued, 1);
+        // Format 3 is format 4 without the trailing workflows: it still reads, without them.
+        let mut format_3 = encode_state(&state).unwrap();
+        let empty = bincode::serde::encode_to_vec(
+            crate::state::Workflows::default(),
+            bincode::config::standard(),
+        )
+        .unwrap();
+        format_3.truncate(format_3.len() - empty.len());
+        format_3[0] = 3;
+        let read = decode_state("format 3", &format_3).unwrap();
+        assert_eq!(read.schedules().len(), 1);
+        assert!(read.workflows().all().next().is_none());
     }
 }

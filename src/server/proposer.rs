@@ -118,6 +118,28 @@ fn estimate_bytes(c: &Command) -> usize {
         } => 32 + worker_name.len() + 10 * tasks.len(),
         Command::ExpireLease { reason, .. } => 64 + reason.len(),
         Command::Cancel { .. } | Command::Retry { .. } | Command::PurgeFinished { .. } => 32,
+        Command::PutWorkflow { name, spec, .. } => {
+            128 + name.len()
+                + spec
+                    .graph
+                    .names
+                    .iter()
+                    .zip(&spec.nodes)
+                    .map(|(n, t)| 16 + 2 * n.len() + spec_bytes(&t.task))
+                    .sum::<usize>()
+        }
+        Command::DeleteWorkflow { name } => 48 + name.len(),
+        Command::StartRun {
+            workflow, params, ..
+        } => {
+            64 + workflow.len()
+                + params
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 4)
+                    .sum::<usize>()
+        }
+        Command::CancelRun { .. } | Command::RetryRun { .. } => 32,
+        Command::SubmitAfter { spec, after, .. } => spec_bytes(spec) + 64 + 10 * after.len(),
     }
 }
 

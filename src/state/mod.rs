@@ -21,6 +21,7 @@
 
 pub mod argv;
 pub mod pools;
+pub mod runs;
 pub mod schedules;
 mod tally;
 pub mod task;
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use argv::Argv;
 pub use pools::{PoolClaim, PoolView, Pools};
+pub use runs::{NodeSpec, Run, RunId, RunStatus, Workflow, WorkflowSpec, Workflows};
 pub use schedules::{
     CatchupPolicy, MissedTicks, OverlapPolicy, PlannedRun, PutChange, PutMode, RunKind, Schedule,
     ScheduleId, ScheduleSpec, Schedules, TickOutcome, TickPlan, TickRecord, TickResult, Trigger,
@@ -389,6 +391,33 @@ pub enum Command {
         spec: TaskSpec,
         pool: PoolClaim,
     },
+    /// Create or replace a workflow; `schedule` creates, replaces or (None) removes its
+    /// schedule.
+    PutWorkflow {
+        name: String,
+        spec: WorkflowSpec,
+        schedule: Option<ScheduleSpec>,
+    },
+    /// Delete a workflow (its runs in progress go on; queued ones are cancelled).
+    DeleteWorkflow { name: String },
+    /// Start a run; `request_id` makes a retried start one run.
+    StartRun {
+        workflow: String,
+        request_id: RequestId,
+        params: Vec<(String, String)>,
+    },
+    /// Cancel a run's unfinished tasks.
+    CancelRun { run: RunId },
+    /// Run a finished run's failed tasks (and, unless `failed_only`, its skipped and
+    /// cancelled ones) again, with everything downstream of them.
+    RetryRun { run: RunId, failed_only: bool },
+    /// A task held until every task of `after` has succeeded (`fleet submit --after`).
+    SubmitAfter {
+        request_id: RequestId,
+        spec: TaskSpec,
+        pool: Option<PoolClaim>,
+        after: Vec<TaskId>,
+    },
 }
 
 impl Command {
@@ -452,6 +481,23 @@ pub enum CommandOutput {
     },
     PoolDeleted {
         name: String,
+    },
+    WorkflowSaved {
+        name: String,
+        change: PutChange,
+    },
+    WorkflowDeleted {
+        name: String,
+    },
+    /// The run started (or queued), or the one the request id made before (`duplicate`).
+    RunStarted {
+        run: RunId,
+        duplicate: bool,
+    },
+    /// A run's state after the command.
+    RunUpdated {
+        run: RunId,
+        status: RunStatus,
     },
 }
 
@@ -578,6 +624,9 @@ pub struct State {
     /// Pools and the tasks' claims on them (format 3, like `schedules`).
     #[serde(skip)]
     pub(crate) pools: Pools,
+    /// Workflows, their runs and `--after` dependencies (format 4, after the pools).
+    #[serde(skip)]
+    pub(crate) workflows: Workflows,
     /// Per-queue counts (derived: rebuilt after decoding, see [`State::rebuild_tally`]).
     #[serde(skip)]
     tally: tally::Tally,
@@ -665,6 +714,7 @@ impl State {
             ),
             Command::Cancel { task } => self.cancel(*task),
             Command::Retry { task } => {
+                self.check_not_run_task(*task)?;
                 let t = self
                     .tasks
                     .get_mut(task)
@@ -721,12 +771,14 @@ impl State {
                     self.tally.moved(&t.spec.queue, Some(t.state), None);
                     self.forget_run(id);
                     self.forget_claim(id);
+                    self.forget_node(id);
                     if let Some(k) = &t.spec.idempotency_key {
                         if self.idempotency_keys.get(k) == Some(&id) {
                             self.idempotency_keys.remove(k);
                         }
                     }
                 }
+                self.purge_runs(*finished_before_ms, *max);
                 Ok(CommandOutput::Purged { count })
             }
             Command::PutSchedule {
@@ -734,12 +786,24 @@ impl State {
                 spec,
                 paused,
                 mode,
-            } => self.put_schedule(name, spec, *paused, *mode),
+            } => {
+                self.check_not_workflow_schedule(name)?;
+                self.put_schedule(name, spec, *paused, *mode)
+            }
             Command::PauseSchedule { name, paused } => self.set_schedule_paused(name, *paused),
-            Command::DeleteSchedule { name } => self.delete_schedule(name),
+            Command::DeleteSchedule { name } => {
+                self.check_not_workflow_schedule(name)?;
+                self.delete_schedule(name)
+            }
             Command::FireTicks { plans } => Ok(self.fire_ticks(index, plans)),
-            Command::TriggerSchedule { name, key } => self.trigger_schedule(index, name, *key),
-            Command::Backfill { name, fires } => self.backfill(index, name, fires),
+            Command::TriggerSchedule { name, key } => {
+                self.check_not_workflow_schedule(name)?;
+                self.trigger_schedule(index, name, *key)
+            }
+            Command::Backfill { name, fires } => {
+                self.check_not_workflow_schedule(name)?;
+                self.backfill(index, name, fires)
+            }
             Command::SetPool { name, slots } => self.set_pool(name, *slots),
             Command::DeletePool { name } => self.delete_pool(name),
             Command::SubmitPooled {
@@ -760,6 +824,29 @@ impl State {
                 }
                 Ok(out)
             }
+            Command::PutWorkflow {
+                name,
+                spec,
+                schedule,
+            } => self.put_workflow(name, spec, schedule.as_ref()),
+            Command::DeleteWorkflow { name } => self.delete_workflow(name),
+            Command::StartRun {
+                workflow,
+                request_id,
+                params,
+            } => {
+                let key = runs::request_key(*request_id);
+                let (run, duplicate) = self.start_run(workflow, key, params, None)?;
+                Ok(CommandOutput::RunStarted { run, duplicate })
+            }
+            Command::CancelRun { run } => self.cancel_run(*run),
+            Command::RetryRun { run, failed_only } => self.retry_run(*run, *failed_only),
+            Command::SubmitAfter {
+                request_id,
+                spec,
+                pool,
+                after,
+            } => self.submit_after(index, *request_id, spec, pool.as_ref(), after),
         }
     }
 
@@ -782,6 +869,7 @@ impl State {
                     .moved(&q, Some(TaskState::Running), Some(TaskState::Cancelled));
                 self.finished.insert((now, task));
                 self.run_ended(task);
+                self.node_ended(task, TaskState::Cancelled);
             }
             state => {
                 return Err(CommandError::WrongState {
@@ -831,6 +919,21 @@ impl State {
 
     /// Records a new task (checked already) and queues it.
     fn insert_task(&mut self, index: u64, spec: TaskSpec) -> TaskId {
+        self.insert_held_task(index, spec, true)
+    }
+
+    /// A task held for its upstream tasks (`--after`) becomes ready (or waits for its
+    /// not-before time).
+    fn release_held(&mut self, id: TaskId) {
+        let now = self.clock_ms;
+        let t = self.tasks.get_mut(&id).expect("held tasks exist");
+        t.ready_at_ms = t.ready_at_ms.max(now);
+        self.schedule(id);
+    }
+
+    /// Records a new task (checked already); queues it now, or (`queue_now` false: held for
+    /// upstream tasks) later, by [`State::release_held`].
+    fn insert_held_task(&mut self, index: u64, spec: TaskSpec, queue_now: bool) -> TaskId {
         let now = self.clock_ms;
         self.next_task_id += 1;
         let id = TaskId(self.next_task_id);
@@ -856,7 +959,9 @@ impl State {
         if let Some(key) = key {
             self.idempotency_keys.insert(key, id);
         }
-        self.schedule(id);
+        if queue_now {
+            self.schedule(id);
+        }
         id
     }
 
@@ -1036,6 +1141,7 @@ impl State {
         self.tally.moved(&q, Some(from), Some(state));
         self.finished.insert((now, id));
         self.run_ended(id);
+        self.node_ended(id, state);
     }
 
     fn remember_request(&mut self, request_id: RequestId, id: TaskId) {

@@ -154,6 +154,11 @@ impl State {
                 "pool {name:?} is used by schedule {s:?}; update or delete the schedule first"
             )));
         }
+        if let Some(user) = self.workflows.using_pool(name) {
+            return Err(CommandError::Invalid(format!(
+                "pool {name:?} is used by {user}; change the workflow or wait for the run first"
+            )));
+        }
         self.pools.pools.remove(name);
         Ok(CommandOutput::PoolDeleted {
             name: name.to_string(),

@@ -244,6 +244,9 @@ pub enum TickResult {
         last_ms: u64,
         reason: String,
     },
+    /// A run of the workflow that owns the schedule was started (or queued behind its
+    /// `max_active_runs`).
+    WorkflowRun { run: super::RunId },
 }
 
 /// One line of a schedule's history.
@@ -418,6 +421,11 @@ impl Schedules {
 
     pub fn changes(&self) -> u64 {
         self.changes
+    }
+
+    /// The log index being applied.
+    pub(super) fn applying_index(&self) -> u64 {
+        self.applying_index
     }
 
     pub fn is_empty(&self) -> bool {
@@ -632,7 +640,7 @@ impl State {
                 RunKind::Scheduled
             };
             match self.tick(index, plan.schedule, run.fire_ms, kind, run.jitter_ms) {
-                TickResult::Run { .. } => out.runs += 1,
+                TickResult::Run { .. } | TickResult::WorkflowRun { .. } => out.runs += 1,
                 TickResult::Queued => out.queued += 1,
                 TickResult::Skipped { .. } => out.skipped += 1,
                 TickResult::Missed { .. } => {}
@@ -653,7 +661,20 @@ impl State {
         let now = self.clock_ms;
         let s = &self.schedules.by_id[&id];
         let busy = s.active.iter().next().copied();
+        let owner = self.workflows.owner_of(id).map(str::to_string);
         let result = match (s.spec.overlap, busy) {
+            // A workflow's tick starts a run of it, keyed by the tick (so a tick decided
+            // twice still makes one run); `max_active_runs` decides when it starts.
+            _ if owner.is_some() => {
+                let key = run_id(&s.name, fire_ms, kind, None);
+                let workflow = owner.as_deref().expect("checked");
+                match self.tick_workflow(workflow, key, fire_ms) {
+                    Ok(run) => TickResult::WorkflowRun { run },
+                    Err(e) => TickResult::Skipped {
+                        reason: e.to_string(),
+                    },
+                }
+            }
             (_, None) | (OverlapPolicy::Allow, _) => {
                 let task = self.create_run(index, id, fire_ms, kind, jitter_ms, None);
                 TickResult::Run { task }
@@ -690,7 +711,9 @@ impl State {
         };
         let s = self.schedules.by_id.get_mut(&id).expect("exists");
         match &result {
-            TickResult::Run { .. } | TickResult::Queued => s.counts.fired += 1,
+            TickResult::Run { .. } | TickResult::Queued | TickResult::WorkflowRun { .. } => {
+                s.counts.fired += 1
+            }
             TickResult::Skipped { .. } => s.counts.skipped += 1,
             TickResult::Missed { .. } => {}
         }

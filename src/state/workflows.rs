@@ -130,7 +130,7 @@ impl TriggerRule {
 
 /// How a task's upstream tasks have ended so far. `failed` counts tasks that failed for good
 /// (dead) and tasks that ended `upstream_failed`; `skipped` counts skipped and cancelled ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct UpstreamCounts {
     pub total: u32,
     pub succeeded: u32,
@@ -158,7 +158,7 @@ pub enum Readiness {
 }
 
 /// A checked workflow graph: task names in a stable order, with edges both ways.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Graph {
     /// Task names, sorted (the index of a name is its node number).
     pub names: Vec<String>,
@@ -396,7 +396,7 @@ pub enum RunState {
 /// The progress of one run through its graph: one [`NodeState`] per task, and per task the
 /// counts of its upstream tasks that ended, kept as they end (so a task's end costs O(its
 /// downstream edges)). Pure: the caller creates and cancels the real tasks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunProgress {
     pub nodes: Vec<NodeState>,
     counts: Vec<UpstreamCounts>,
