@@ -66,9 +66,13 @@ pub enum Command {
     /// Run tasks by time: cron expressions and intervals with exactly-once ticks.
     #[command(subcommand)]
     Schedule(schedule::ScheduleCommand),
-    /// Tasks with dependencies: check a workflow file (`fleet workflow validate FILE`).
+    /// Workflows: tasks with dependencies (a DAG in a TOML file), run by hand or on a
+    /// schedule.
     #[command(subcommand)]
     Workflow(workflow::WorkflowCommand),
+    /// Runs of workflows: list, show, cancel, retry.
+    #[command(subcommand)]
+    Run(workflow::RunCommand),
     /// Named, cluster-wide concurrency limits for tasks and schedules.
     #[command(subcommand)]
     Pool(schedule::PoolCommand),
@@ -340,7 +344,8 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Submit(args) => submit::submit(&config, args).await,
         Command::Schedule(cmd) => schedule::schedule(&config, cmd).await,
         Command::Pool(cmd) => schedule::pool(&config, cmd).await,
-        Command::Workflow(cmd) => workflow::workflow(cmd),
+        Command::Workflow(cmd) => workflow::workflow(&config, cmd).await,
+        Command::Run(cmd) => workflow::run(&config, cmd).await,
         Command::Task(TaskCommand::List {
             client,
             state,

@@ -202,11 +202,11 @@ pub enum PoolCommand {
     },
 }
 
-fn parse_time_arg(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_time_arg(s: &str) -> Result<u64, String> {
     crate::schedule::parse_time(s, crate::server::proposer::now_ms())
 }
 
-fn parse_every(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_every(s: &str) -> Result<u64, String> {
     let ms = parse_duration_ms(s)?;
     if ms < crate::state::schedules::MIN_EVERY_MS {
         return Err(format!("interval {s:?} is not valid: use at least 1s"));
@@ -646,6 +646,7 @@ impl FileSchedule {
                 idempotency_key: None,
                 pool: self.pool.clone(),
                 pool_slots: self.pool_slots,
+                after: Vec::new(),
             },
             unset: Vec::new(),
         })

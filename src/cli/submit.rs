@@ -85,6 +85,7 @@ impl TaskOptions {
             idempotency_key: None,
             pool: self.pool.clone(),
             pool_slots: self.pool_slots,
+            after: Vec::new(),
         }
     }
 }
@@ -105,11 +106,15 @@ pub struct SubmitArgs {
     /// first task's id instead of creating another.
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
+    /// Run only after these tasks have succeeded (comma-separated ids, e.g. `--after 4,7`);
+    /// if one of them ends dead or cancelled, this task is cancelled.
+    #[arg(long, value_name = "ID,...", value_delimiter = ',', value_parser = parse_task_id)]
+    pub after: Vec<u64>,
     /// Submit many tasks from a JSON-lines file, one object per line with the fields
     /// `command` (required), `queue`, `priority`, `env` (an object), `max_attempts`,
     /// `backoff_initial_ms`, `backoff_max_ms`, `backoff_multiplier`, `timeout_ms`,
     /// `visibility_timeout_ms`, `delay_ms`, `not_before_ms`, `idempotency_key`, `pool`,
-    /// `pool_slots`. `-` reads standard input.
+    /// `pool_slots`, `after` (task ids). `-` reads standard input.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["command", "idempotency_key"])]
     pub file: Option<PathBuf>,
     /// The program and its arguments, after `--`.
@@ -124,9 +129,19 @@ impl SubmitArgs {
             delay_ms: self.delay,
             not_before_ms: self.not_before,
             idempotency_key: self.idempotency_key.clone(),
+            after: self.after.clone(),
             ..self.task.new_task()
         }
     }
+}
+
+/// A task id for `--after`.
+fn parse_task_id(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| format!("{s:?} is not a task id: use the number `fleet submit` printed"))
 }
 
 /// Parses `500ms`, `30s`, `10m`, `1h 30m`, `2d`.

@@ -23,31 +23,27 @@
 //! parser itself (a duplicate table).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
 
 use serde::Deserialize;
 
 use super::submit::{merge, parse_duration_ms, parse_env};
-use crate::rpc::NewTask;
+use super::{connect, format_time_ms, print_json, shell_words, ClientArgs, Output};
+use crate::config::Config;
+use crate::rpc::schedules::ScheduleDef;
+use crate::rpc::workflows::{
+    node_state_name, RunFilter, RunView, WorkflowOp, WorkflowOutcome, WorkflowView, MAX_RUN_LIST,
+};
+use crate::rpc::{NewTask, ReadMode};
 use crate::state::runs::MAX_ACTIVE_RUNS;
+use crate::state::workflows::NodeState;
 use crate::state::workflows::{Graph, TriggerRule};
+use crate::state::{PutChange, RequestId, RunId, RunStatus};
 
-/// A checked workflow definition, as the CLI sends it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkflowDef {
-    pub name: String,
-    pub max_active_runs: Option<u32>,
-    pub tasks: BTreeMap<String, WorkflowTaskDef>,
-}
-
-/// One task of a [`WorkflowDef`]: its options (the file's `[defaults]` filled in), upstream
-/// tasks and trigger rule.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkflowTaskDef {
-    pub task: NewTask,
-    pub after: Vec<String>,
-    pub trigger: TriggerRule,
-}
+pub use crate::rpc::workflows::{WorkflowDef, WorkflowTaskDef};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +55,62 @@ struct File {
     /// Each task's table: `command`, `after` and `trigger`, then the keys of [`Options`].
     #[serde(default)]
     tasks: BTreeMap<String, toml::Table>,
+    schedule: Option<FileSchedule>,
+}
+
+/// The `[schedule]` table: when runs start (the timing keys of a schedule file; a run per
+/// tick, so no overlap policy or jitter: `max_active_runs` bounds the runs at once).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSchedule {
+    cron: Option<String>,
+    every: Option<String>,
+    timezone: Option<String>,
+    start_at: Option<String>,
+    end_at: Option<String>,
+    catchup: Option<String>,
+    catchup_window: Option<String>,
+}
+
+impl FileSchedule {
+    fn def(&self, name: &str) -> Result<ScheduleDef, String> {
+        let at = |key: &str, e: String| format!("[schedule] {key}: {e}");
+        if self.cron.is_none() == self.every.is_none() {
+            return Err("[schedule] needs either cron = \"EXPR\" or every = \"DURATION\"".into());
+        }
+        let time = |key: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(super::schedule::parse_time_arg)
+                .transpose()
+                .map_err(|e| at(key, e))
+        };
+        Ok(ScheduleDef {
+            name: name.to_string(),
+            cron: self.cron.clone(),
+            every_ms: self
+                .every
+                .as_deref()
+                .map(super::schedule::parse_every)
+                .transpose()
+                .map_err(|e| at("every", e))?,
+            timezone: self.timezone.clone(),
+            start_at_ms: time("start_at", &self.start_at)?,
+            end_at_ms: time("end_at", &self.end_at)?,
+            catchup: self
+                .catchup
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| at("catchup", e))?,
+            catchup_window_ms: self
+                .catchup_window
+                .as_deref()
+                .map(parse_duration_ms)
+                .transpose()
+                .map_err(|e| at("catchup_window", e))?,
+            ..ScheduleDef::default()
+        })
+    }
 }
 
 /// The task options of a file, for `[defaults]` and each task.
@@ -198,10 +250,16 @@ pub fn parse_workflow(text: &str) -> Result<WorkflowDef, String> {
         .map(|(n, t)| (n.clone(), t.after.clone()))
         .collect();
     Graph::new(&edges).map_err(|e| e.to_string())?;
+    let schedule = file
+        .schedule
+        .as_ref()
+        .map(|s| s.def(&file.name))
+        .transpose()?;
     Ok(WorkflowDef {
         name: file.name,
         max_active_runs: file.max_active_runs,
         tasks,
+        schedule,
     })
 }
 
@@ -209,25 +267,519 @@ pub fn parse_workflow(text: &str) -> Result<WorkflowDef, String> {
 #[derive(clap::Subcommand, Debug)]
 pub enum WorkflowCommand {
     /// Check a workflow file and print its graph in topological layers. Reads the file only:
-    /// nothing is sent to the cluster (storing and running workflows is not built yet).
+    /// nothing is sent to the cluster.
     Validate {
         /// The workflow file (TOML).
-        file: std::path::PathBuf,
+        file: PathBuf,
+    },
+    /// Check a workflow file and store it (replicated): a new workflow, or a new version of
+    /// one (runs in progress keep the version they started with).
+    Apply {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The workflow file (TOML).
+        file: PathBuf,
+    },
+    /// List the workflows (linearizable unless --stale).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Show a workflow: its graph in topological layers, schedule and run counts.
+    Show {
+        #[command(flatten)]
+        client: ClientArgs,
+        name: String,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Delete a workflow and its schedule. Runs in progress go on; queued runs are cancelled.
+    Delete {
+        #[command(flatten)]
+        client: ClientArgs,
+        name: String,
+    },
+    /// Start a run (queued while the workflow has max_active_runs runs going). Prints the
+    /// run's id. Every task of the run gets FLEET_RUN_ID, FLEET_WORKFLOW, FLEET_TASK_NAME and
+    /// FLEET_PARAM_<K> for each --param.
+    Run {
+        #[command(flatten)]
+        client: ClientArgs,
+        name: String,
+        /// A run parameter, K=V (repeatable): the tasks see it as FLEET_PARAM_K.
+        #[arg(long = "param", value_name = "K=V", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        /// Wait for the run to end; exit 0 if it succeeded, 1 if not.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
-pub fn workflow(cmd: WorkflowCommand) -> anyhow::Result<()> {
+/// `fleet run ...`: runs of workflows.
+#[derive(clap::Subcommand, Debug)]
+pub enum RunCommand {
+    /// List runs, newest first (linearizable unless --stale).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only runs of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only runs in this state (queued, running, succeeded, failed, cancelled).
+        #[arg(long)]
+        state: Option<RunStatus>,
+        /// At most this many runs (1 to 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Show a run: every task with its state, attempts and duration, as a graph (coloured by
+    /// state on a terminal).
+    Show {
+        #[command(flatten)]
+        client: ClientArgs,
+        run: u64,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Cancel a run: running attempts are killed at their worker's next heartbeat, the other
+    /// tasks never start.
+    Cancel {
+        #[command(flatten)]
+        client: ClientArgs,
+        run: u64,
+    },
+    /// Run a finished run's failed tasks again (Airflow's "clear"): failed, upstream_failed,
+    /// skipped and cancelled tasks and everything downstream of them; succeeded tasks keep
+    /// their results.
+    Retry {
+        #[command(flatten)]
+        client: ClientArgs,
+        run: u64,
+        /// Only failed and upstream_failed tasks (and their downstream), not skipped or
+        /// cancelled ones.
+        #[arg(long)]
+        failed_only: bool,
+    },
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not a parameter: use K=V"))?;
+    let ok = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !ok {
+        return Err(format!(
+            "parameter name {k:?} is not valid: use letters, digits and '_'"
+        ));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+pub async fn workflow(config: &Config, cmd: WorkflowCommand) -> anyhow::Result<()> {
     match cmd {
         WorkflowCommand::Validate { file } => {
             let def = read_workflow_file(&file)?;
             print!("{}", render_graph(&def));
             Ok(())
         }
+        WorkflowCommand::Apply { client, file } => {
+            let def = read_workflow_file(&file)?;
+            let name = def.name.clone();
+            let out = send(config, &client, WorkflowOp::Apply(Box::new(def))).await?;
+            let WorkflowOutcome::Saved { change, .. } = &out else {
+                bail!("unexpected answer: {out:?}");
+            };
+            let what = match change {
+                PutChange::Created => "created",
+                PutChange::Updated => "updated",
+                PutChange::Unchanged => "unchanged",
+            };
+            done(&client, &out, &format!("workflow {name} {what}"))
+        }
+        WorkflowCommand::Delete { client, name } => {
+            let out = send(config, &client, WorkflowOp::Delete(name.clone())).await?;
+            done(&client, &out, &format!("workflow {name} deleted"))
+        }
+        WorkflowCommand::Run {
+            client,
+            name,
+            params,
+            wait,
+        } => {
+            let op = WorkflowOp::Run {
+                workflow: name,
+                params,
+                request_id: RequestId(rand::random()),
+            };
+            let out = send(config, &client, op).await?;
+            let WorkflowOutcome::Started { run, .. } = out else {
+                bail!("unexpected answer: {out:?}");
+            };
+            if !wait {
+                return done(&client, &out, &run.to_string());
+            }
+            let view = wait_for_run(config, &client, run).await?;
+            if client.output == Output::Json {
+                print_json(&view)?;
+            } else {
+                println!("run {run} {}", view.status.as_str());
+            }
+            if view.status != RunStatus::Succeeded {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        WorkflowCommand::List { client, stale } => {
+            let views = read_workflows(config, &client, None, stale).await?;
+            if client.output == Output::Json {
+                return print_json(&views);
+            }
+            println!(
+                "{:<24} {:>5} {:>7} {:>6} {:>7} {:>9} {:>7} {:<24}",
+                "NAME", "TASKS", "VERSION", "ACTIVE", "QUEUED", "SUCCEEDED", "FAILED", "SCHEDULE"
+            );
+            for v in &views {
+                let w = &v.workflow;
+                println!(
+                    "{:<24} {:>5} {:>7} {:>6} {:>7} {:>9} {:>7} {:<24}",
+                    w.name,
+                    w.spec.nodes.len(),
+                    w.version,
+                    w.active.len(),
+                    w.queued.len(),
+                    w.counts.succeeded,
+                    w.counts.failed,
+                    v.schedule.as_ref().map_or("-".into(), |(t, paused, _)| {
+                        format!("{t}{}", if *paused { " (paused)" } else { "" })
+                    })
+                );
+            }
+            Ok(())
+        }
+        WorkflowCommand::Show {
+            client,
+            name,
+            stale,
+        } => {
+            let views = read_workflows(config, &client, Some(name), stale).await?;
+            let v = views.first().context("the cluster returned no workflow")?;
+            if client.output == Output::Json {
+                return print_json(v);
+            }
+            print_workflow(v);
+            Ok(())
+        }
     }
 }
 
-/// The graph as text: a summary line, then each layer's tasks with their upstream tasks and
-/// any trigger rule other than the default.
+pub async fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<()> {
+    match cmd {
+        RunCommand::List {
+            client,
+            workflow,
+            state,
+            limit,
+            stale,
+        } => {
+            if !(1..=MAX_RUN_LIST).contains(&limit) {
+                bail!("--limit {limit} is not valid: use 1 to {MAX_RUN_LIST}");
+            }
+            let filter = RunFilter {
+                run: None,
+                workflow,
+                status: state,
+                limit,
+            };
+            let views = read_runs(config, &client, filter, stale).await?;
+            if client.output == Output::Json {
+                return print_json(&views);
+            }
+            println!(
+                "{:>6} {:<24} {:<10} {:<21} {:>10}  TASKS",
+                "RUN", "WORKFLOW", "STATE", "STARTED", "DURATION"
+            );
+            for v in &views {
+                let counts: Vec<String> = v
+                    .counts
+                    .iter()
+                    .map(|(s, n)| format!("{n} {}", node_state_name(*s)))
+                    .collect();
+                println!(
+                    "{:>6} {:<24} {:<10} {:<21} {:>10}  {}",
+                    v.id,
+                    v.workflow,
+                    v.status.as_str(),
+                    v.started_at_ms.map_or("-".into(), format_time_ms),
+                    run_duration(v),
+                    counts.join(", ")
+                );
+            }
+            Ok(())
+        }
+        RunCommand::Show { client, run, stale } => {
+            let filter = RunFilter {
+                run: Some(RunId(run)),
+                ..Default::default()
+            };
+            let views = read_runs(config, &client, filter, stale).await?;
+            let v = views.first().context("the cluster returned no run")?;
+            if client.output == Output::Json {
+                return print_json(v);
+            }
+            let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            print!("{}", render_run(v, color));
+            Ok(())
+        }
+        RunCommand::Cancel { client, run } => {
+            let out = send(config, &client, WorkflowOp::Cancel(RunId(run))).await?;
+            done(&client, &out, &format!("run {run} cancelled"))
+        }
+        RunCommand::Retry {
+            client,
+            run,
+            failed_only,
+        } => {
+            let op = WorkflowOp::Retry {
+                run: RunId(run),
+                failed_only,
+            };
+            let out = send(config, &client, op).await?;
+            let WorkflowOutcome::Updated { status, .. } = &out else {
+                bail!("unexpected answer: {out:?}");
+            };
+            done(&client, &out, &format!("run {run} is {}", status.as_str()))
+        }
+    }
+}
+
+fn done(client: &ClientArgs, out: &WorkflowOutcome, text: &str) -> anyhow::Result<()> {
+    if client.output == Output::Json {
+        print_json(out)
+    } else {
+        println!("{text}");
+        Ok(())
+    }
+}
+
+async fn send(
+    config: &Config,
+    client: &ClientArgs,
+    op: WorkflowOp,
+) -> anyhow::Result<WorkflowOutcome> {
+    let mut c = connect(config, client)?;
+    let mut out = c
+        .call(|cl, ctx| {
+            let op = op.clone();
+            async move { cl.workflow_ops(ctx, vec![op], 0).await }
+        })
+        .await?;
+    Ok(out.pop().context("the cluster returned no answer")??)
+}
+
+fn mode(stale: bool) -> ReadMode {
+    if stale {
+        ReadMode::Local
+    } else {
+        ReadMode::Linearizable
+    }
+}
+
+async fn read_workflows(
+    config: &Config,
+    client: &ClientArgs,
+    name: Option<String>,
+    stale: bool,
+) -> anyhow::Result<Vec<WorkflowView>> {
+    let mut c = connect(config, client)?;
+    let mode = mode(stale);
+    let reply = c
+        .call(|cl, ctx| {
+            let name = name.clone();
+            async move { cl.get_workflows(ctx, name, mode, 0).await }
+        })
+        .await?;
+    Ok(reply.value)
+}
+
+async fn read_runs(
+    config: &Config,
+    client: &ClientArgs,
+    filter: RunFilter,
+    stale: bool,
+) -> anyhow::Result<Vec<RunView>> {
+    let mut c = connect(config, client)?;
+    let mode = mode(stale);
+    let reply = c
+        .call(|cl, ctx| {
+            let filter = filter.clone();
+            async move { cl.get_runs(ctx, filter, mode, 0).await }
+        })
+        .await?;
+    Ok(reply.value)
+}
+
+/// Polls the run until it ends (`workflow run --wait`).
+async fn wait_for_run(config: &Config, client: &ClientArgs, run: RunId) -> anyhow::Result<RunView> {
+    loop {
+        let filter = RunFilter {
+            run: Some(run),
+            ..Default::default()
+        };
+        let mut views = read_runs(config, client, filter, false).await?;
+        let v = views.pop().context("the cluster returned no run")?;
+        if v.status.is_final() {
+            return Ok(v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn run_duration(v: &RunView) -> String {
+    match (v.started_at_ms, v.ended_at_ms) {
+        (Some(s), Some(e)) => human_ms(e.saturating_sub(s)),
+        _ => "-".into(),
+    }
+}
+
+fn human_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        humantime::format_duration(std::time::Duration::from_millis(ms / 100 * 100)).to_string()
+    }
+}
+
+fn print_workflow(v: &WorkflowView) {
+    let w = &v.workflow;
+    println!("name:            {}", w.name);
+    println!("version:         {}", w.version);
+    println!("max_active_runs: {}", w.spec.max_active_runs);
+    match &v.schedule {
+        Some((trigger, paused, next)) => {
+            let next: Vec<String> = next.iter().map(|f| format_time_ms(*f)).collect();
+            println!(
+                "schedule:        {trigger}{}",
+                if *paused { " (paused)" } else { "" }
+            );
+            if !next.is_empty() {
+                println!("next runs:       {}", next.join(", "));
+            }
+        }
+        None => println!("schedule:        none (runs start with `fleet workflow run`)"),
+    }
+    let c = &w.counts;
+    println!(
+        "runs:            {} active, {} queued; {} started, {} succeeded, {} failed, {} cancelled",
+        w.active.len(),
+        w.queued.len(),
+        c.started,
+        c.succeeded,
+        c.failed,
+        c.cancelled
+    );
+    let triggers: Vec<TriggerRule> = w.spec.nodes.iter().map(|n| n.trigger).collect();
+    print!(
+        "{}",
+        render_layers(&w.name, &w.spec.graph, &triggers, &|n| {
+            let t = &w.spec.nodes[n].task;
+            format!("  [{}] {}", t.queue, shell_words(t.command.iter()))
+        })
+    );
+}
+
+/// The run's tasks in topological layers, each with its state, task, attempts and duration;
+/// `color` paints the state (green succeeded, red failed, yellow upstream_failed, ...).
+pub fn render_run(v: &RunView, color: bool) -> String {
+    let mut out = format!(
+        "run:       {} (workflow {} v{})
+",
+        v.id, v.workflow, v.version
+    );
+    out.push_str(&format!(
+        "state:     {}
+",
+        v.status.as_str()
+    ));
+    if let Some(f) = v.fire_ms {
+        out.push_str(&format!(
+            "fire time: {}
+",
+            format_time_ms(f)
+        ));
+    }
+    for (k, val) in &v.params {
+        out.push_str(&format!(
+            "param:     {k}={val}
+"
+        ));
+    }
+    out.push_str(&format!(
+        "started:   {}   duration {}{}
+",
+        v.started_at_ms.map_or("-".into(), format_time_ms),
+        run_duration(v),
+        if v.retries > 0 {
+            format!("   retried {} times", v.retries)
+        } else {
+            String::new()
+        }
+    ));
+    let mut after: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for n in &v.nodes {
+        after.insert(n.name.clone(), n.after.clone());
+    }
+    let Ok(graph) = Graph::new(&after) else {
+        return out;
+    };
+    for (i, layer) in graph.layers().iter().enumerate() {
+        out.push_str(&format!(
+            "layer {}:
+",
+            i + 1
+        ));
+        for &node in layer {
+            let n = &v.nodes[node];
+            let state = node_state_name(n.state);
+            let painted = if color {
+                let code = match n.state {
+                    NodeState::Succeeded => "32",
+                    NodeState::Failed => "31",
+                    NodeState::UpstreamFailed => "33",
+                    NodeState::Started => "36",
+                    NodeState::Skipped | NodeState::Cancelled => "35",
+                    NodeState::Waiting => "2",
+                };
+                format!("\x1b[{code}m{state:<15}\x1b[0m")
+            } else {
+                format!("{state:<15}")
+            };
+            let took = match (n.started_at_ms, n.ended_at_ms) {
+                (Some(s), Some(e)) => human_ms(e.saturating_sub(s)),
+                _ => "-".into(),
+            };
+            out.push_str(&format!(
+                "  {:<20} {painted} {:<10} {:>8} {:>9}{}\n",
+                n.name,
+                n.task.map_or("-".into(), |t| format!("task {t}")),
+                format!("{} att.", n.attempts),
+                took,
+                if n.after.is_empty() {
+                    String::new()
+                } else {
+                    format!("  after {}", n.after.join(", "))
+                }
+            ));
+        }
+    }
+    out
+}
+
+/// The graph of a workflow file in topological layers (`workflow validate`): each task with
+/// its upstream tasks and any trigger rule other than the default.
 pub fn render_graph(def: &WorkflowDef) -> String {
     let edges: BTreeMap<String, Vec<String>> = def
         .tasks
@@ -238,28 +790,43 @@ pub fn render_graph(def: &WorkflowDef) -> String {
         Ok(g) => g,
         Err(e) => return format!("{e}\n"),
     };
+    let triggers: Vec<TriggerRule> = graph.names.iter().map(|n| def.tasks[n].trigger).collect();
+    render_layers(&def.name, &graph, &triggers, &|_| String::new())
+}
+
+/// `workflow NAME: N tasks, E edges, L layers`, then each layer's tasks with their upstream
+/// tasks, non-default trigger rule and `extra`.
+fn render_layers(
+    name: &str,
+    graph: &Graph,
+    triggers: &[TriggerRule],
+    extra: &dyn Fn(usize) -> String,
+) -> String {
     let layers = graph.layers();
     let edge_count: usize = graph.upstream.iter().map(Vec::len).sum();
     let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     let mut out = format!(
         "workflow {}: {}, {}, {}\n",
-        def.name,
-        count(def.tasks.len(), "task"),
+        name,
+        count(graph.names.len(), "task"),
         count(edge_count, "edge"),
         count(layers.len(), "layer")
     );
     for (i, layer) in layers.iter().enumerate() {
         out.push_str(&format!("layer {}:\n", i + 1));
         for &node in layer {
-            let name = &graph.names[node];
-            let t = &def.tasks[name];
-            out.push_str(&format!("  {name}"));
-            if !t.after.is_empty() {
-                out.push_str(&format!("  after {}", t.after.join(", ")));
+            out.push_str(&format!("  {}", graph.names[node]));
+            if !graph.upstream[node].is_empty() {
+                let ups: Vec<&str> = graph.upstream[node]
+                    .iter()
+                    .map(|&u| graph.names[u].as_str())
+                    .collect();
+                out.push_str(&format!("  after {}", ups.join(", ")));
             }
-            if t.trigger != TriggerRule::default() {
-                out.push_str(&format!("  (trigger {})", t.trigger.as_str()));
+            if triggers[node] != TriggerRule::default() {
+                out.push_str(&format!("  (trigger {})", triggers[node].as_str()));
             }
+            out.push_str(&extra(node));
             out.push('\n');
         }
     }

@@ -77,6 +77,8 @@ pub const SCHEDULE_TICK_LATENESS: &str = "schedule.tick_lateness";
 pub const POOL_OPEN_SLOTS: &str = "pool.open_slots";
 pub const POOL_RUNNING_SLOTS: &str = "pool.running_slots";
 pub const POOL_QUEUED_TASKS: &str = "pool.queued_tasks";
+pub const WORKFLOW_RUNS: &str = "workflow.runs";
+pub const WORKFLOW_RUN_DURATION: &str = "workflow.run_duration";
 
 use Kind::*;
 
@@ -153,6 +155,10 @@ pub const CATALOG: &[Def] = &[
         help: "Slots of a pool held by leased attempts." },
     Def { name: POOL_QUEUED_TASKS, kind: Gauge, labels: &["pool"], unit: None,
         help: "Tasks of a pool waiting for a lease." },
+    Def { name: WORKFLOW_RUNS, kind: Counter, labels: &["workflow", "result"], unit: None,
+        help: "Runs of a workflow: result started (left the max_active_runs queue), succeeded, failed or cancelled." },
+    Def { name: WORKFLOW_RUN_DURATION, kind: Histogram, labels: &["workflow"], unit: S,
+        help: "Time from a run's start to its end (succeeded, failed or cancelled)." },
 ];
 
 /// Registers the descriptions and units with the installed recorder.

@@ -15,6 +15,8 @@ use std::time::Duration;
 use crate::metrics::names::*;
 use crate::scheduler::workers::WorkerState;
 use crate::server::Replica;
+use crate::state::runs::RunCounts;
+use crate::state::RunId;
 
 /// Runs until the replica stops.
 pub async fn run(replica: Arc<Replica>) {
@@ -40,7 +42,14 @@ struct Sampled {
     first: bool,
     /// Cluster gauges (name, labels) last set by this replica as leader.
     cluster: BTreeSet<(&'static str, Vec<(&'static str, String)>)>,
+    /// While leading: the replicated run counts per workflow counted so far, and the last run
+    /// end whose duration was recorded (`None` until the first sample as leader sets them, so
+    /// a new leader does not count again what its predecessor counted).
+    runs: Option<RunsSeen>,
 }
+
+/// Run counts per workflow, and the last run end recorded.
+type RunsSeen = (BTreeMap<String, RunCounts>, (u64, RunId));
 
 async fn sample(replica: &Replica, sampled: &mut Sampled) {
     let node = crate::metrics::node();
@@ -68,6 +77,7 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
 
     let scheduling = leading && replica.scheduler.ready_term() == Some(status.term);
     if !scheduling {
+        sampled.runs = None;
         // Zero what this replica reported while it led, once.
         for (name, labels) in std::mem::take(&mut sampled.cluster) {
             let labels: Vec<metrics::Label> = labels
@@ -115,6 +125,7 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
         }
     }
     let (stats, pools) = replica.sm.read(|s| (s.queue_stats(), s.pool_views())).await;
+    count_runs(replica, &mut sampled.runs).await;
     for p in &pools {
         let l = || vec![("pool", p.name.clone())];
         set(POOL_OPEN_SLOTS, l(), p.slots.saturating_sub(p.used) as f64);
@@ -194,4 +205,54 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
         metrics::gauge!(*name, l).set(0.0);
     }
     sampled.cluster = now_set;
+}
+
+/// Counts run starts and ends (from the replicated per-workflow counts, by difference) and
+/// records the duration of each run that ended since the last sample.
+async fn count_runs(replica: &Replica, seen: &mut Option<RunsSeen>) {
+    let first = seen.is_none();
+    let (counts, cursor) = seen.get_or_insert_with(Default::default);
+    let from = *cursor;
+    let (now_counts, ended) = replica
+        .sm
+        .read(|s| {
+            let w = s.workflows();
+            let counts: BTreeMap<String, RunCounts> =
+                w.all().map(|w| (w.name.clone(), w.counts)).collect();
+            let ended: Vec<(u64, String, u64)> = if first {
+                Vec::new()
+            } else {
+                w.ended_after(from)
+                    .map(|(at, r)| {
+                        let took = at.saturating_sub(r.started_at_ms.unwrap_or(at));
+                        (at, r.workflow.clone(), took)
+                    })
+                    .collect()
+            };
+            (counts, (ended, w.last_ended()))
+        })
+        .await;
+    let (ended, last) = ended;
+    *cursor = last;
+    for (_, workflow, took_ms) in ended {
+        metrics::histogram!(WORKFLOW_RUN_DURATION, "workflow" => workflow)
+            .record(took_ms as f64 / 1000.0);
+    }
+    for (name, c) in now_counts {
+        let before = if first {
+            c
+        } else {
+            counts.get(&name).copied().unwrap_or_default()
+        };
+        for (result, now, was) in [
+            ("started", c.started, before.started),
+            ("succeeded", c.succeeded, before.succeeded),
+            ("failed", c.failed, before.failed),
+            ("cancelled", c.cancelled, before.cancelled),
+        ] {
+            metrics::counter!(WORKFLOW_RUNS, "workflow" => name.clone(), "result" => result)
+                .increment(now.saturating_sub(was));
+        }
+        counts.insert(name, c);
+    }
 }

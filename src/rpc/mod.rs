@@ -18,6 +18,7 @@ pub mod codec;
 pub mod handshake;
 pub mod peer;
 pub mod schedules;
+pub mod workflows;
 
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +122,8 @@ pub struct NewTask {
     pub pool: Option<String>,
     /// Slots of the pool one attempt holds (default 1).
     pub pool_slots: Option<u32>,
+    /// Ids of tasks that must succeed first (`fleet submit --after`); empty for none.
+    pub after: Vec<u64>,
 }
 
 impl NewTask {
@@ -281,6 +284,19 @@ pub struct ReadReply<T> {
     pub linearizable: bool,
 }
 
+impl<T> ReadReply<T> {
+    /// The same reply with its value wrapped in `Ok` (for reads whose local value may be a
+    /// refusal).
+    pub fn into_ok<E>(self) -> ReadReply<Result<T, E>> {
+        ReadReply {
+            value: Ok(self.value),
+            served_by: self.served_by,
+            applied_index: self.applied_index,
+            linearizable: self.linearizable,
+        }
+    }
+}
+
 /// The cluster as one replica sees it (the leader's view when one is reachable).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterStatus {
@@ -401,6 +417,25 @@ pub trait FleetService {
         mode: ReadMode,
         hop: u8,
     ) -> Result<ReadReply<Vec<crate::state::PoolView>>, Error>;
+
+    // --- workflows and runs (writes on the leader; forwarded once from elsewhere) ---
+    /// Applies the changes in order; one outcome (or the reason it was refused) per change.
+    async fn workflow_ops(
+        ops: Vec<workflows::WorkflowOp>,
+        hop: u8,
+    ) -> Result<Vec<Result<workflows::WorkflowOutcome, Error>>, Error>;
+    /// One workflow (`name`) or every one.
+    async fn get_workflows(
+        name: Option<String>,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Vec<workflows::WorkflowView>>, Error>;
+    /// Runs, newest first, or one run with its tasks.
+    async fn get_runs(
+        filter: workflows::RunFilter,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Vec<workflows::RunView>>, Error>;
 
     // --- health (answered by the contacted replica itself, never forwarded) ---
     /// The replica's report on itself, with its view of the cluster when `cluster`.

@@ -208,6 +208,12 @@ pub fn pool_claim(task: &NewTask) -> Result<Option<PoolClaim>, Error> {
 }
 
 fn check_run_task(name: &str, t: &NewTask) -> Result<(), Error> {
+    if !t.after.is_empty() {
+        return Err(invalid(format!(
+            "schedule {name:?}: a schedule's task cannot wait for other tasks (`after`); use \
+             a workflow with a schedule for runs of dependent tasks"
+        )));
+    }
     if t.delay_ms.is_some() || t.not_before_ms.is_some() || t.idempotency_key.is_some() {
         return Err(invalid(format!(
             "schedule {name:?}: a schedule's task takes no delay, not-before time or \

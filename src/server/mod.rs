@@ -19,6 +19,7 @@ pub mod proposer;
 pub mod schedule_calls;
 pub mod service;
 pub mod worker_calls;
+pub mod workflow_calls;
 
 use openraft::async_runtime::WatchReceiver;
 use std::net::SocketAddr;

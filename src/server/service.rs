@@ -338,6 +338,68 @@ impl FleetService for Connection {
         .await
     }
 
+    async fn workflow_ops(
+        self,
+        ctx: Context,
+        ops: Vec<crate::rpc::workflows::WorkflowOp>,
+        hop: u8,
+    ) -> Result<Vec<Result<crate::rpc::workflows::WorkflowOutcome, Error>>, Error> {
+        self.replica.workflow_ops(ctx, ops, hop).await
+    }
+
+    async fn get_workflows(
+        self,
+        ctx: Context,
+        name: Option<String>,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Vec<crate::rpc::workflows::WorkflowView>>, Error> {
+        let n2 = name.clone();
+        let now = crate::server::proposer::now_ms();
+        flatten(
+            self.replica
+                .clone()
+                .read(
+                    ctx,
+                    mode,
+                    hop,
+                    move |s| crate::rpc::workflows::workflow_views(s, name.as_deref(), now),
+                    move |c, ctx| async move {
+                        c.get_workflows(ctx, n2, mode, hop + 1)
+                            .await
+                            .map(|r| r.map(ReadReply::into_ok))
+                    },
+                )
+                .await?,
+        )
+    }
+
+    async fn get_runs(
+        self,
+        ctx: Context,
+        filter: crate::rpc::workflows::RunFilter,
+        mode: ReadMode,
+        hop: u8,
+    ) -> Result<ReadReply<Vec<crate::rpc::workflows::RunView>>, Error> {
+        let f2 = filter.clone();
+        flatten(
+            self.replica
+                .clone()
+                .read(
+                    ctx,
+                    mode,
+                    hop,
+                    move |s| crate::rpc::workflows::run_views(s, &filter),
+                    move |c, ctx| async move {
+                        c.get_runs(ctx, f2, mode, hop + 1)
+                            .await
+                            .map(|r| r.map(ReadReply::into_ok))
+                    },
+                )
+                .await?,
+        )
+    }
+
     async fn leave(self, ctx: Context) -> Result<(), Error> {
         self.replica.clone().leave(ctx).await
     }
@@ -540,6 +602,12 @@ impl Replica {
                     results.push(None);
                     queues.push(spec.queue.clone());
                     commands.push(match pool {
+                        _ if !t.task.after.is_empty() => Command::SubmitAfter {
+                            request_id: t.request_id,
+                            spec,
+                            pool,
+                            after: t.task.after.iter().map(|id| TaskId(*id)).collect(),
+                        },
                         None => Command::SubmitTask {
                             request_id: t.request_id,
                             spec,
@@ -887,4 +955,14 @@ fn proposer_error(
     e: openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>,
 ) -> Error {
     super::proposer::write_error(e)
+}
+
+/// A read whose value may itself be a refusal, as the caller sees it.
+fn flatten<T>(reply: ReadReply<Result<T, Error>>) -> Result<ReadReply<T>, Error> {
+    Ok(ReadReply {
+        value: reply.value?,
+        served_by: reply.served_by,
+        applied_index: reply.applied_index,
+        linearizable: reply.linearizable,
+    })
 }

@@ -25,7 +25,9 @@ use super::{
 };
 
 /// Identifies one run for the lifetime of the cluster (assigned in order, from 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct RunId(pub u64);
 
 impl std::fmt::Display for RunId {
@@ -274,6 +276,19 @@ impl Workflows {
         let (run, node) = self.node_of.get(&task)?;
         let r = self.runs.get(run)?;
         Some((r, r.spec.graph.names[*node as usize].as_str()))
+    }
+
+    /// Runs that ended after `cursor` (end time, run), oldest first.
+    pub fn ended_after(&self, cursor: (u64, RunId)) -> impl Iterator<Item = (u64, &Run)> {
+        use std::ops::Bound::Excluded;
+        self.ended
+            .range((Excluded(cursor), std::ops::Bound::Unbounded))
+            .filter_map(|(at, id)| Some((*at, self.runs.get(id)?)))
+    }
+
+    /// The last run end recorded, as a cursor for [`Workflows::ended_after`].
+    pub fn last_ended(&self) -> (u64, RunId) {
+        self.ended.last().copied().unwrap_or((0, RunId(0)))
     }
 
     /// The workflow whose schedule this is.

@@ -386,9 +386,11 @@ impl NodeState {
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     Running,
-    /// Every leaf task (one no other task runs after) succeeded or was skipped.
+    /// Every task succeeded or was skipped.
     Succeeded,
-    /// Some leaf task failed, ended upstream_failed, or was cancelled.
+    /// Some task failed, ended upstream_failed, or was cancelled on its own. Stricter than
+    /// Airflow's leaf rule: a failure is never hidden by an `all_done` task after it that
+    /// succeeded.
     Failed,
     Cancelled,
 }
@@ -570,10 +572,11 @@ impl RunProgress {
         }
         self.open -= 1;
         if self.open == 0 && self.state == RunState::Running {
-            let leaves_ok = (0..self.nodes.len())
-                .filter(|&n| graph.downstream[n].is_empty())
-                .all(|n| matches!(self.nodes[n], NodeState::Succeeded | NodeState::Skipped));
-            self.state = if leaves_ok {
+            let all_ok = self
+                .nodes
+                .iter()
+                .all(|n| matches!(n, NodeState::Succeeded | NodeState::Skipped));
+            self.state = if all_ok {
                 RunState::Succeeded
             } else {
                 RunState::Failed
@@ -820,10 +823,10 @@ mod tests {
         let (order, run) = drive(&g, &rules, &[("work", TaskEnd::Failed)]);
         assert_eq!(order[0], "work");
         assert!(order.contains(&"cleanup".to_string()) && order.contains(&"alert".to_string()));
-        // The run's state comes from its leaves, as in Airflow: `work` failed, but the
-        // leaves (cleanup, alert) succeeded, so the failure was handled.
+        // The cleanup and the alert ran, yet the run failed: unlike Airflow's leaf rule, a
+        // failure anywhere fails the run (and `run retry` can run it again).
         assert_eq!(run.nodes[node(&g, "work")], NodeState::Failed);
-        assert_eq!(run.state, RunState::Succeeded);
+        assert_eq!(run.state, RunState::Failed);
         // Without the failure, the alert is skipped and the run still succeeds.
         let (order, run) = drive(&g, &rules, &[]);
         assert!(!order.contains(&"alert".to_string()));

@@ -1,0 +1,115 @@
+//! The workflow and run calls: definitions resolved on the leader into replicated commands,
+//! and reads of workflows and runs.
+
+use tarpc::context::Context;
+
+use super::Replica;
+use crate::error::Error;
+use crate::rpc::workflows::{self, WorkflowOp, WorkflowOutcome};
+use crate::server::proposer::now_ms;
+use crate::state::{Command, CommandOutput, State};
+
+/// Most changes in one `workflow_ops` call.
+pub const MAX_WORKFLOW_OPS: usize = 100;
+
+impl Replica {
+    pub(crate) async fn workflow_ops(
+        &self,
+        ctx: Context,
+        ops: Vec<WorkflowOp>,
+        hop: u8,
+    ) -> Result<Vec<Result<WorkflowOutcome, Error>>, Error> {
+        if ops.len() > MAX_WORKFLOW_OPS {
+            return Err(Error::InvalidArgument(format!(
+                "{} changes in one call; at most {MAX_WORKFLOW_OPS} are accepted",
+                ops.len()
+            )));
+        }
+        if !self.raft.is_leader() {
+            return self
+                .forward(ctx, hop, |c, ctx| async move {
+                    c.workflow_ops(ctx, ops, hop + 1).await
+                })
+                .await;
+        }
+        let now = now_ms();
+        let resolved: Vec<Result<Command, Error>> = self
+            .sm
+            .read(|s| {
+                ops.iter()
+                    .map(|op| self.workflow_command(s, op, now))
+                    .collect()
+            })
+            .await;
+        let commands: Vec<Command> = resolved.iter().flatten().cloned().collect();
+        let outputs = self.proposer.propose_many(commands).await;
+        if let Some(Err(e)) = outputs
+            .iter()
+            .find(|r| matches!(r, Err(e) if e.is_retryable()))
+        {
+            return Err(e.clone());
+        }
+        let mut outputs = outputs.into_iter();
+        Ok(resolved
+            .into_iter()
+            .map(|r| {
+                r?;
+                let out = outputs.next().expect("one output per proposed command")?;
+                Ok(match out {
+                    CommandOutput::WorkflowSaved { name, change } => {
+                        WorkflowOutcome::Saved { name, change }
+                    }
+                    CommandOutput::WorkflowDeleted { name } => WorkflowOutcome::Deleted { name },
+                    CommandOutput::RunStarted { run, duplicate } => {
+                        WorkflowOutcome::Started { run, duplicate }
+                    }
+                    CommandOutput::RunUpdated { run, status } => {
+                        WorkflowOutcome::Updated { run, status }
+                    }
+                    other => {
+                        return Err(Error::Internal(format!(
+                            "unexpected output for a workflow change: {other:?}"
+                        )))
+                    }
+                })
+            })
+            .collect())
+    }
+
+    /// The command for one change, decided against the current state at `now`.
+    fn workflow_command(&self, s: &State, op: &WorkflowOp, now: u64) -> Result<Command, Error> {
+        Ok(match op {
+            WorkflowOp::Apply(def) => {
+                let (spec, schedule) = workflows::resolve(def, &self.config, now)?;
+                Command::PutWorkflow {
+                    name: def.name.clone(),
+                    spec,
+                    schedule,
+                }
+            }
+            WorkflowOp::Delete(name) => Command::DeleteWorkflow { name: name.clone() },
+            WorkflowOp::Run {
+                workflow,
+                params,
+                request_id,
+            } => {
+                if s.workflows().get(workflow).is_none() {
+                    return Err(Error::InvalidArgument(format!(
+                        "no workflow named {workflow:?}: apply its file first (`fleet workflow \
+                         apply FILE`)"
+                    )));
+                }
+                Command::StartRun {
+                    workflow: workflow.clone(),
+                    request_id: *request_id,
+                    params: params.clone(),
+                }
+            }
+            WorkflowOp::Cancel(run) => Command::CancelRun { run: *run },
+            WorkflowOp::Retry { run, failed_only } => Command::RetryRun {
+                run: *run,
+                failed_only: *failed_only,
+            },
+        })
+    }
+}
