@@ -106,6 +106,16 @@ fn fleet_with_workload(metrics: &str) -> (TestCluster, TestWorker, String) {
         }
     });
     fleet_json(&["schedule", "pause", "tick", "--peers", &peers]).unwrap();
+    // A workflow run, so the run counters and the run duration exist.
+    let wf = c.dir.path().join("wf.toml");
+    std::fs::write(
+        &wf,
+        "name = \"wf\"\n[tasks.a]\ncommand = [\"true\"]\n[tasks.b]\ncommand = [\"true\"]\n\
+         after = [\"a\"]\n",
+    )
+    .unwrap();
+    fleet_json(&["workflow", "apply", wf.to_str().unwrap(), "--peers", &peers]).unwrap();
+    fleet_json(&["workflow", "run", "wf", "--wait", "--peers", &peers]).unwrap();
     wait_until("every task final", Duration::from_secs(60), || {
         let open: usize = ["queued", "running", "failed"]
             .iter()
