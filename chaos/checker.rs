@@ -22,6 +22,13 @@
 //! 8. **pool-over** (with pools): at no point did a pool's tasks hold more leases than its
 //!    slots. Judged on the replicated lease intervals (each attempt from grant to end, in the
 //!    state machine's clock, which follows log order); at equal times ends count first.
+//! 9. **workflow** (with workflows): every run the workload started ended (succeeded, failed
+//!    or cancelled), and its state agrees with its tasks' (succeeded only if every task
+//!    succeeded or was skipped); no task of a run started (its first execution, from the
+//!    execution log) before its upstream tasks had ended as its trigger rule requires (an
+//!    upstream counts as succeeded from the end of its successful execution); and no task of
+//!    a run ran twice: one task per (run, task name), and that task's executions are
+//!    judged by invariants 2-5 like any other's.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -89,7 +96,148 @@ pub fn check(h: &History) -> Vec<Violation> {
     check_leaders(h, &mut out);
     check_ticks(h, &mut out);
     check_pools(h, &mut out);
+    check_runs(h, &tasks, &execs, &mut out);
     out
+}
+
+fn check_runs(
+    h: &History,
+    tasks: &BTreeMap<u64, &TaskRecord>,
+    execs: &BTreeMap<u64, Vec<Execution>>,
+    out: &mut Vec<Violation>,
+) {
+    use fleet::state::workflows::{Readiness, TriggerRule, UpstreamCounts};
+    let by_id: BTreeMap<u64, &crate::history::RunRecord> =
+        h.runs.iter().map(|r| (r.id, r)).collect();
+    for id in &h.runs_started {
+        match by_id.get(id) {
+            None => v(
+                out,
+                "workflow",
+                None,
+                format!("run {id} was started but is gone"),
+            ),
+            Some(r) if !r.is_final() => v(
+                out,
+                "workflow",
+                None,
+                format!("run {id} ({}) did not end: {}", r.workflow, r.status),
+            ),
+            _ => {}
+        }
+    }
+    // One task per (run, task name).
+    let mut seen: BTreeMap<&(u64, String), u64> = BTreeMap::new();
+    for t in &h.tasks {
+        if let Some(rn) = &t.run_node {
+            if let Some(other) = seen.insert(rn, t.id) {
+                v(
+                    out,
+                    "workflow",
+                    Some(t.id),
+                    format!(
+                        "task {} of run {} ran twice: tasks {other} and {}",
+                        rn.1, rn.0, t.id
+                    ),
+                );
+            }
+        }
+    }
+    for r in &h.runs {
+        let ok = r
+            .nodes
+            .iter()
+            .all(|n| matches!(n.state.as_str(), "succeeded" | "skipped"));
+        if (r.status == "succeeded") != ok && r.is_final() && r.status != "cancelled" {
+            v(
+                out,
+                "workflow",
+                None,
+                format!(
+                    "run {} is {} but its tasks are {:?}",
+                    r.id,
+                    r.status,
+                    r.nodes.iter().map(|n| &n.state).collect::<Vec<_>>()
+                ),
+            );
+        }
+        let first_start = |task: u64| {
+            execs
+                .get(&task)
+                .and_then(|l| l.iter().map(|x| x.start_ms).min())
+        };
+        // When each task ended as its run saw it: (succeeded?, end time from the log).
+        let ended = |name: &str| -> Option<(bool, Option<u64>)> {
+            let n = r.nodes.iter().find(|n| n.name == name)?;
+            let Some(task) = n.task.and_then(|t| tasks.get(&t)) else {
+                return Some((false, None)); // never ran: decided without an execution
+            };
+            let ok_token = task
+                .attempts
+                .iter()
+                .find(|a| a.outcome == "succeeded")
+                .map(|a| a.token);
+            let list = execs.get(&task.id);
+            match ok_token {
+                Some(tok) => Some((
+                    true,
+                    list.and_then(|l| l.iter().find(|x| x.token == tok).map(|x| x.end_ms())),
+                )),
+                None if task.is_final() => Some((
+                    false,
+                    list.and_then(|l| l.iter().map(|x| x.end.map_or(0, |e| e.0)).max()),
+                )),
+                None => None,
+            }
+        };
+        for n in &r.nodes {
+            let Some(task) = n.task else { continue };
+            let Some(start) = first_start(task) else {
+                continue;
+            };
+            let Ok(rule) = TriggerRule::parse(&n.trigger) else {
+                v(
+                    out,
+                    "workflow",
+                    Some(task),
+                    format!("unknown trigger {}", n.trigger),
+                );
+                continue;
+            };
+            let mut c = UpstreamCounts {
+                total: n.after.len() as u32,
+                ..Default::default()
+            };
+            for up in &n.after {
+                match ended(up) {
+                    Some((true, Some(end))) if end <= start => c.succeeded += 1,
+                    Some((false, end)) if end.is_none_or(|e| e <= start) => {
+                        let skipped = r.nodes.iter().any(|x| {
+                            &x.name == up && matches!(x.state.as_str(), "skipped" | "cancelled")
+                        });
+                        if skipped {
+                            c.skipped += 1
+                        } else {
+                            c.failed += 1
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if rule.decide(c) != Readiness::Ready {
+                v(
+                    out,
+                    "workflow",
+                    Some(task),
+                    format!(
+                        "run {} task {} ({}) started at {start} before its upstream tasks {:?} \
+                         had ended as its rule requires ({} of {} succeeded, {} failed by then)",
+                        r.id, n.name, n.trigger, n.after, c.succeeded, c.total, c.failed
+                    ),
+                );
+            }
+        }
+    }
 }
 
 fn check_ticks(h: &History, out: &mut Vec<Violation>) {
@@ -451,6 +599,7 @@ mod tests {
             attempts,
             run_of: None,
             pool: None,
+            run_node: None,
         }
     }
 
@@ -763,5 +912,101 @@ mod tests {
                 .any(|v| v.invariant == "pool-over" && v.detail.contains("3 leases of 2")),
             "{found:?}"
         );
+    }
+
+    /// A diamond run `a -> (b, c) -> d` over tasks 1-4 (ids in that order), each run once at
+    /// `starts[i]` for 100 ms and succeeded.
+    fn workflow_history(starts: [u64; 4]) -> History {
+        use crate::history::{NodeRecord, RunRecord};
+        let names = ["a", "b", "c", "d"];
+        let after: [&[&str]; 4] = [&[], &["a"], &["a"], &["b", "c"]];
+        let mut h = History {
+            runs_started: vec![7],
+            ..Default::default()
+        };
+        for (i, name) in names.iter().enumerate() {
+            let id = i as u64 + 1;
+            let token = 100 + id;
+            h.executions
+                .push(ev(ExecKind::Start, id, token, "w", starts[i]));
+            h.executions
+                .push(ev(ExecKind::End, id, token, "w", starts[i] + 100));
+            h.tasks.push(TaskRecord {
+                run_node: Some((7, name.to_string())),
+                key: None,
+                ..task(id, "succeeded", vec![attempt(1, token, "succeeded")])
+            });
+        }
+        h.runs.push(RunRecord {
+            id: 7,
+            workflow: "diamond".into(),
+            status: "succeeded".into(),
+            nodes: names
+                .iter()
+                .zip(after)
+                .enumerate()
+                .map(|(i, (n, a))| NodeRecord {
+                    name: n.to_string(),
+                    after: a.iter().map(|s| s.to_string()).collect(),
+                    trigger: "all_success".into(),
+                    state: "succeeded".into(),
+                    task: Some(i as u64 + 1),
+                })
+                .collect(),
+        });
+        h
+    }
+
+    #[test]
+    fn the_workflow_invariant_catches_early_starts_unended_runs_and_doubled_tasks() {
+        let ok = workflow_history([1_000, 1_200, 1_150, 1_400]);
+        assert_eq!(check(&ok), vec![]);
+        // d starts while c (ended at 1,350 here) is still running.
+        let early = workflow_history([1_000, 1_200, 1_250, 1_300]);
+        let found = check(&early);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].invariant, "workflow");
+        assert_eq!(found[0].task, Some(4));
+        assert!(
+            found[0].detail.contains("task d (all_success)"),
+            "{}",
+            found[0]
+        );
+        // A run that did not end, and one whose state contradicts its tasks.
+        let mut open = ok.clone();
+        open.runs[0].status = "running".into();
+        assert!(check(&open)[0]
+            .detail
+            .contains("run 7 (diamond) did not end"));
+        let mut wrong = ok.clone();
+        wrong.runs[0].nodes[3].state = "upstream_failed".into();
+        assert!(check(&wrong)[0].detail.contains("run 7 is succeeded but"));
+        // A second task for one task of the run.
+        let mut twice = ok.clone();
+        twice.tasks.push(TaskRecord {
+            id: 9,
+            ..twice.tasks[1].clone()
+        });
+        let found = check(&twice);
+        assert!(
+            found
+                .iter()
+                .any(|v| v.detail.contains("task b of run 7 ran twice")),
+            "{found:?}"
+        );
+        // An all_done task may start after a failed upstream; an all_success one may not.
+        let mut failed = workflow_history([1_000, 1_200, 1_150, 1_400]);
+        failed.tasks[1].state = "dead".into();
+        failed.tasks[1].attempts[0].outcome = "failed".into();
+        failed.runs[0].status = "failed".into();
+        failed.runs[0].nodes[1].state = "failed".into();
+        let found = check(&failed);
+        assert!(found.iter().any(|v| v.task == Some(4)), "{found:?}");
+        failed.runs[0].nodes[3].trigger = "all_done".into();
+        let found: Vec<_> = check(&failed)
+            .into_iter()
+            .filter(|v| v.invariant == "workflow")
+            .collect();
+        assert_eq!(found, vec![], "all_done after a failure is allowed");
     }
 }

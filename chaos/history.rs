@@ -41,6 +41,41 @@ pub struct History {
     /// the worker's first heartbeat after the heal tells it so.
     #[serde(default)]
     pub isolations: Vec<Isolation>,
+    /// With `--workflows`: the runs the workload started (acknowledged), and every run with
+    /// its tasks as the cluster reported them at the end.
+    #[serde(default)]
+    pub runs_started: Vec<u64>,
+    #[serde(default)]
+    pub runs: Vec<RunRecord>,
+}
+
+/// One workflow run as the cluster reported it at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: u64,
+    pub workflow: String,
+    /// queued, running, succeeded, failed or cancelled.
+    pub status: String,
+    pub nodes: Vec<NodeRecord>,
+}
+
+impl RunRecord {
+    pub fn is_final(&self) -> bool {
+        matches!(self.status.as_str(), "succeeded" | "failed" | "cancelled")
+    }
+}
+
+/// One task of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub after: Vec<String>,
+    /// Its trigger rule (all_success, all_done, ...).
+    pub trigger: String,
+    /// waiting, started, succeeded, failed, upstream_failed, skipped or cancelled.
+    pub state: String,
+    /// Its task, when its trigger rule let it start.
+    pub task: Option<u64>,
 }
 
 /// Workers that could not hear the cluster from `from_ms` until `to_ms` (the heal).
@@ -109,6 +144,9 @@ pub struct TaskRecord {
     /// The pool the task holds slots of (from the workload's `CHAOS_POOL` variable; one slot).
     #[serde(default)]
     pub pool: Option<String>,
+    /// The run and task name of a workflow run's task (`FLEET_RUN_ID`, `FLEET_TASK_NAME`).
+    #[serde(default)]
+    pub run_node: Option<(u64, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +189,9 @@ impl TaskRecord {
             key: t.spec.idempotency_key.clone(),
             run_of: env("FLEET_SCHEDULE").zip(env("FLEET_FIRE_TIME")),
             pool: env("CHAOS_POOL"),
+            run_node: env("FLEET_RUN_ID")
+                .and_then(|r| r.parse().ok())
+                .zip(env("FLEET_TASK_NAME")),
             attempts: t
                 .attempts
                 .iter()

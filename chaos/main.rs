@@ -25,6 +25,7 @@ mod record;
 mod report;
 mod run;
 mod scenario;
+mod workflows;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

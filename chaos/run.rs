@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// invariants. On by itself with `--scenario schedules`.
     #[arg(long)]
     pub schedules: bool,
+    /// Also run workflows through the faults (a diamond every second, a fan-out of 50 every
+    /// 6 s); adds the workflow invariant.
+    #[arg(long)]
+    pub workflows: bool,
     /// The latency scenario's added one-way latency, instead of one drawn from the seed
     /// (20-150 ms), e.g. `50ms`.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -151,6 +155,9 @@ impl RunArgs {
         if self.with_schedules() {
             s.push_str(" --schedules");
         }
+        if self.workflows {
+            s.push_str(" --workflows");
+        }
         if let Some(l) = self.latency {
             s.push_str(&format!(" --latency {}", humantime::format_duration(l)));
         }
@@ -171,6 +178,8 @@ pub struct Shared {
     /// Where clients connect (the members' proxies).
     pub fronts: Mutex<Vec<String>>,
     pub exec_log: PathBuf,
+    /// Workflow runs the workload started (with `--workflows`).
+    pub runs_started: Mutex<Vec<u64>>,
 }
 
 impl Shared {
@@ -192,12 +201,12 @@ impl Shared {
         self.isolations.lock().expect("isolations").push(iso);
     }
 
-    fn fronts(&self) -> Vec<String> {
+    pub(crate) fn fronts(&self) -> Vec<String> {
         self.fronts.lock().expect("fronts").clone()
     }
 }
 
-fn client(peers: Vec<String>, timeout: Duration) -> anyhow::Result<Client> {
+pub(crate) fn client(peers: Vec<String>, timeout: Duration) -> anyhow::Result<Client> {
     Ok(Client::new(peers, "fleet", timeout)?.with_attempt_timeout(Duration::from_secs(1)))
 }
 
@@ -222,7 +231,7 @@ async fn current_leader(cluster: &Cluster) -> Option<(u64, u64)> {
 }
 
 /// Waits on `check` until it returns `Ok` or `timeout` passes (then the last observation).
-async fn wait_for<T, F, Fut>(timeout: Duration, mut check: F) -> Result<T, String>
+pub(crate) async fn wait_for<T, F, Fut>(timeout: Duration, mut check: F) -> Result<T, String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
@@ -293,6 +302,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         observed: Mutex::default(),
         fronts: Mutex::default(),
         exec_log: out.join("executions.jsonl"),
+        runs_started: Mutex::default(),
     });
 
     // --- the fleet
@@ -352,6 +362,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
             SCHEDULES.len()
         ));
     }
+    let runs_workload = if args.workflows {
+        crate::workflows::setup(&shared).await?;
+        shared.say("workflows applied: a diamond every second, a fan-out of 50 every 6 s");
+        Some(tokio::spawn(crate::workflows::workload(
+            shared.clone(),
+            seed,
+            stop.clone(),
+        )))
+    } else {
+        None
+    };
 
     // --- the scenarios
     let started = Instant::now();
@@ -384,12 +405,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     tokio::time::sleep(Duration::from_millis(crate::report::WINDOW_MS)).await;
     stop.store(true, Ordering::SeqCst);
     let _ = workload.await;
+    if let Some(w) = runs_workload {
+        let _ = w.await;
+    }
     let (schedules, pools) = if args.with_schedules() {
         finish_schedules(&shared).await?
     } else {
         Default::default()
     };
     shared.say("workload stopped; waiting for every acknowledged task to finish");
+    let runs = if args.workflows {
+        crate::workflows::finish(&shared).await
+    } else {
+        Ok(Vec::new())
+    };
     let drain = drain(&shared).await;
     let tasks = match &drain {
         Ok(t) => t.clone(),
@@ -414,6 +443,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         schedules,
         pools,
         isolations: shared.isolations.lock().expect("isolations").clone(),
+        runs_started: shared.runs_started.lock().expect("runs").clone(),
+        runs: match &runs {
+            Ok(r) => r.clone(),
+            Err(_) => crate::workflows::read_runs(&shared)
+                .await
+                .unwrap_or_default(),
+        },
     };
     std::fs::write(
         out.join("history.json"),
@@ -430,6 +466,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         .collect();
     if let Err(e) = drain {
         liveness.push(format!("drain: {e}"));
+    }
+    if let Err(e) = runs {
+        liveness.push(format!("workflow runs: {e}"));
     }
     if let Err(e) = agree {
         liveness.push(format!("convergence: {e}"));
@@ -538,7 +577,12 @@ const SCHEDULES: [ScheduleLoad; 6] = [
 ];
 
 /// `chaos record` as a task's command.
-fn record_command(shared: &Shared, key: &str, work_ms: u64, fail_attempts: u32) -> Vec<String> {
+pub(crate) fn record_command(
+    shared: &Shared,
+    key: &str,
+    work_ms: u64,
+    fail_attempts: u32,
+) -> Vec<String> {
     let exe = std::env::current_exe().expect("own path");
     vec![
         exe.display().to_string(),

@@ -85,6 +85,7 @@ pub struct WorkflowView {
 pub struct NodeView {
     pub name: String,
     pub after: Vec<String>,
+    pub trigger: TriggerRule,
     pub state: NodeState,
     pub task: Option<TaskId>,
     pub task_state: Option<TaskState>,
@@ -259,6 +260,7 @@ fn run_view(s: &State, r: &Run, full: bool) -> RunView {
                 NodeView {
                     name: g.names[n].clone(),
                     after: g.upstream[n].iter().map(|&u| g.names[u].clone()).collect(),
+                    trigger: r.spec.nodes[n].trigger,
                     state: states[n],
                     task: r.tasks[n],
                     task_state: task.map(|t| t.state),
