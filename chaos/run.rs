@@ -434,6 +434,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         shared.say("every replica holds the same tasks");
     }
     let (executions, torn) = crate::history::read_exec_log(&shared.exec_log);
+    let run_records = match &runs {
+        Ok(r) => r.clone(),
+        Err(_) => crate::workflows::read_runs(&shared).await.unwrap_or_default(),
+    };
     let history = History {
         seed,
         submissions: shared.submissions.lock().expect("subs").clone(),
