@@ -448,12 +448,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         pools,
         isolations: shared.isolations.lock().expect("isolations").clone(),
         runs_started: shared.runs_started.lock().expect("runs").clone(),
-        runs: match &runs {
-            Ok(r) => r.clone(),
-            Err(_) => crate::workflows::read_runs(&shared)
-                .await
-                .unwrap_or_default(),
-        },
+        runs: run_records,
     };
     std::fs::write(
         out.join("history.json"),
