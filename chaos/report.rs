@@ -284,6 +284,7 @@ impl Report {
                 "leader-per-term",
                 "tick-exactly-once",
                 "pool-over",
+                "workflow",
             ],
             violations,
             liveness_failures,

@@ -38,7 +38,15 @@ fn every_scenario_passes_a_short_run_and_writes_its_report_and_plot() {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-all");
     let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-all.log");
     let mut child = chaos()
-        .args(["run", "--scenario", "all", "--hold", "2s", "--schedules"])
+        .args([
+            "run",
+            "--scenario",
+            "all",
+            "--hold",
+            "2s",
+            "--schedules",
+            "--workflows",
+        ])
         .args(["--seed", &seed.to_string()])
         .arg("--out")
         .arg(&out)
@@ -153,6 +161,15 @@ fn every_scenario_passes_a_short_run_and_writes_its_report_and_plot() {
         "{runs} runs, {pooled} pooled tasks"
     );
     assert_eq!(history["schedules"].as_array().unwrap().len(), 6);
+    // With --workflows: runs of the diamond and the fan-out started through every fault, all
+    // ended, and the workflow invariant judged them.
+    assert!(checked.iter().any(|c| c == "workflow"));
+    let started = history["runs_started"].as_array().unwrap().len();
+    let ended: Vec<&serde_json::Value> = history["runs"].as_array().unwrap().iter().collect();
+    assert!(started > 50, "{started} workflow runs started");
+    assert!(ended.len() >= started);
+    let fanouts = ended.iter().filter(|r| r["workflow"] == "chaos-fanout").count();
+    assert!(fanouts > 5, "{fanouts} fan-out runs");
 }
 
 #[test]

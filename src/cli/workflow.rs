@@ -969,4 +969,19 @@ env = { B = "2" }
         text.push_str("[tasks.extra]\ncommand = [\"true\"]\n");
         assert!(refused(&text).contains("at most 10000 tasks"));
     }
+
+    /// docs/workflows.md shows docs/examples/etl.workflow.toml as it is, and the graph
+    /// `workflow validate` prints for it.
+    #[test]
+    fn the_documented_example_is_the_example_file_and_its_graph() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let file = std::fs::read_to_string(format!("{root}/docs/examples/etl.workflow.toml"))
+            .unwrap();
+        let doc = std::fs::read_to_string(format!("{root}/docs/workflows.md")).unwrap();
+        let body = &file[file.find("name = ").unwrap()..];
+        assert!(doc.contains(body), "docs/workflows.md does not show the example as it is");
+        let def = parse_workflow(&file).expect("the example is valid");
+        assert!(def.schedule.is_some());
+        assert!(doc.contains(&render_graph(&def)), "{}", render_graph(&def));
+    }
 }
