@@ -7,9 +7,10 @@ A 3-replica fleet (release build, default configuration, fsync on) and two worke
 
 1. Dependency latency: R runs at once (default 5) of a chain of N tasks (default 41: 40 edges
    per run), each task `sh -c` appending its start and end time (ns) to a file. Per edge:
-   - replicated: the upstream task's end as the state machine recorded it (the commit of the
-     worker's report) to the downstream task's lease grant (its attempt's start), both in the
-     leader's clock (ms);
+   - replicated: the upstream task's end as the state machine recorded it to the downstream
+     task's lease grant (its attempt's start): both are the leader's clock when it proposed
+     the entry (the worker's report; the grant), in ms. It covers the report's commit, the
+     apply that creates the downstream task, and the scheduling loop's pick;
    - process: the upstream process's last line to the downstream process's first line (the
      worker's report, its commit, the downstream task's creation in that apply, the lease
      poll, the grant's commit, and the spawn of `sh` and `date`).
@@ -104,11 +105,19 @@ def chain(fleet, n, runs):
             run, name, what, ns = line.split()
             marks[(run, name, what)] = int(ns)
     process = []
+    # The process latency in three parts (same machine, one clock): the upstream's last line
+    # to its end's commit (exit, reap, report, Raft), that commit to the downstream's grant
+    # (replicated, above), the grant to the downstream's first line (lease reply, spawn).
+    report, spawn = [], []
     for (run, name, what), ns in marks.items():
         i = int(name[1:])
         if what == "s" and i > 0:
-            process.append((ns - marks[(run, f"t{i - 1:03}", "e")]) / 1e6)
-    return replicated, process
+            up_e = marks[(run, f"t{i - 1:03}", "e")]
+            process.append((ns - up_e) / 1e6)
+            up = by_node[(run, f"t{i - 1:03}")]
+            report.append(up["finished_at_ms"] - up_e / 1e6)
+            spawn.append(ns / 1e6 - by_node[(run, name)]["attempts"][0]["started_at_ms"])
+    return replicated, process, report, spawn
 
 
 def fanout(fleet, n):
@@ -163,15 +172,18 @@ def main():
     with Fleet(base_port=17601).start() as fleet:
         fleet.start_worker("w1", 16)
         fleet.start_worker("w2", 16)
-        replicated, process = chain(fleet, a.chain_tasks, a.chain_runs)
+        replicated, process, report, spawn = chain(fleet, a.chain_tasks, a.chain_runs)
         print(f"dependency latency over {len(replicated)} edges "
               f"({a.chain_runs} runs of a {a.chain_tasks}-task chain at once):")
-        print(f"  replicated (upstream end committed -> downstream lease granted): "
+        print(f"  replicated (upstream report proposed -> downstream grant proposed, leader clock): "
               f"p50 {median(replicated):.0f} ms, p99 {percentile(replicated, 0.99):.0f} ms, "
               f"max {max(replicated):.0f} ms")
         print(f"  process (upstream's last line -> downstream's first line): "
               f"p50 {median(process):.1f} ms, p99 {percentile(process, 0.99):.1f} ms, "
               f"max {max(process):.1f} ms")
+        print(f"    of which upstream's last line -> its report proposed: p50 {median(report):.1f} ms, "
+              f"p99 {percentile(report, 0.99):.1f} ms; grant -> downstream's first line: "
+              f"p50 {median(spawn):.1f} ms, p99 {percentile(spawn, 0.99):.1f} ms")
         f = fanout(fleet, a.fanout)
         peer = plain(fleet, a.fanout)
         print(f"fan-out of {a.fanout}: {f['leaves_per_s']:.0f} leaves/s "

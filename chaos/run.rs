@@ -436,7 +436,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let (executions, torn) = crate::history::read_exec_log(&shared.exec_log);
     let run_records = match &runs {
         Ok(r) => r.clone(),
-        Err(_) => crate::workflows::read_runs(&shared).await.unwrap_or_default(),
+        Err(_) => crate::workflows::read_runs(&shared)
+            .await
+            .unwrap_or_default(),
     };
     let history = History {
         seed,

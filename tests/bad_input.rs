@@ -529,12 +529,77 @@ fn workflow_files_are_checked_with_the_fault_named() {
         (&typo, "triger"),
         (&missing, "cannot read workflow file"),
     ] {
-        let out = fleet(&["workflow", "validate", file]);
-        assert!(!out.status.success(), "{file} was accepted");
+        // `apply` checks the file as `validate` does, before it contacts any replica.
+        for cmd in ["validate", "apply"] {
+            let mut args = vec!["workflow", cmd, file.as_str()];
+            if cmd == "apply" {
+                args.extend(["--peers", "127.0.0.1:1"]);
+            }
+            let out = fleet(&args);
+            assert!(!out.status.success(), "{file} was accepted by {cmd}");
+            let err = stderr_of(&out);
+            assert!(
+                err.contains(file.as_str()) && err.contains(needle),
+                "{cmd} {file}: {err}"
+            );
+        }
+    }
+    // The [schedule] table: a timing is required, and its keys are checked.
+    for (schedule, needle) in [
+        ("[schedule]\ntimezone = \"UTC\"\n", "needs either cron"),
+        ("[schedule]\nevery = \"soon\"\n", "[schedule] every"),
+        (
+            "[schedule]\nevery = \"1h\"\noverlap = \"skip\"\n",
+            "overlap",
+        ),
+        (
+            "[schedule]\ncron = \"0 * * * *\"\nstart_at = \"tomorrow\"\n",
+            "[schedule] start_at",
+        ),
+    ] {
+        let file = write("sched.toml", &format!("{etl}{schedule}"));
+        let out = fleet(&["workflow", "validate", &file]);
         let err = stderr_of(&out);
         assert!(
-            err.contains(file.as_str()) && err.contains(needle),
-            "{file}: {err}"
+            !out.status.success() && err.contains(needle),
+            "{schedule}: {err}"
+        );
+    }
+    // Arguments of the run commands, named before anything is sent.
+    for (args, needle) in [
+        (
+            &["workflow", "run", "etl", "--param", "DAY"][..],
+            "is not a parameter: use K=V",
+        ),
+        (
+            &["workflow", "run", "etl", "--param", "a-b=1"],
+            "parameter name \"a-b\"",
+        ),
+        (
+            &["run", "list", "--limit", "0"],
+            "--limit 0 is not valid: use 1 to 1000",
+        ),
+        (
+            &["run", "list", "--state", "done"],
+            "unknown run state \"done\"",
+        ),
+        (&["run", "show", "x"], "invalid value 'x'"),
+        (
+            &["submit", "--after", "7,x", "--", "true"],
+            "\"x\" is not a task id",
+        ),
+        (
+            &["submit", "--after", "0", "--", "true"],
+            "\"0\" is not a task id",
+        ),
+    ] {
+        let mut a = args.to_vec();
+        a.extend(["--peers", "127.0.0.1:1"]);
+        let out = fleet(&a);
+        let err = stderr_of(&out);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
         );
     }
 }

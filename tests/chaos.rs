@@ -168,7 +168,10 @@ fn every_scenario_passes_a_short_run_and_writes_its_report_and_plot() {
     let ended: Vec<&serde_json::Value> = history["runs"].as_array().unwrap().iter().collect();
     assert!(started > 50, "{started} workflow runs started");
     assert!(ended.len() >= started);
-    let fanouts = ended.iter().filter(|r| r["workflow"] == "chaos-fanout").count();
+    let fanouts = ended
+        .iter()
+        .filter(|r| r["workflow"] == "chaos-fanout")
+        .count();
     assert!(fanouts > 5, "{fanouts} fan-out runs");
 }
 

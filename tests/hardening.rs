@@ -47,6 +47,12 @@ fn every_command_ends_quietly_on_a_closed_stdout() {
     let workflow = workflow.to_string_lossy().into_owned();
     let commands: Vec<Vec<&str>> = vec![
         vec!["workflow", "validate", &workflow],
+        vec!["workflow", "apply", &workflow, "--peers", &peers],
+        vec!["workflow", "run", "w", "--peers", &peers],
+        vec!["workflow", "list", "--peers", &peers],
+        vec!["workflow", "show", "w", "--peers", &peers],
+        vec!["run", "list", "--peers", &peers],
+        vec!["run", "show", "1", "--peers", &peers],
         vec!["task", "show", &id, "--peers", &peers],
         vec!["task", "list", "--peers", &peers],
         vec!["task", "show", &id, "--peers", &peers, "--output", "json"],

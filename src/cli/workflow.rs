@@ -975,11 +975,14 @@ env = { B = "2" }
     #[test]
     fn the_documented_example_is_the_example_file_and_its_graph() {
         let root = env!("CARGO_MANIFEST_DIR");
-        let file = std::fs::read_to_string(format!("{root}/docs/examples/etl.workflow.toml"))
-            .unwrap();
+        let file =
+            std::fs::read_to_string(format!("{root}/docs/examples/etl.workflow.toml")).unwrap();
         let doc = std::fs::read_to_string(format!("{root}/docs/workflows.md")).unwrap();
         let body = &file[file.find("name = ").unwrap()..];
-        assert!(doc.contains(body), "docs/workflows.md does not show the example as it is");
+        assert!(
+            doc.contains(body),
+            "docs/workflows.md does not show the example as it is"
+        );
         let def = parse_workflow(&file).expect("the example is valid");
         assert!(def.schedule.is_some());
         assert!(doc.contains(&render_graph(&def)), "{}", render_graph(&def));
