@@ -18,19 +18,6 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn rfc3339(ms: u64) -> String {
-    let out = std::process::Command::new("date")
-        .args([
-            "-u",
-            "-d",
-            &format!("@{}", ms / 1000),
-            "+%Y-%m-%dT%H:%M:%SZ",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// Waits (fault timing, not synchronization) until `offset_ms` past the next whole second.
 fn sleep_to_second_plus(offset_ms: u64) {
     let ms = now_ms();

@@ -392,18 +392,6 @@ fn a_scheduled_workflow_runs_once_per_tick_through_a_leader_kill() {
     let log = dir.join("ticks.log");
     let start = (now_ms() / 1000 + 3) * 1000;
     let end = start + 13_000;
-    let iso = |ms: u64| {
-        let out = std::process::Command::new("date")
-            .args([
-                "-u",
-                "-d",
-                &format!("@{}", ms / 1000),
-                "+%Y-%m-%dT%H:%M:%SZ",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
     let file = write(
         &dir,
         "hourly.toml",
@@ -412,8 +400,8 @@ fn a_scheduled_workflow_runs_once_per_tick_through_a_leader_kill() {
              [schedule]\nevery = \"1s\"\nstart_at = \"{}\"\nend_at = \"{}\"\n\
              [tasks.first]\ncommand = [\"sh\", \"-c\", \"echo $FLEET_FIRE_TIME $FLEET_RUN_ID >> {}\"]\n\
              [tasks.second]\ncommand = [\"true\"]\nafter = [\"first\"]\n",
-            iso(start),
-            iso(end),
+            rfc3339(start),
+            rfc3339(end),
             log.display()
         ),
     );

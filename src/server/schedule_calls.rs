@@ -17,6 +17,33 @@ pub const MAX_OPS: usize = 1_000;
 const NEXT_FIRES: usize = 5;
 
 impl Replica {
+    /// Proposes the command of each resolved change (refusals stay refusals), in one batch, and
+    /// pairs each change with its output. A retryable failure (leadership moved) fails the
+    /// whole call, so the client retries it.
+    pub(crate) async fn propose_resolved<T>(
+        &self,
+        resolved: Vec<Result<T, Error>>,
+        command: impl Fn(&T) -> Command,
+    ) -> Result<Vec<Result<(T, CommandOutput), Error>>, Error> {
+        let commands: Vec<Command> = resolved.iter().flatten().map(&command).collect();
+        let outputs = self.proposer.propose_many(commands).await;
+        if let Some(Err(e)) = outputs
+            .iter()
+            .find(|r| matches!(r, Err(e) if e.is_retryable()))
+        {
+            return Err(e.clone());
+        }
+        let mut outputs = outputs.into_iter();
+        Ok(resolved
+            .into_iter()
+            .map(|r| {
+                let change = r?;
+                let out = outputs.next().expect("one output per proposed command")?;
+                Ok((change, out))
+            })
+            .collect())
+    }
+
     pub(crate) async fn schedule_ops(
         &self,
         ctx: Context,
@@ -41,20 +68,11 @@ impl Replica {
             .sm
             .read(|s| ops.iter().map(|op| self.to_command(s, op, now)).collect())
             .await;
-        let commands: Vec<Command> = resolved.iter().flatten().map(|(c, _)| c.clone()).collect();
-        let outputs = self.proposer.propose_many(commands).await;
-        if let Some(Err(e)) = outputs
-            .iter()
-            .find(|r| matches!(r, Err(e) if e.is_retryable()))
-        {
-            return Err(e.clone());
-        }
-        let mut outputs = outputs.into_iter();
-        Ok(resolved
+        let proposed = self.propose_resolved(resolved, |(c, _)| c.clone()).await?;
+        Ok(proposed
             .into_iter()
             .map(|r| {
-                let (command, name) = r?;
-                let out = outputs.next().expect("one output per proposed command")?;
+                let ((command, name), out) = r?;
                 Ok(match out {
                     CommandOutput::ScheduleSaved { change, .. } => match command {
                         Command::PauseSchedule { paused, .. } => OpOutcome::Paused {

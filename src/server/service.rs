@@ -292,33 +292,24 @@ impl FleetService for Connection {
         mode: ReadMode,
         hop: u8,
     ) -> Result<ReadReply<Vec<crate::rpc::schedules::ScheduleView>>, Error> {
-        let r = self.replica.clone();
         let n2 = name.clone();
         let now = crate::server::proposer::now_ms();
-        let reply = r
-            .read(
-                ctx,
-                mode,
-                hop,
-                move |s| super::schedule_calls::schedule_views(s, name.as_deref(), now),
-                move |c, ctx| async move {
-                    c.get_schedules(ctx, n2, mode, hop + 1).await.map(|r| {
-                        r.map(|r| ReadReply {
-                            value: Ok(r.value),
-                            served_by: r.served_by,
-                            applied_index: r.applied_index,
-                            linearizable: r.linearizable,
-                        })
-                    })
-                },
-            )
-            .await?;
-        Ok(ReadReply {
-            value: reply.value?,
-            served_by: reply.served_by,
-            applied_index: reply.applied_index,
-            linearizable: reply.linearizable,
-        })
+        flatten(
+            self.replica
+                .clone()
+                .read(
+                    ctx,
+                    mode,
+                    hop,
+                    move |s| super::schedule_calls::schedule_views(s, name.as_deref(), now),
+                    move |c, ctx| async move {
+                        c.get_schedules(ctx, n2, mode, hop + 1)
+                            .await
+                            .map(|r| r.map(ReadReply::into_ok))
+                    },
+                )
+                .await?,
+        )
     }
 
     async fn list_pools(

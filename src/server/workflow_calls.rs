@@ -41,20 +41,11 @@ impl Replica {
                     .collect()
             })
             .await;
-        let commands: Vec<Command> = resolved.iter().flatten().cloned().collect();
-        let outputs = self.proposer.propose_many(commands).await;
-        if let Some(Err(e)) = outputs
-            .iter()
-            .find(|r| matches!(r, Err(e) if e.is_retryable()))
-        {
-            return Err(e.clone());
-        }
-        let mut outputs = outputs.into_iter();
-        Ok(resolved
+        let proposed = self.propose_resolved(resolved, Command::clone).await?;
+        Ok(proposed
             .into_iter()
             .map(|r| {
-                r?;
-                let out = outputs.next().expect("one output per proposed command")?;
+                let (_, out) = r?;
                 Ok(match out {
                     CommandOutput::WorkflowSaved { name, change } => {
                         WorkflowOutcome::Saved { name, change }

@@ -19,6 +19,40 @@
 //! `raft::state_machine_store`). Its size is the number of retained tasks; retention and purge
 //! of finished tasks arrive with the task lifecycle.
 
+/// An enum of named values: `as_str`, `Display`, `FromStr` (the error lists the accepted
+/// names) and serde by the same names.
+macro_rules! named_enum {
+    ($(#[$m:meta])* $name:ident, $what:literal, { $($(#[$vm:meta])* $v:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        pub enum $name { $($(#[$vm])* $v),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v),+];
+            pub fn as_str(&self) -> &'static str {
+                match self { $($name::$v => $s),+ }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                $name::ALL.iter().copied().find(|p| p.as_str() == s).ok_or_else(|| {
+                    let names: Vec<&str> = $name::ALL.iter().map(|p| p.as_str()).collect();
+                    format!(concat!("unknown ", $what, " {:?}; accepted: {}"), s, names.join(", "))
+                })
+            }
+        }
+    };
+}
+
 pub mod argv;
 pub mod pools;
 pub mod runs;

@@ -122,55 +122,24 @@ pub struct Workflow {
     pub counts: RunCounts,
 }
 
-/// Where a run stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunStatus {
-    /// Waiting behind `max_active_runs`.
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
+named_enum!(
+    /// Where a run stands.
+    RunStatus, "run state", {
+        /// Waiting behind `max_active_runs`.
+        Queued => "queued",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Cancelled => "cancelled",
+    }
+);
 
 impl RunStatus {
-    pub const ALL: [RunStatus; 5] = [
-        RunStatus::Queued,
-        RunStatus::Running,
-        RunStatus::Succeeded,
-        RunStatus::Failed,
-        RunStatus::Cancelled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunStatus::Queued => "queued",
-            RunStatus::Running => "running",
-            RunStatus::Succeeded => "succeeded",
-            RunStatus::Failed => "failed",
-            RunStatus::Cancelled => "cancelled",
-        }
-    }
-
     pub fn is_final(self) -> bool {
         matches!(
             self,
             RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled
         )
-    }
-}
-
-impl std::str::FromStr for RunStatus {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        RunStatus::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = RunStatus::ALL.iter().map(|r| r.as_str()).collect();
-                format!("unknown run state {s:?}; accepted: {}", names.join(", "))
-            })
     }
 }
 

@@ -74,39 +74,7 @@ impl std::fmt::Display for Trigger {
     }
 }
 
-macro_rules! policy_enum {
-    ($(#[$m:meta])* $name:ident, $what:literal, { $($(#[$vm:meta])* $v:ident => $s:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        #[serde(rename_all = "kebab-case")]
-        pub enum $name { $($(#[$vm])* $v),+ }
-
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$v),+];
-            pub fn as_str(&self) -> &'static str {
-                match self { $($name::$v => $s),+ }
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl std::str::FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                $name::ALL.iter().copied().find(|p| p.as_str() == s).ok_or_else(|| {
-                    let names: Vec<&str> = $name::ALL.iter().map(|p| p.as_str()).collect();
-                    format!(concat!("unknown ", $what, " {:?}; accepted: {}"), s, names.join(", "))
-                })
-            }
-        }
-    };
-}
-
-policy_enum!(
+named_enum!(
     /// What happens to ticks whose time passed while no leader could fire them (the cluster
     /// was down or had no quorum, a failover was under way, or the schedule was paused).
     CatchupPolicy, "catch-up policy", {
@@ -119,7 +87,7 @@ policy_enum!(
     }
 );
 
-policy_enum!(
+named_enum!(
     /// What a tick does when the schedule's previous run has not finished.
     OverlapPolicy, "overlap policy", {
         /// Record the tick as skipped.

@@ -683,3 +683,21 @@ pub fn fenced_while_frozen(
     a.signal(libc::SIGCONT);
     (a, b, id, t, first)
 }
+
+/// A time (ms since the epoch) as RFC 3339 in UTC, whole seconds, by `date` (not by fleet's own
+/// code, which the tests check).
+pub fn rfc3339(ms: u64) -> String {
+    let out = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{}", ms / 1000),
+            "+%Y-%m-%dT%H:%M:%SZ",
+        ])
+        .output()
+        .expect("date");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
