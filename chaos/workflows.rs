@@ -183,16 +183,25 @@ pub async fn finish(shared: &Shared) -> Result<Vec<RunRecord>, String> {
 /// Every run, with its tasks (linearizable reads).
 pub async fn read_runs(shared: &Shared) -> anyhow::Result<Vec<RunRecord>> {
     let mut c = client(shared.fronts(), Duration::from_secs(10))?;
-    let list = c
-        .call(|cl, ctx| {
-            let f = RunFilter {
-                limit: fleet::rpc::workflows::MAX_RUN_LIST,
-                ..Default::default()
-            };
-            async move { cl.get_runs(ctx, f, ReadMode::Linearizable, 0).await }
-        })
-        .await?
-        .value;
+    let mut list = Vec::new();
+    loop {
+        let f = RunFilter {
+            limit: fleet::rpc::workflows::MAX_RUN_LIST,
+            before: list.last().map(|r: &fleet::rpc::workflows::RunView| r.id),
+            ..Default::default()
+        };
+        let page = c
+            .call(|cl, ctx| {
+                let f = f.clone();
+                async move { cl.get_runs(ctx, f, ReadMode::Linearizable, 0).await }
+            })
+            .await?
+            .value;
+        if page.is_empty() {
+            break;
+        }
+        list.extend(page);
+    }
     let mut out = Vec::new();
     for r in list {
         let f = RunFilter {

@@ -333,6 +333,9 @@ pub enum RunCommand {
         /// At most this many runs (1 to 1000).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Only runs older than this run (for paging: the last id of the previous page).
+        #[arg(long, value_name = "RUN")]
+        before: Option<u64>,
         #[arg(long)]
         stale: bool,
     },
@@ -483,6 +486,7 @@ pub async fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<()> {
             workflow,
             state,
             limit,
+            before,
             stale,
         } => {
             if !(1..=MAX_RUN_LIST).contains(&limit) {
@@ -493,6 +497,7 @@ pub async fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<()> {
                 workflow,
                 status: state,
                 limit,
+                before: before.map(RunId),
             };
             let views = read_runs(config, &client, filter, stale).await?;
             if client.output == Output::Json {
@@ -986,5 +991,54 @@ env = { B = "2" }
         let def = parse_workflow(&file).expect("the example is valid");
         assert!(def.schedule.is_some());
         assert!(doc.contains(&render_graph(&def)), "{}", render_graph(&def));
+    }
+
+    #[test]
+    fn a_run_is_shown_in_layers_coloured_by_state_only_when_asked() {
+        use crate::rpc::workflows::NodeView;
+        let node = |name: &str, after: &[&str], state: NodeState, task: Option<u64>| NodeView {
+            name: name.into(),
+            after: after.iter().map(|s| s.to_string()).collect(),
+            trigger: TriggerRule::AllSuccess,
+            state,
+            task: task.map(crate::state::TaskId),
+            task_state: None,
+            attempts: u32::from(task.is_some()),
+            started_at_ms: task.map(|_| 1_000),
+            ended_at_ms: task.map(|_| 1_250),
+        };
+        let v = RunView {
+            id: RunId(3),
+            workflow: "etl".into(),
+            version: 2,
+            status: RunStatus::Failed,
+            params: vec![("DAY".into(), "monday".into())],
+            fire_ms: None,
+            created_at_ms: 0,
+            started_at_ms: Some(1_000),
+            ended_at_ms: Some(2_000),
+            retries: 0,
+            counts: vec![],
+            nodes: vec![
+                node("extract", &[], NodeState::Succeeded, Some(7)),
+                node("load", &["transform"], NodeState::UpstreamFailed, None),
+                node("transform", &["extract"], NodeState::Failed, Some(8)),
+            ],
+        };
+        let plain = render_run(&v, false);
+        assert!(!plain.contains('\x1b'), "{plain}");
+        for line in [
+            "run:       3 (workflow etl v2)",
+            "state:     failed",
+            "param:     DAY=monday",
+            "layer 1:\n  extract              succeeded       task 7",
+            "layer 3:\n  load                 upstream_failed -",
+        ] {
+            assert!(plain.contains(line), "{line:?} in\n{plain}");
+        }
+        let coloured = render_run(&v, true);
+        assert!(coloured.contains("\x1b[31mfailed"), "{coloured}");
+        assert!(coloured.contains("\x1b[32msucceeded"), "{coloured}");
+        assert!(coloured.contains("\x1b[33mupstream_failed"), "{coloured}");
     }
 }

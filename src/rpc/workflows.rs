@@ -70,6 +70,8 @@ pub struct RunFilter {
     pub workflow: Option<String>,
     pub status: Option<RunStatus>,
     pub limit: usize,
+    /// Only runs older than this one (for paging: the last id of the previous page).
+    pub before: Option<RunId>,
 }
 
 /// One workflow as `workflow list` and `workflow show` see it.
@@ -240,7 +242,7 @@ pub fn run_views(s: &State, filter: &RunFilter) -> Result<Vec<RunView>, Error> {
     }
     let limit = filter.limit.clamp(1, MAX_RUN_LIST);
     Ok(s.workflows()
-        .runs(filter.workflow.as_deref(), filter.status)
+        .runs(filter.before, filter.workflow.as_deref(), filter.status)
         .take(limit)
         .map(|r| run_view(s, r, false))
         .collect())

@@ -227,15 +227,18 @@ impl Workflows {
         self.runs.get(&id)
     }
 
-    /// Retained runs from the newest, optionally of one workflow and in one state.
+    /// Retained runs from the newest (older than `before`, for paging), optionally of one
+    /// workflow and in one state.
     pub fn runs<'a>(
         &'a self,
+        before: Option<RunId>,
         workflow: Option<&'a str>,
         status: Option<RunStatus>,
     ) -> impl Iterator<Item = &'a Run> + 'a {
         self.runs
-            .values()
+            .range(..before.unwrap_or(RunId(u64::MAX)))
             .rev()
+            .map(|(_, r)| r)
             .filter(move |r| workflow.is_none_or(|w| r.workflow == w))
             .filter(move |r| status.is_none_or(|s| r.status == s))
     }
@@ -637,7 +640,8 @@ impl State {
                     // Already final tasks refuse; the run counts them as cancelled anyway.
                     let _ = self.cancel(t);
                 }
-                self.end_run(id, RunStatus::Cancelled);
+                // Ends the run once, whether or not a task's cancel ended it already.
+                self.check_run_end(id);
             }
             s => {
                 return Err(CommandError::Invalid(format!(
@@ -764,7 +768,11 @@ impl State {
                 _ => pending += 1,
             }
         }
-        let id = self.insert_held_task(index, spec.clone(), pending == 0);
+        // The task (and `task show`) can see what it waited for, e.g. to read their output.
+        let mut spec = spec.clone();
+        let ids: Vec<String> = unique.iter().map(|t| t.to_string()).collect();
+        spec.env.push(("FLEET_AFTER".into(), ids.join(",")));
+        let id = self.insert_held_task(index, spec, pending == 0);
         self.remember_request(request_id, id);
         if let Some(c) = pool {
             self.add_claim(id, c.clone());
@@ -1122,6 +1130,15 @@ mod tests {
                 duplicate: true
             })
         );
+        // A running run cancelled counts once (its tasks' cancels end it too).
+        sm.cmd(Command::CancelRun { run: runs[2] }).unwrap();
+        let w = sm.a.state.workflows().get("one").unwrap();
+        assert_eq!(
+            (w.counts.started, w.counts.succeeded, w.counts.cancelled),
+            (4, 1, 2),
+            "{:?}",
+            w.counts
+        );
     }
 
     #[test]
@@ -1197,6 +1214,11 @@ mod tests {
         sm.finish(u2, true);
         assert!(!sm.a.state.is_held(held));
         assert_eq!(ready(&sm), [held]);
+        let env = &sm.a.state.task(held).unwrap().spec.env;
+        assert!(
+            env.contains(&("FLEET_AFTER".into(), format!("{u1},{u2}"))),
+            "{env:?}"
+        );
         // An upstream that fails cancels what waits for it, and says why.
         let u3 = submit(&mut sm, 4, vec![]);
         let held2 = submit(&mut sm, 5, vec![u3]);
@@ -1232,6 +1254,12 @@ mod tests {
         let bytes = crate::raft::state_machine_store::encode_state(&sm.a.state).unwrap();
         let read = crate::raft::state_machine_store::decode_state("t", &bytes).unwrap();
         assert_eq!(read, sm.a.state);
-        assert_eq!(read.workflows().runs(None, None).count(), 2);
+        assert_eq!(read.workflows().runs(None, None, None).count(), 2);
+        let older: Vec<RunId> = read
+            .workflows()
+            .runs(Some(RunId(2)), None, None)
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(older, [run], "paging: runs older than run 2");
     }
 }
