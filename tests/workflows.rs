@@ -447,6 +447,45 @@ fn a_scheduled_workflow_runs_once_per_tick_through_a_leader_kill() {
     let out = fleet(&["schedule", "delete", "ticking", "--peers", &peers]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to workflow"));
+
+    // A backfill of a daily workflow's last three days: one run per past tick, each with its
+    // fire time; a second backfill of the same range creates none.
+    let daily_log = dir.join("daily.log");
+    let daily = write(
+        &dir,
+        "daily.toml",
+        &format!(
+            "name = \"daily\"\n[schedule]\ncron = \"0 3 * * *\"\n\
+             [tasks.only]\ncommand = [\"sh\", \"-c\", \"echo $FLEET_FIRE_TIME >> {}\"]\n",
+            daily_log.display()
+        ),
+    );
+    assert!(fleet(&["workflow", "apply", &daily, "--peers", &peers])
+        .status
+        .success());
+    let from = rfc3339(now_ms() - 3 * 86_400_000);
+    let backfill = |peers: &str| {
+        fleet_json(&[
+            "workflow", "backfill", "daily", "--from", &from, "--to", "now", "--peers", peers,
+        ])
+        .unwrap()["Backfilled"]
+            .clone()
+    };
+    let first = backfill(&peers);
+    let created = first["created"].as_array().unwrap().len();
+    assert_eq!(created, 3, "{first}");
+    let again = backfill(&peers);
+    assert_eq!(again["created"].as_array().unwrap().len(), 0, "{again}");
+    assert_eq!(again["existing"], 3, "{again}");
+    wait_until("the backfilled runs", Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&daily_log).unwrap_or_default();
+        let fires: BTreeSet<&str> = text.lines().collect();
+        if fires.len() == 3 && fires.iter().all(|f| f.ends_with("T03:00:00Z")) {
+            Ok(())
+        } else {
+            Err(text.clone())
+        }
+    });
 }
 
 /// `submit --after` holds a task until its upstream tasks succeed, and cancels it when one

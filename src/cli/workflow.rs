@@ -315,6 +315,19 @@ pub enum WorkflowCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// A run for each past tick of the workflow's schedule in a range that has none (Airflow's
+    /// backfill): queued behind max_active_runs, oldest first, each with its FLEET_FIRE_TIME.
+    Backfill {
+        #[command(flatten)]
+        client: ClientArgs,
+        name: String,
+        /// The first fire time to consider (RFC 3339, e.g. `2026-12-01T00:00:00Z`).
+        #[arg(long, value_name = "TIME", value_parser = super::schedule::parse_time_arg)]
+        from: u64,
+        /// The last fire time to consider (RFC 3339, or `now`).
+        #[arg(long, value_name = "TIME", value_parser = super::schedule::parse_time_arg)]
+        to: u64,
+    },
 }
 
 /// `fleet run ...`: runs of workflows.
@@ -435,6 +448,30 @@ pub async fn workflow(config: &Config, cmd: WorkflowCommand) -> anyhow::Result<(
                 std::process::exit(1);
             }
             Ok(())
+        }
+        WorkflowCommand::Backfill {
+            client,
+            name,
+            from,
+            to,
+        } => {
+            let op = WorkflowOp::Backfill {
+                workflow: name.clone(),
+                from_ms: from,
+                to_ms: to,
+            };
+            let out = send(config, &client, op).await?;
+            let WorkflowOutcome::Backfilled { created, existing } = &out else {
+                bail!("unexpected answer: {out:?}");
+            };
+            let mut text = format!(
+                "workflow {name}: {} runs created, {existing} ticks had a run already",
+                created.len()
+            );
+            for (fire, run) in created {
+                text.push_str(&format!("\n  {}  run {run}", format_time_ms(*fire)));
+            }
+            done(&client, &out, &text)
         }
         WorkflowCommand::List { client, stale } => {
             let views = read_workflows(config, &client, None, stale).await?;

@@ -51,15 +51,37 @@ pub enum WorkflowOp {
         run: RunId,
         failed_only: bool,
     },
+    /// A run for each fire time of the workflow's schedule in `from_ms..=to_ms` that has none.
+    Backfill {
+        workflow: String,
+        from_ms: u64,
+        to_ms: u64,
+    },
 }
 
 /// What one [`WorkflowOp`] did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WorkflowOutcome {
-    Saved { name: String, change: PutChange },
-    Deleted { name: String },
-    Started { run: RunId, duplicate: bool },
-    Updated { run: RunId, status: RunStatus },
+    Saved {
+        name: String,
+        change: PutChange,
+    },
+    Deleted {
+        name: String,
+    },
+    Started {
+        run: RunId,
+        duplicate: bool,
+    },
+    Updated {
+        run: RunId,
+        status: RunStatus,
+    },
+    /// (fire time, run) of each run created; how many fire times had a run already.
+    Backfilled {
+        created: Vec<(u64, RunId)>,
+        existing: u32,
+    },
 }
 
 /// Which runs `run list` asks for.

@@ -140,6 +140,7 @@ fn estimate_bytes(c: &Command) -> usize {
         }
         Command::CancelRun { .. } | Command::RetryRun { .. } => 32,
         Command::SubmitAfter { spec, after, .. } => spec_bytes(spec) + 64 + 10 * after.len(),
+        Command::BackfillWorkflow { name, fires } => 32 + name.len() + 9 * fires.len(),
     }
 }
 

@@ -159,27 +159,7 @@ impl Replica {
                 to_ms,
             } => {
                 let sch = s.schedules().get(name).ok_or_else(|| missing(name))?;
-                if from_ms > to_ms {
-                    return Err(Error::InvalidArgument(format!(
-                        "backfill from {} to {}: the start is after the end",
-                        crate::state::schedules::rfc3339(*from_ms),
-                        crate::state::schedules::rfc3339(*to_ms)
-                    )));
-                }
-                if *to_ms > now {
-                    return Err(Error::InvalidArgument(format!(
-                        "backfill to {} is in the future: a backfill runs past ticks (the \
-                         schedule fires the future ones itself)",
-                        crate::state::schedules::rfc3339(*to_ms)
-                    )));
-                }
-                let timing = Timing::new(&sch.spec).map_err(Error::InvalidArgument)?;
-                let fires = timing.between(*from_ms, *to_ms, MAX_BACKFILL + 1);
-                if fires.len() > MAX_BACKFILL {
-                    return Err(Error::InvalidArgument(format!(
-                        "the range holds more than {MAX_BACKFILL} ticks; backfill it in parts"
-                    )));
-                }
+                let fires = backfill_fires(&sch.spec, *from_ms, *to_ms, now)?;
                 (
                     Command::Backfill {
                         name: name.clone(),
@@ -200,6 +180,39 @@ impl Replica {
             }
         })
     }
+}
+
+/// The fire times of `spec` in `from_ms..=to_ms`, for a backfill: the range must be in the
+/// past and hold at most [`MAX_BACKFILL`] ticks.
+pub fn backfill_fires(
+    spec: &crate::state::ScheduleSpec,
+    from_ms: u64,
+    to_ms: u64,
+    now: u64,
+) -> Result<Vec<u64>, Error> {
+    use crate::state::schedules::rfc3339;
+    if from_ms > to_ms {
+        return Err(Error::InvalidArgument(format!(
+            "backfill from {} to {}: the start is after the end",
+            rfc3339(from_ms),
+            rfc3339(to_ms)
+        )));
+    }
+    if to_ms > now {
+        return Err(Error::InvalidArgument(format!(
+            "backfill to {} is in the future: a backfill runs past ticks (the schedule fires the \
+             future ones itself)",
+            rfc3339(to_ms)
+        )));
+    }
+    let timing = Timing::new(spec).map_err(Error::InvalidArgument)?;
+    let fires = timing.between(from_ms, to_ms, MAX_BACKFILL + 1);
+    if fires.len() > MAX_BACKFILL {
+        return Err(Error::InvalidArgument(format!(
+            "the range holds more than {MAX_BACKFILL} ticks; backfill it in parts"
+        )));
+    }
+    Ok(fires)
 }
 
 /// Views of one schedule or of all (all: without their history, to keep the answer small).

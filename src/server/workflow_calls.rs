@@ -57,6 +57,9 @@ impl Replica {
                     CommandOutput::RunUpdated { run, status } => {
                         WorkflowOutcome::Updated { run, status }
                     }
+                    CommandOutput::WorkflowRuns { created, existing } => {
+                        WorkflowOutcome::Backfilled { created, existing }
+                    }
                     other => {
                         return Err(Error::Internal(format!(
                             "unexpected output for a workflow change: {other:?}"
@@ -101,6 +104,30 @@ impl Replica {
                 run: *run,
                 failed_only: *failed_only,
             },
+            WorkflowOp::Backfill {
+                workflow,
+                from_ms,
+                to_ms,
+            } => {
+                let missing = || Error::InvalidArgument(format!("no workflow named {workflow:?}"));
+                let w = s.workflows().get(workflow).ok_or_else(missing)?;
+                let sch = w
+                    .schedule
+                    .and_then(|id| s.schedules().by_id(id))
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "workflow {workflow:?} has no schedule: a backfill runs its \
+                             schedule's past ticks (add a [schedule] table, or start runs with \
+                             `fleet workflow run`)"
+                        ))
+                    })?;
+                let fires =
+                    super::schedule_calls::backfill_fires(&sch.spec, *from_ms, *to_ms, now)?;
+                Command::BackfillWorkflow {
+                    name: workflow.clone(),
+                    fires,
+                }
+            }
         })
     }
 }

@@ -452,6 +452,8 @@ pub enum Command {
         pool: Option<PoolClaim>,
         after: Vec<TaskId>,
     },
+    /// A run of a scheduled workflow for each of these past fire times that has none retained.
+    BackfillWorkflow { name: String, fires: Vec<u64> },
 }
 
 impl Command {
@@ -532,6 +534,11 @@ pub enum CommandOutput {
     RunUpdated {
         run: RunId,
         status: RunStatus,
+    },
+    /// Runs created by a backfill (fire time, run), and how many fire times had one already.
+    WorkflowRuns {
+        created: Vec<(u64, RunId)>,
+        existing: u32,
     },
 }
 
@@ -881,6 +888,7 @@ impl State {
                 pool,
                 after,
             } => self.submit_after(index, *request_id, spec, pool.as_ref(), after),
+            Command::BackfillWorkflow { name, fires } => self.backfill_workflow(name, fires),
         }
     }
 

@@ -433,6 +433,8 @@ impl State {
 
     /// Refuses a schedule command aimed at a workflow's schedule (its workflow owns it).
     pub(super) fn check_not_workflow_schedule(&self, name: &str) -> Result<(), CommandError> {
+        // (A workflow's schedule is changed by `workflow apply` and backfilled by `workflow
+        // backfill`.)
         let owner = self
             .schedules
             .get(name)
@@ -440,8 +442,8 @@ impl State {
         match owner {
             Some(w) => Err(CommandError::Invalid(format!(
                 "schedule {name:?} belongs to workflow {w:?}: change it with `fleet workflow \
-                 apply`, run it with `fleet workflow run {w}` (pause and resume work as for any \
-                 schedule)"
+                 apply`, run it with `fleet workflow run {w}`, backfill it with `fleet workflow \
+                 backfill {w}` (pause and resume work as for any schedule)"
             ))),
             None => Ok(()),
         }
@@ -872,6 +874,48 @@ impl State {
         }
     }
 
+    /// `workflow backfill`: a run for each given past fire time of the workflow's schedule
+    /// that has none retained (a tick's run, scheduled or backfilled, has the same key), each
+    /// queued behind `max_active_runs` like any run.
+    pub(super) fn backfill_workflow(
+        &mut self,
+        name: &str,
+        fires: &[u64],
+    ) -> Result<CommandOutput, CommandError> {
+        let w = self
+            .workflows
+            .defs
+            .get(name)
+            .ok_or_else(|| CommandError::Invalid(format!("no workflow named {name:?}")))?;
+        let sid = w.schedule.ok_or_else(|| {
+            CommandError::Invalid(format!(
+                "workflow {name:?} has no schedule: a backfill runs its schedule's past ticks \
+                 (add a [schedule] table, or start runs with `fleet workflow run`)"
+            ))
+        })?;
+        if fires.len() > super::schedules::MAX_BACKFILL {
+            return Err(CommandError::Invalid(format!(
+                "a backfill of {} ticks; at most {} at once",
+                fires.len(),
+                super::schedules::MAX_BACKFILL
+            )));
+        }
+        let now = self.clock_ms;
+        let mut created = Vec::new();
+        let mut existing = 0;
+        for &fire in fires {
+            let key = super::schedules::run_id(name, fire, super::RunKind::Backfill, None);
+            if self.workflows.keys.contains_key(&key) {
+                existing += 1;
+                continue;
+            }
+            let run = self.tick_workflow(name, key, fire)?;
+            created.push((fire, run));
+            self.schedules.record_workflow_run(sid, fire, run, now);
+        }
+        Ok(CommandOutput::WorkflowRuns { created, existing })
+    }
+
     /// The run a schedule's tick starts, for a workflow's schedule.
     pub(super) fn tick_workflow(
         &mut self,
@@ -1242,6 +1286,97 @@ mod tests {
                 .unwrap_err();
             assert!(e.to_string().contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn a_scheduled_workflow_runs_once_per_tick_and_backfills_the_ticks_without_a_run() {
+        use crate::state::schedules::{PlannedRun, TickPlan, Trigger};
+        let mut sm = Sm::new();
+        let sched = crate::schedule::tests::spec(Trigger::Every {
+            every_ms: 1_000,
+            anchor_ms: 0,
+        });
+        sm.cmd(Command::PutWorkflow {
+            name: "tick".into(),
+            spec: spec(&[("x", &[])], 100),
+            schedule: Some(sched),
+        })
+        .unwrap();
+        let sid = sm.a.state.schedules().get("tick").unwrap().id;
+        assert_eq!(sm.a.state.workflows().owner_of(sid), Some("tick"));
+        // A plan for the ticks at 2 s and 3 s, proposed twice (a new leader re-proposing it).
+        let after = sm.a.state.schedules().get("tick").unwrap().fired_through_ms;
+        let plan = TickPlan {
+            schedule: sid,
+            after_ms: after,
+            through_ms: 3_000,
+            runs: [2_000, 3_000]
+                .map(|f| PlannedRun {
+                    fire_ms: f,
+                    jitter_ms: 0,
+                    catch_up: false,
+                })
+                .to_vec(),
+            missed: vec![],
+        };
+        for _ in 0..2 {
+            sm.cmd(Command::FireTicks {
+                plans: vec![plan.clone()],
+            })
+            .unwrap();
+        }
+        let fires = |sm: &Sm| {
+            let mut f: Vec<u64> =
+                sm.a.state
+                    .workflows()
+                    .runs(None, Some("tick"), None)
+                    .map(|r| r.fire_ms.unwrap())
+                    .collect();
+            f.sort();
+            f
+        };
+        assert_eq!(fires(&sm), [2_000, 3_000], "one run per tick");
+        let r =
+            sm.a.state
+                .workflows()
+                .runs(None, None, None)
+                .next()
+                .unwrap();
+        let t = sm.a.state.task(r.tasks[0].unwrap()).unwrap();
+        assert!(t
+            .spec
+            .env
+            .contains(&("FLEET_FIRE_TIME".into(), "1970-01-01T00:00:03Z".into())));
+        // A backfill of 1 s to 3 s creates only the tick without a run.
+        let out = sm
+            .cmd(Command::BackfillWorkflow {
+                name: "tick".into(),
+                fires: vec![1_000, 2_000, 3_000],
+            })
+            .unwrap();
+        let CommandOutput::WorkflowRuns { created, existing } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!((created.len(), existing), (1, 2));
+        assert_eq!(fires(&sm), [1_000, 2_000, 3_000]);
+        // The schedule is the workflow's: refused as a plain schedule's command.
+        let e = sm
+            .cmd(Command::TriggerSchedule {
+                name: "tick".into(),
+                key: 1,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("belongs to workflow"), "{e}");
+        // Without a schedule there is nothing to backfill; deleting removes the schedule.
+        sm.put("tick", spec(&[("x", &[])], 100));
+        assert!(sm.a.state.schedules().get("tick").is_none());
+        let e = sm
+            .cmd(Command::BackfillWorkflow {
+                name: "tick".into(),
+                fires: vec![1_000],
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("has no schedule"), "{e}");
     }
 
     #[test]

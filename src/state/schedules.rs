@@ -396,6 +396,24 @@ impl Schedules {
         self.applying_index
     }
 
+    /// Records a backfilled workflow run in the schedule's history.
+    pub(super) fn record_workflow_run(
+        &mut self,
+        id: ScheduleId,
+        fire_ms: u64,
+        run: super::RunId,
+        now: u64,
+    ) {
+        if let Some(s) = self.by_id.get_mut(&id) {
+            s.record(TickRecord {
+                fire_ms,
+                kind: RunKind::Backfill,
+                result: TickResult::WorkflowRun { run },
+                decided_at_ms: now,
+            });
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }
