@@ -54,6 +54,7 @@ macro_rules! named_enum {
 }
 
 pub mod argv;
+mod invariants;
 pub mod pools;
 pub mod runs;
 pub mod schedules;
@@ -684,6 +685,15 @@ impl State {
             .iter()
             .map(|cmd| self.apply_command(index, cmd))
             .collect();
+        // O(state), so in unit tests and debug builds (the binary the end-to-end tests run):
+        // after every apply while at most 1,000 tasks are retained, then more rarely as the
+        // state grows (every 64th entry per thousand tasks), so the cost per apply stays flat.
+        #[cfg(any(test, debug_assertions))]
+        if index % (64 * (self.tasks.len() as u64 / 1_000)).max(1) == 0 {
+            if let Err(e) = self.check_invariants() {
+                panic!("state invariant broken by entry {index} ({request}): {e}");
+            }
+        }
         Response { results }
     }
 

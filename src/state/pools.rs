@@ -61,6 +61,13 @@ impl Pools {
         self.claims.get(&task)
     }
 
+    /// A pool whose use count is `used`, whatever its tasks hold (to prove the invariant
+    /// check catches a wrong count).
+    #[cfg(test)]
+    pub(super) fn set_used_for_test(&mut self, name: &str, used: u32) {
+        self.pools.insert(name.into(), Pool { slots: 4, used });
+    }
+
     /// Every pool's size and use.
     pub fn sizes(&self) -> impl Iterator<Item = (&String, &Pool)> {
         self.pools.iter()

@@ -284,6 +284,119 @@ impl Workflows {
     }
 }
 
+impl Workflows {
+    /// The maps agree with the runs, and the runs' nodes with their tasks (`task_state` of a
+    /// retained task; purged tasks are not judged). Part of [`State::check_invariants`].
+    pub(super) fn check(
+        &self,
+        task_state: impl Fn(TaskId) -> Option<TaskState>,
+    ) -> Result<(), String> {
+        for (id, r) in &self.runs {
+            let progress = r.progress.as_ref().map(|p| p.state);
+            let consistent = match r.status {
+                RunStatus::Queued => progress.is_none(),
+                RunStatus::Running => progress == Some(RunState::Running),
+                RunStatus::Succeeded => progress == Some(RunState::Succeeded),
+                RunStatus::Failed => progress == Some(RunState::Failed),
+                RunStatus::Cancelled => matches!(progress, None | Some(RunState::Cancelled)),
+            };
+            if !consistent || r.status.is_final() != r.ended_at_ms.is_some() {
+                return Err(format!(
+                    "run {id} is {} with progress {progress:?}",
+                    r.status.as_str()
+                ));
+            }
+            if self.keys.get(&r.key) != Some(id) {
+                return Err(format!("run {id}'s key {:?} does not name it", r.key));
+            }
+            let nodes = r.node_states();
+            for (n, task) in r.tasks.iter().enumerate() {
+                let Some(t) = task else { continue };
+                if self
+                    .node_of
+                    .get(t)
+                    .is_some_and(|&(run, node)| (run, node) != (*id, n as u32))
+                {
+                    return Err(format!("task {t} of run {id} is mapped to another node"));
+                }
+                let Some(state) = task_state(*t) else {
+                    continue;
+                };
+                let agrees = match nodes[n] {
+                    NodeState::Started => !state.is_final() || state == TaskState::Cancelled,
+                    NodeState::Succeeded => state == TaskState::Succeeded,
+                    NodeState::Failed => state == TaskState::Dead,
+                    NodeState::Cancelled => state.is_final() || state == TaskState::Running,
+                    other => {
+                        return Err(format!("run {id} node {n} is {other:?} but has task {t}"))
+                    }
+                };
+                if !agrees {
+                    return Err(format!(
+                        "run {id} node {n} is {:?} but its task {t} is {}",
+                        nodes[n],
+                        state.as_str()
+                    ));
+                }
+            }
+        }
+        for (t, (run, node)) in &self.node_of {
+            let r = self
+                .runs
+                .get(run)
+                .ok_or_else(|| format!("task {t} is mapped to missing run {run}"))?;
+            let current = r.tasks.get(*node as usize) == Some(&Some(*t));
+            if !current && !r.earlier.contains(&(*node, *t)) {
+                return Err(format!(
+                    "task {t} is mapped to run {run} node {node}, which has another"
+                ));
+            }
+        }
+        for w in self.defs.values() {
+            for run in &w.active {
+                if self
+                    .runs
+                    .get(run)
+                    .is_none_or(|r| r.status != RunStatus::Running)
+                {
+                    return Err(format!(
+                        "workflow {:?}: active run {run} is not running",
+                        w.name
+                    ));
+                }
+            }
+            for run in &w.queued {
+                if self
+                    .runs
+                    .get(run)
+                    .is_none_or(|r| r.status != RunStatus::Queued)
+                {
+                    return Err(format!(
+                        "workflow {:?}: queued run {run} is not queued",
+                        w.name
+                    ));
+                }
+            }
+            if w.active.len() < w.spec.max_active_runs as usize && !w.queued.is_empty() {
+                return Err(format!("workflow {:?} queues runs below its limit", w.name));
+            }
+        }
+        for &(at, id) in &self.ended {
+            if self.runs.get(&id).is_none_or(|r| r.ended_at_ms != Some(at)) {
+                return Err(format!("run {id} is in `ended` under a stale key"));
+            }
+        }
+        for (t, left) in &self.after.waiting {
+            if *left == 0 || task_state(*t) != Some(TaskState::Queued) {
+                return Err(format!(
+                    "held task {t} waits for {left} tasks, or is not queued"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A run's key for a client's `workflow run` request.
 pub fn request_key(request_id: RequestId) -> String {
     format!("request-{:032x}", request_id.0)
