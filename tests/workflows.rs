@@ -505,13 +505,25 @@ fn submit_after_and_the_workflow_size_limit() {
         done["attempts"][0]["started_at_ms"].as_u64() >= up_task["finished_at_ms"].as_u64(),
         "{done} {up_task}"
     );
-    let bad = submit_task(&peers, &["--max-attempts", "1"], &["false".into()]);
+    // Fails after a second, so the task after it is submitted while it still runs (an upstream
+    // dead already is refused, as the next lines check).
+    let bad = submit_task(
+        &peers,
+        &["--max-attempts", "1"],
+        &["sh".into(), "-c".into(), "sleep 1; false".into()],
+    );
     let held = submit_task(&peers, &["--after", &bad.to_string()], &["true".into()]);
     wait_for_state(&peers, held, "cancelled", Duration::from_secs(30));
     let out = fleet(&[
         "submit", "--after", "99999", "--peers", &peers, "--", "true",
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("task 99999 not found"));
+    let dead = bad.to_string();
+    let out = fleet(&["submit", "--after", &dead, "--peers", &peers, "--", "true"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("task {dead} is dead")),
+        "{out:?}"
+    );
 
     let mut big = String::from("name = \"big\"\n");
     for i in 0..10_000 {
