@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 use serde::Deserialize;
 
-use super::submit::{parse_duration_ms, parse_env, TaskOptions};
+use super::submit::{parse_duration_ms, parse_env, parse_key, TaskOptions};
 use super::{connect, format_time_ms, print_json, shell_words, ClientArgs, Output};
 use crate::config::Config;
 use crate::rpc::schedules::{OpOutcome, ScheduleDef, ScheduleOp, ScheduleView};
@@ -587,24 +587,9 @@ struct FileSchedule {
 
 impl FileSchedule {
     fn def(&self) -> Result<ScheduleDef, String> {
-        let dur = |key: &str, v: &Option<String>| -> Result<Option<u64>, String> {
-            v.as_deref()
-                .map(parse_duration_ms)
-                .transpose()
-                .map_err(|e| format!("{key}: {e}"))
-        };
-        let time = |key: &str, v: &Option<String>| -> Result<Option<u64>, String> {
-            v.as_deref()
-                .map(parse_time_arg)
-                .transpose()
-                .map_err(|e| format!("{key}: {e}"))
-        };
-        let every = self
-            .every
-            .as_deref()
-            .map(parse_every)
-            .transpose()
-            .map_err(|e| format!("every: {e}"))?;
+        let dur = |key: &str, v: &Option<String>| parse_key(key, v, parse_duration_ms);
+        let time = |key: &str, v: &Option<String>| parse_key(key, v, parse_time_arg);
+        let every = parse_key("every", &self.every, parse_every)?;
         for k in self.env.keys() {
             parse_env(&format!("{k}=x")).map_err(|e| format!("env: {e}"))?;
         }
@@ -615,19 +600,9 @@ impl FileSchedule {
             timezone: self.timezone.clone(),
             start_at_ms: time("start_at", &self.start_at)?,
             end_at_ms: time("end_at", &self.end_at)?,
-            catchup: self
-                .catchup
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(|e| format!("catchup: {e}"))?,
+            catchup: parse_key("catchup", &self.catchup, str::parse)?,
             catchup_window_ms: dur("catchup_window", &self.catchup_window)?,
-            overlap: self
-                .overlap
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(|e| format!("overlap: {e}"))?,
+            overlap: parse_key("overlap", &self.overlap, str::parse)?,
             jitter_ms: dur("jitter", &self.jitter)?,
             paused: self.paused,
             task: NewTask {

@@ -144,6 +144,19 @@ fn parse_task_id(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a task id: use the number `fleet submit` printed"))
 }
 
+/// An optional file value parsed by `parse`; the error names the key (`timeout: ...`).
+pub(crate) fn parse_key<T>(
+    key: &str,
+    value: &Option<String>,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    value
+        .as_deref()
+        .map(parse)
+        .transpose()
+        .map_err(|e| format!("{key}: {e}"))
+}
+
 /// Parses `500ms`, `30s`, `10m`, `1h 30m`, `2d`.
 pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     humantime::parse_duration(s)

@@ -30,7 +30,7 @@ use anyhow::{bail, Context as _};
 
 use serde::Deserialize;
 
-use super::submit::{merge, parse_duration_ms, parse_env};
+use super::submit::{merge, parse_duration_ms, parse_env, parse_key};
 use super::{connect, format_time_ms, print_json, shell_words, ClientArgs, Output};
 use crate::config::Config;
 use crate::rpc::schedules::ScheduleDef;
@@ -74,40 +74,23 @@ struct FileSchedule {
 
 impl FileSchedule {
     fn def(&self, name: &str) -> Result<ScheduleDef, String> {
-        let at = |key: &str, e: String| format!("[schedule] {key}: {e}");
         if self.cron.is_none() == self.every.is_none() {
             return Err("[schedule] needs either cron = \"EXPR\" or every = \"DURATION\"".into());
         }
+        let at = |e: String| format!("[schedule] {e}");
         let time = |key: &str, v: &Option<String>| {
-            v.as_deref()
-                .map(super::schedule::parse_time_arg)
-                .transpose()
-                .map_err(|e| at(key, e))
+            parse_key(key, v, super::schedule::parse_time_arg).map_err(at)
         };
         Ok(ScheduleDef {
             name: name.to_string(),
             cron: self.cron.clone(),
-            every_ms: self
-                .every
-                .as_deref()
-                .map(super::schedule::parse_every)
-                .transpose()
-                .map_err(|e| at("every", e))?,
+            every_ms: parse_key("every", &self.every, super::schedule::parse_every).map_err(at)?,
             timezone: self.timezone.clone(),
             start_at_ms: time("start_at", &self.start_at)?,
             end_at_ms: time("end_at", &self.end_at)?,
-            catchup: self
-                .catchup
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(|e| at("catchup", e))?,
-            catchup_window_ms: self
-                .catchup_window
-                .as_deref()
-                .map(parse_duration_ms)
-                .transpose()
-                .map_err(|e| at("catchup_window", e))?,
+            catchup: parse_key("catchup", &self.catchup, str::parse).map_err(at)?,
+            catchup_window_ms: parse_key("catchup_window", &self.catchup_window, parse_duration_ms)
+                .map_err(at)?,
             ..ScheduleDef::default()
         })
     }
@@ -134,12 +117,7 @@ struct Options {
 impl Options {
     /// The options as a task without a command; errors name the key.
     fn new_task(&self) -> Result<NewTask, String> {
-        let dur = |key: &str, v: &Option<String>| -> Result<Option<u64>, String> {
-            v.as_deref()
-                .map(parse_duration_ms)
-                .transpose()
-                .map_err(|e| format!("{key}: {e}"))
-        };
+        let dur = |key: &str, v: &Option<String>| parse_key(key, v, parse_duration_ms);
         for k in self.env.keys() {
             parse_env(&format!("{k}=x")).map_err(|e| format!("env: {e}"))?;
         }
