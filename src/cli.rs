@@ -512,7 +512,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             if client.output == Output::Json {
                 return print_json(&reply);
             }
-            let now = crate::server::proposer::now_ms();
+            let now = crate::clock::system_wall_ms();
             // Every state a task can be in, so a finished demo shows its succeeded tasks.
             println!(
                 "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",

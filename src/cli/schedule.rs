@@ -203,7 +203,7 @@ pub enum PoolCommand {
 }
 
 pub(crate) fn parse_time_arg(s: &str) -> Result<u64, String> {
-    crate::schedule::parse_time(s, crate::server::proposer::now_ms())
+    crate::schedule::parse_time(s, crate::clock::system_wall_ms())
 }
 
 pub(crate) fn parse_every(s: &str) -> Result<u64, String> {

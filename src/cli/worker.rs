@@ -117,7 +117,7 @@ async fn list(config: &Config, client: &ClientArgs) -> anyhow::Result<()> {
     if client.output == Output::Json {
         return print_json(&workers);
     }
-    let now = crate::server::proposer::now_ms();
+    let now = crate::clock::system_wall_ms();
     // The name first: it is how `task show`, `logs` and the task's FLEET_WORKER name a worker.
     println!(
         "{:<24} {:<18} {:<9} {:>5} {:>7} {:>6} {:>10} QUEUES",

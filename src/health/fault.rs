@@ -10,29 +10,22 @@
 //!   like a loop blocked on a lock or a channel that never answers.
 //! - The fsync thread waits in [`Stall::wait_blocking`] before `fsync`: a disk that stopped
 //!   answering. Raft writes on this replica then wait, as they would on a dying disk.
-//! - The clock offset is added to every wall-clock reading the replica makes
-//!   ([`crate::server::proposer::now_ms`]): a clock step (NTP jumping, an operator's `date -s`)
+//! - The clock offset steps the replica's [`Clock`] (every wall-clock reading the replica
+//!   makes goes through it): a clock step (NTP jumping, an operator's `date -s`)
 //!   without root and without touching the machine's clock.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::clock::Clock;
 
 /// The longest stall one request may ask for.
 pub const MAX_STALL: Duration = Duration::from_secs(3600);
 
 /// The largest clock offset one request may set (either way).
 pub const MAX_CLOCK_OFFSET_MS: i64 = 24 * 3600 * 1000;
-
-/// Milliseconds added to this process's wall-clock readings (0 unless a clock fault is set).
-static CLOCK_OFFSET_MS: AtomicI64 = AtomicI64::new(0);
-
-/// The injected clock offset, in milliseconds (0 when none).
-pub fn clock_offset_ms() -> i64 {
-    CLOCK_OFFSET_MS.load(Ordering::Relaxed)
-}
 
 /// One stallable component.
 #[derive(Default)]
@@ -141,14 +134,17 @@ pub struct FaultInjector {
     enabled: bool,
     pub scheduler: Arc<Stall>,
     pub storage: Arc<Stall>,
+    /// The replica's clock, which the clock fault steps.
+    clock: Clock,
 }
 
 impl FaultInjector {
-    pub fn new(enabled: bool) -> FaultInjector {
+    pub fn new(enabled: bool, clock: Clock) -> FaultInjector {
         FaultInjector {
             enabled,
             scheduler: Arc::default(),
             storage: Arc::default(),
+            clock,
         }
     }
 
@@ -187,13 +183,13 @@ impl FaultInjector {
                     ));
                 }
                 tracing::warn!(offset_ms, "fault injection: wall clock stepped");
-                CLOCK_OFFSET_MS.store(*offset_ms, Ordering::Relaxed);
+                self.clock.step(*offset_ms);
             }
             FaultRequest::Clear => {
                 tracing::warn!("fault injection: every stall cleared, clock restored");
                 self.scheduler.set(None);
                 self.storage.set(None);
-                CLOCK_OFFSET_MS.store(0, Ordering::Relaxed);
+                self.clock.step(0);
             }
         }
         Ok(self.state())
@@ -205,7 +201,7 @@ impl FaultInjector {
             enabled: self.enabled,
             scheduler_stall_left_ms: ms(&self.scheduler),
             storage_stall_left_ms: ms(&self.storage),
-            clock_offset_ms: clock_offset_ms(),
+            clock_offset_ms: self.clock.offset_ms(),
         }
     }
 }
@@ -216,7 +212,7 @@ mod tests {
 
     #[test]
     fn refused_unless_enabled_and_bounded() {
-        let off = FaultInjector::new(false);
+        let off = FaultInjector::new(false, Clock::system());
         let req = FaultRequest::Stall {
             component: Component::Scheduler,
             duration_ms: 1000,
@@ -225,7 +221,7 @@ mod tests {
         assert!(e.contains("[fault_injection] enabled = true"), "{e}");
         assert!(off.scheduler.remaining().is_none());
 
-        let on = FaultInjector::new(true);
+        let on = FaultInjector::new(true, Clock::system());
         let e = on
             .apply(
                 7,

@@ -50,7 +50,6 @@ use tokio::sync::watch;
 use super::fault::FaultInjector;
 use super::report::*;
 use crate::rpc::context_with_timeout;
-use crate::server::proposer::now_ms;
 use crate::server::Replica;
 
 /// Peers that have not answered for this many poll intervals are unreachable.
@@ -113,10 +112,10 @@ impl PeerView {
 }
 
 impl Health {
-    pub fn new(fault_injection: bool) -> Health {
+    pub fn new(fault_injection: bool, clock: crate::clock::Clock) -> Health {
         let now = Instant::now();
         Health {
-            faults: FaultInjector::new(fault_injection),
+            faults: FaultInjector::new(fault_injection, clock),
             started: now,
             monitor: Mutex::new(MonitorState {
                 leaderless_since: Some(now),
@@ -215,7 +214,7 @@ fn loop_silence_ms(replica: &Replica) -> u64 {
     if last == 0 {
         uptime
     } else {
-        now_ms().saturating_sub(last).min(uptime)
+        replica.clock.wall_ms().saturating_sub(last).min(uptime)
     }
 }
 
@@ -454,7 +453,7 @@ impl Replica {
         let threshold = cfg.health.stall_threshold_ms;
         let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership().clone();
-        let now = now_ms();
+        let now = self.clock.wall_ms();
         let st = h.monitor.lock().expect("monitor lock");
 
         // Raft.
@@ -591,12 +590,11 @@ impl Replica {
 
         // Workers, as the leader knows them.
         let workers = leading.then(|| {
-            let mono = crate::scheduler::mono_ms();
+            let mono = self.clock.mono_ms();
             let list = self
                 .scheduler
-                .workers
-                .lock()
-                .expect("workers lock")
+                .core()
+                .workers()
                 .list(mono, cfg.scheduler.worker_liveness_timeout_ms);
             let mut w = WorkersHealth {
                 active: 0,

@@ -71,7 +71,7 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
     sampled.first = true;
     sampled.leader = status.leader_id;
     let (_, last_iteration_ms) = replica.scheduler.progress();
-    let now = crate::server::proposer::now_ms();
+    let now = replica.clock.wall_ms();
     let lag = crate::metrics::seconds_between_ms(last_iteration_ms, now);
     metrics::gauge!(SCHEDULER_LOOP_LAG, "node" => node.clone()).set(lag);
 
@@ -132,15 +132,10 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
         set(POOL_RUNNING_SLOTS, l(), p.used as f64);
         set(POOL_QUEUED_TASKS, l(), p.queued as f64);
     }
-    let workers = replica
-        .scheduler
-        .workers
-        .lock()
-        .expect("workers lock")
-        .list(
-            crate::scheduler::mono_ms(),
-            replica.config.scheduler.worker_liveness_timeout_ms,
-        );
+    let workers = replica.scheduler.core().workers().list(
+        replica.clock.mono_ms(),
+        replica.config.scheduler.worker_liveness_timeout_ms,
+    );
     let mut by_state: BTreeMap<&'static str, u64> =
         [("active", 0), ("draining", 0), ("lost", 0)].into();
     let mut open_slots = 0u64;

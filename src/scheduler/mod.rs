@@ -1,5 +1,8 @@
 //! The scheduler: what the leader decides that the state machine then commits.
 //!
+//! - [`core::SchedulerCore`]: the leader's decisions as plain code (sans-IO): lease requests,
+//!   heartbeat verdicts, expiries, purges and grants, driven by inputs and returning commands
+//!   and replies. Everything below is a shell around it.
 //! - [`scheduling_loop`]: the leader's loop. It grants leases to waiting workers
 //!   ([`State::pick_ready`](crate::state::State::pick_ready) then
 //!   [`Command::GrantLeases`](crate::state::Command::GrantLeases)), expires leases that were
@@ -14,17 +17,18 @@
 //! Heartbeats, lease requests and reports arrive as RPCs (`server::service`); heartbeats only
 //! touch the soft state and never cost a Raft write.
 
+pub mod core;
 pub mod leases;
 pub mod scheduling_loop;
 pub mod ticker;
 pub mod workers;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, oneshot};
 
+use self::core::{CoreConfig, PollRequest, SchedulerCore};
 use crate::error::Error;
 use crate::rpc::{LeasedTask, WorkerInfo};
 
@@ -32,19 +36,19 @@ use crate::rpc::{LeasedTask, WorkerInfo};
 /// worker retries).
 pub const MAX_PENDING_POLLS: usize = 65_536;
 
-/// One worker's lease request waiting in the loop.
+/// One worker's lease request on its way to the loop, with the channel its answer goes to.
 pub(crate) struct Poll {
-    pub worker: WorkerInfo,
-    pub max: u32,
-    pub deadline: Instant,
+    pub request: PollRequest,
     pub reply: oneshot::Sender<Result<Vec<LeasedTask>, Error>>,
 }
 
 /// The scheduler's shared part: soft state and the loop's inbox.
 pub struct Scheduler {
-    pub(crate) tracker: Mutex<leases::LeaseTracker>,
-    pub(crate) workers: Mutex<workers::WorkerRegistry>,
+    /// The decisions and the soft state they need. Locked briefly, never across an await
+    /// (after the state machine's lock when both are held).
+    core: Mutex<SchedulerCore>,
     polls: mpsc::Sender<Poll>,
+    next_poll: AtomicU64,
     inbox: Mutex<Option<mpsc::Receiver<Poll>>>,
     /// The term whose state the loop has caught up with (0: not leading). Heartbeats are only
     /// answered when it equals the current term, so a new leader never fences a lease it has
@@ -61,13 +65,13 @@ pub struct Scheduler {
     longest_gap_ms: AtomicU64,
 }
 
-impl Default for Scheduler {
-    fn default() -> Self {
+impl Scheduler {
+    pub fn new(cfg: CoreConfig) -> Self {
         let (polls, inbox) = mpsc::channel(MAX_PENDING_POLLS);
         Scheduler {
-            tracker: Mutex::default(),
-            workers: Mutex::default(),
+            core: Mutex::new(SchedulerCore::new(cfg)),
             polls,
+            next_poll: AtomicU64::new(1),
             inbox: Mutex::new(Some(inbox)),
             ready_term: AtomicU64::new(0),
             ready_since_ms: AtomicU64::new(0),
@@ -76,24 +80,29 @@ impl Default for Scheduler {
             longest_gap_ms: AtomicU64::new(0),
         }
     }
-}
 
-impl Scheduler {
-    /// Queues a lease request for the loop and waits for its answer.
+    /// The core (locked).
+    pub fn core(&self) -> MutexGuard<'_, SchedulerCore> {
+        self.core.lock().expect("scheduler core lock")
+    }
+
+    /// Queues a lease request for the loop and waits for its answer; `deadline_ms` is on the
+    /// replica's monotonic clock.
     pub(crate) async fn lease(
         &self,
         worker: WorkerInfo,
         max: u32,
-        deadline: Instant,
+        deadline_ms: u64,
     ) -> Result<Vec<LeasedTask>, Error> {
         let (reply, rx) = oneshot::channel();
+        let request = PollRequest {
+            id: self.next_poll.fetch_add(1, Ordering::Relaxed),
+            worker,
+            max,
+            deadline_ms,
+        };
         self.polls
-            .try_send(Poll {
-                worker,
-                max,
-                deadline,
-                reply,
-            })
+            .try_send(Poll { request, reply })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => Error::Unavailable(format!(
                     "{MAX_PENDING_POLLS} lease requests are waiting already; retry"
@@ -137,22 +146,4 @@ impl Scheduler {
     fn take_inbox(&self) -> Option<mpsc::Receiver<Poll>> {
         self.inbox.lock().expect("inbox lock").take()
     }
-}
-
-/// Milliseconds on this process's monotonic clock (since its first reading). The lease tracker
-/// and the worker registry measure silence with it, never with the wall clock: a wall-clock
-/// step (NTP, `date -s`, the clock fault) must not make every healthy lease look silent (a
-/// step forward expired them all, found by the chaos harness's clock-step scenario) nor keep a
-/// dead worker's leases alive (a step back).
-pub fn mono_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
-
-/// A [`mono_ms`] reading as wall-clock time (ms since the Unix epoch), for display.
-pub fn mono_to_wall_ms(mono: u64) -> u64 {
-    crate::server::proposer::now_ms().saturating_sub(mono_ms().saturating_sub(mono))
 }

@@ -11,15 +11,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 
+use super::scheduling_loop::LoopContext;
 use crate::metrics::names as m;
 use crate::schedule::{plan::plan, Timing};
-use crate::server::proposer::now_ms;
-use crate::server::Replica;
 use crate::state::{Command, CommandOutput, ScheduleId, State, TickPlan};
 
 /// Longest sleep between two rounds when no tick is due sooner.
@@ -89,27 +87,32 @@ pub fn plan_all(
 }
 
 /// Runs the ticker until the replica stops.
-pub async fn run(replica: Arc<Replica>) {
-    let mut metrics = replica.raft.metrics();
+pub async fn run(cx: LoopContext) {
+    let mut metrics = cx.raft.metrics();
     let mut timings = Timings::default();
     let mut seen_changes = u64::MAX;
-    let mut wake_at = now_ms();
+    let mut wake_at = cx.clock.wall_ms();
+    let mut shutdown = cx.shutdown.clone();
     loop {
-        let sched = &replica.scheduler;
+        let sched = &cx.scheduler;
         let Some(term) = sched.ready_term() else {
             seen_changes = u64::MAX;
             tokio::select! {
+                biased;
+                _ = shutdown.wait() => return,
                 r = metrics.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(MAX_SLEEP) => {}
             }
             continue;
         };
-        let changes = replica.sm.read(|s| s.schedules().changes()).await;
-        let now = now_ms();
+        let changes = cx.sm.read(|s| s.schedules().changes()).await;
+        let now = cx.clock.wall_ms();
         if changes == seen_changes && now < wake_at {
             // Nothing changed and nothing is due: wait for either.
             let sleep = Duration::from_millis(wake_at - now);
             tokio::select! {
+                biased;
+                _ = shutdown.wait() => return,
                 r = metrics.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(sleep) => {}
             }
@@ -117,11 +120,11 @@ pub async fn run(replica: Arc<Replica>) {
         }
         seen_changes = changes;
         let ready_since = sched.ready_since_ms.load(Ordering::Acquire);
-        let (plans, next) = replica
+        let (plans, next) = cx
             .sm
             .read(|s| {
                 plan_all(s, &mut timings, now, ready_since, &mut |max| {
-                    rand::random_range(0..=max)
+                    cx.random.range(0..=max)
                 })
             })
             .await;
@@ -129,25 +132,25 @@ pub async fn run(replica: Arc<Replica>) {
             continue; // leadership moved while planning
         }
         let planned = !plans.is_empty();
-        let applied = fire(&replica, plans).await;
+        let applied = fire(&cx, plans).await;
         // Plans that were cut at MAX_TICKS_PER_PLAN leave more due ticks: plan again at once.
         // Plans that were all refused or failed (leadership moving, a schedule paused
         // meanwhile) are planned again from the new state after a short pause, never in a
         // tight loop.
         wake_at = if planned && applied {
-            now_ms()
+            cx.clock.wall_ms()
         } else if planned {
-            now_ms() + RETRY_AFTER_MS
+            cx.clock.wall_ms() + RETRY_AFTER_MS
         } else {
             next.unwrap_or(u64::MAX)
-                .min(now_ms() + MAX_SLEEP.as_millis() as u64)
+                .min(cx.clock.wall_ms() + MAX_SLEEP.as_millis() as u64)
         };
     }
 }
 
 /// Proposes the plans, at most [`MAX_RUNS_PER_ENTRY`] runs per entry, and counts the outcome;
 /// whether any plan was applied.
-async fn fire(replica: &Replica, plans: Vec<TickPlan>) -> bool {
+async fn fire(cx: &LoopContext, plans: Vec<TickPlan>) -> bool {
     let mut entries: Vec<Vec<TickPlan>> = vec![Vec::new()];
     let mut runs = 0;
     for p in plans {
@@ -166,7 +169,7 @@ async fn fire(replica: &Replica, plans: Vec<TickPlan>) -> bool {
     if commands.is_empty() {
         return false;
     }
-    let outputs = replica.proposer.propose_many(commands).await;
+    let outputs = cx.proposer.propose_many(commands).await;
     let outcomes: Vec<_> = outputs
         .into_iter()
         .filter_map(|o| match o {
@@ -183,8 +186,7 @@ async fn fire(replica: &Replica, plans: Vec<TickPlan>) -> bool {
     if outcomes.is_empty() {
         return false;
     }
-    replica
-        .sm
+    cx.sm
         .read(|s| {
             for o in &outcomes {
                 let Some(sch) = s.schedules().by_id(o.schedule) else {

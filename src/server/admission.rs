@@ -259,6 +259,7 @@ impl Table {
 
 /// The shell around [`Table`]: the accept loop and each connection's task share it.
 pub struct Admission {
+    clock: crate::clock::Clock,
     table: Mutex<Table>,
     /// Woken to close a connection (evicted, or idle too long).
     closers: Mutex<HashMap<ConnId, Arc<Notify>>>,
@@ -288,8 +289,11 @@ impl Drop for Ticket {
 }
 
 impl Admission {
-    pub fn new(limits: Limits) -> Arc<Admission> {
+    /// `clock`: idle times are measured on its monotonic clock (they must not jump with the
+    /// wall clock).
+    pub fn new(limits: Limits, clock: crate::clock::Clock) -> Arc<Admission> {
         Arc::new(Admission {
+            clock,
             table: Mutex::new(Table::new(limits)),
             closers: Mutex::new(HashMap::new()),
         })
@@ -301,7 +305,7 @@ impl Admission {
             .table
             .lock()
             .expect("admission lock")
-            .open(ip, now_ms());
+            .open(ip, self.clock.mono_ms());
         self.close_evicted(a.evict);
         let closed = Arc::new(Notify::new());
         self.closers
@@ -317,11 +321,11 @@ impl Admission {
 
     /// The handshake named `role`: admitted, or the reason to refuse it.
     pub fn promote(&self, ticket: &Ticket, role: Role) -> Result<(), String> {
-        let a = self
-            .table
-            .lock()
-            .expect("admission lock")
-            .promote(ticket.id, role, now_ms())?;
+        let a = self.table.lock().expect("admission lock").promote(
+            ticket.id,
+            role,
+            self.clock.mono_ms(),
+        )?;
         self.close_evicted(a.evict);
         Ok(())
     }
@@ -337,7 +341,7 @@ impl Admission {
         self.table
             .lock()
             .expect("admission lock")
-            .request_ended(id, now_ms());
+            .request_ended(id, self.clock.mono_ms());
     }
 
     /// Closes client connections idle too long; the accept loop calls it periodically.
@@ -346,7 +350,7 @@ impl Admission {
             .table
             .lock()
             .expect("admission lock")
-            .idle_clients(now_ms());
+            .idle_clients(self.clock.mono_ms());
         for id in idle {
             self.close_evicted(Some(id));
         }
@@ -366,11 +370,6 @@ impl Admission {
             }
         }
     }
-}
-
-/// Milliseconds on the process's monotonic clock (idle times must not jump with the wall clock).
-fn now_ms() -> u64 {
-    crate::scheduler::mono_ms()
 }
 
 #[cfg(test)]

@@ -177,7 +177,7 @@ async fn bootstrap(r: &Replica, peers: &[String], expect: usize) -> anyhow::Resu
         if found.len() >= expect {
             let lowest = *found.keys().next().expect("non-empty");
             if lowest == r.id {
-                let cluster_id: u128 = rand::random();
+                let cluster_id: u128 = r.random.with(rand::Rng::random);
                 r.adopt_cluster_id(cluster_id).await?;
                 let members: BTreeMap<NodeId, Node> = found
                     .iter()

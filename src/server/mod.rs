@@ -63,7 +63,13 @@ pub struct Replica {
     pub identity: Arc<LocalIdentity>,
     pub pool: PeerPool,
     pub(crate) proposer: proposer::Proposer,
-    pub scheduler: crate::scheduler::Scheduler,
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
+    /// The replica's clock: every time it reads (see `clock`).
+    pub clock: crate::clock::Clock,
+    /// The replica's random source (see `random`).
+    pub random: crate::random::Random,
+    /// Fired by [`Replica::shutdown`]: the replica's own loops return.
+    pub(crate) stopping: crate::shutdown::Trigger,
     pub health: crate::health::monitor::Health,
     /// Whether the leader this replica follows looks dead (its connection closed).
     pub(crate) leader_loss: crate::raft::leader_loss::LeaderLoss,
@@ -110,7 +116,10 @@ impl Replica {
                     data_dir.display()
                 ),
             })?;
-        let health = crate::health::monitor::Health::new(config.fault_injection.enabled);
+        let clock = crate::clock::Clock::system();
+        let random = crate::random::Random::from_os();
+        let health =
+            crate::health::monitor::Health::new(config.fault_injection.enabled, clock.clone());
         if config.fault_injection.enabled {
             tracing::warn!(
                 "fault injection is enabled ([fault_injection] enabled = true): `fleet fault` can \
@@ -154,7 +163,7 @@ impl Replica {
                 let node_id = config
                     .node
                     .id
-                    .unwrap_or_else(|| rand::random_range(1..(1u64 << 53)));
+                    .unwrap_or_else(|| random.range(1..(1u64 << 53)));
                 let fresh = Identity {
                     node_id,
                     cluster_name: config.node.cluster_name.clone(),
@@ -211,8 +220,12 @@ impl Replica {
         let raft = Raft::new(id, raft_config, network, log.clone(), sm.clone())
             .await
             .map_err(|e| anyhow::anyhow!("cannot start raft: {e}"))?;
-        let proposer = proposer::Proposer::start(raft.clone());
+        let proposer = proposer::Proposer::start(raft.clone(), clock.clone());
         let (stop, _) = watch::channel(None);
+        let (stopping, _) = crate::shutdown::channel();
+        let scheduler = Arc::new(crate::scheduler::Scheduler::new(
+            crate::scheduler::core::CoreConfig::from_config(&config),
+        ));
 
         let replica = Arc::new(Replica {
             id,
@@ -224,7 +237,10 @@ impl Replica {
             identity: local,
             pool,
             proposer,
-            scheduler: crate::scheduler::Scheduler::default(),
+            scheduler,
+            clock,
+            random,
+            stopping,
             health,
             leader_loss: Default::default(),
             incoming_snapshot: tokio::sync::Mutex::new(None),
@@ -249,8 +265,10 @@ impl Replica {
         }
         crate::health::monitor::spawn(replica.clone());
         tokio::spawn(replica.clone().watch_for_fatal().in_current_span());
-        tokio::spawn(crate::scheduler::scheduling_loop::run(replica.clone()).in_current_span());
-        tokio::spawn(crate::scheduler::ticker::run(replica.clone()).in_current_span());
+        tokio::spawn(
+            crate::scheduler::scheduling_loop::run(replica.loop_context()).in_current_span(),
+        );
+        tokio::spawn(crate::scheduler::ticker::run(replica.loop_context()).in_current_span());
         tokio::spawn(crate::metrics::sampler::run(replica.clone()).in_current_span());
         let r = replica.clone();
         tokio::spawn(
@@ -262,6 +280,21 @@ impl Replica {
             .in_current_span(),
         );
         Ok(replica)
+    }
+
+    /// What the scheduling loop and the ticker need of this replica.
+    pub fn loop_context(&self) -> crate::scheduler::scheduling_loop::LoopContext {
+        crate::scheduler::scheduling_loop::LoopContext {
+            node: self.id,
+            raft: self.raft.clone(),
+            sm: self.sm.clone(),
+            proposer: self.proposer.clone(),
+            scheduler: self.scheduler.clone(),
+            clock: self.clock.clone(),
+            random: self.random.clone(),
+            stall: self.health.faults.scheduler.clone(),
+            shutdown: self.stopping.subscribe(),
+        }
     }
 
     /// The scheduling loop's progress counter and a one-line status (for systemd).
@@ -314,7 +347,7 @@ impl Replica {
     /// role and per peer address; the kernel's accept queue is always drained, so a flood of
     /// connections makes room among its own kind instead of waiting in front of everyone.
     async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let admission = admission::Admission::new(admission::Limits::default());
+        let admission = admission::Admission::new(admission::Limits::default(), self.clock.clone());
         let sweeper = admission.clone();
         tokio::spawn(async move {
             loop {
@@ -524,6 +557,7 @@ impl Replica {
             self.hand_over_leadership(Duration::from_secs(3), &Default::default())
                 .await;
         }
+        self.stopping.fire();
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
@@ -579,6 +613,21 @@ impl Replica {
 
 /// Whether a caller's token is acceptable: any token when this node has none, else the same
 /// bytes, compared in time independent of where they differ.
+/// The error that sends a caller to the leader `raft` knows of (if any).
+pub fn not_leader_of(raft: &Raft) -> crate::error::Error {
+    let m = raft.metrics().borrow_watched().clone();
+    let leader_addr = m.current_leader.and_then(|l| {
+        m.membership_config
+            .membership()
+            .get_node(&l)
+            .map(|n| n.addr.clone())
+    });
+    crate::error::Error::NotLeader {
+        leader_id: m.current_leader,
+        leader_addr,
+    }
+}
+
 fn tokens_match(ours: &str, theirs: &str) -> bool {
     if ours.is_empty() {
         return true;

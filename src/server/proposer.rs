@@ -10,14 +10,14 @@
 //!
 //! Bound: [`PROPOSE_QUEUE_CAPACITY`] commands wait at most; beyond that, callers wait for room.
 
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
 
 use openraft::errors::{ClientWriteError, RaftError};
 use openraft::impls::ProgressResponder;
 use openraft::raft::ClientWriteResult;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::clock::Clock;
 use crate::error::Error;
 use crate::raft::{Raft, TypeConfig};
 use crate::state::{Command, CommandOutput, Request};
@@ -40,9 +40,10 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    pub fn start(raft: Raft) -> Proposer {
+    /// Starts the proposer task; `clock` stamps each entry with the leader's wall time.
+    pub fn start(raft: Raft, clock: Clock) -> Proposer {
         let (tx, rx) = mpsc::channel(PROPOSE_QUEUE_CAPACITY);
-        tokio::spawn(run(raft, rx));
+        tokio::spawn(run(raft, clock, rx));
         Proposer { tx }
     }
 
@@ -144,7 +145,7 @@ fn estimate_bytes(c: &Command) -> usize {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
+async fn run(raft: Raft, clock: Clock, mut rx: mpsc::Receiver<Proposal>) {
     let slots = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let permit = slots
@@ -166,7 +167,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
         let (commands, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.command, p.reply)).unzip();
         let request = Request {
-            proposed_at_ms: now_ms(),
+            proposed_at_ms: clock.wall_ms(),
             commands,
         };
         // Handing the entry to Raft happens here, in order, so batches are appended in the
@@ -217,77 +218,5 @@ pub fn write_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Er
         },
         RaftError::APIError(other) => Error::Unavailable(other.to_string()),
         RaftError::Fatal(f) => Error::Unavailable(format!("raft has stopped on this replica: {f}")),
-    }
-}
-
-/// The replica's clock in ms since the Unix epoch: the one place a replica reads wall time
-/// (through [`slew_us`]), plus the injected offset of a clock fault (see `health::fault`).
-///
-/// It follows the wall clock exactly while the two agree within [`CLOCK_STEP_TOLERANCE_US`].
-/// A larger step (NTP jumping, `date -s`, a wrong clock at boot) is not followed at once: the
-/// clock moves toward it at most 10% faster or slower than the monotonic clock, and never goes
-/// back. Why: the leader stamps this clock into the replicated state, whose clock never goes
-/// back, and retry times are computed from it. Followed at once, a one-minute step forward
-/// that was then corrected held every retry for that minute (found by the chaos harness's
-/// clock-step scenario). Lease expiry does not use this clock at all
-/// (`scheduler::mono_ms`).
-pub fn now_ms() -> u64 {
-    static CLOCK: Mutex<Option<(u64, std::time::Instant)>> = Mutex::new(None);
-    let wall_us = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-        .saturating_add_signed(crate::health::fault::clock_offset_ms().saturating_mul(1000));
-    let mut clock = CLOCK.lock().expect("clock lock");
-    let now = std::time::Instant::now();
-    let us = match *clock {
-        None => wall_us,
-        Some((last_us, at)) => slew_us(last_us, (now - at).as_micros() as u64, wall_us),
-    };
-    *clock = Some((us, now));
-    us / 1000
-}
-
-/// Wall-clock differences up to this are followed at once.
-pub const CLOCK_STEP_TOLERANCE_US: u64 = 1_000_000;
-
-/// The next clock reading: `last_us` advanced by `elapsed_us` (monotonic), moved toward
-/// `wall_us` as [`now_ms`] describes. Pure, for tests.
-pub fn slew_us(last_us: u64, elapsed_us: u64, wall_us: u64) -> u64 {
-    let projected = last_us + elapsed_us;
-    let next = if wall_us.abs_diff(projected) <= CLOCK_STEP_TOLERANCE_US {
-        wall_us
-    } else if wall_us > projected {
-        projected + elapsed_us / 10
-    } else {
-        projected - elapsed_us / 10
-    };
-    next.max(last_us)
-}
-
-#[cfg(test)]
-mod clock_tests {
-    use super::*;
-
-    #[test]
-    fn the_clock_follows_small_differences_and_slews_toward_steps() {
-        const S: u64 = 1_000_000;
-        // In step with the wall clock: followed exactly, small corrections too.
-        assert_eq!(slew_us(100 * S, S, 101 * S), 101 * S);
-        assert_eq!(slew_us(100 * S, S, 101 * S + S / 2), 101 * S + S / 2);
-        // A minute forward: 10% faster than real time, not the minute.
-        assert_eq!(slew_us(100 * S, S, 161 * S), 101 * S + S / 10);
-        // A minute back: 10% slower, never backwards.
-        assert_eq!(slew_us(100 * S, S, 41 * S), 101 * S - S / 10);
-        assert_eq!(slew_us(100 * S, 0, 41 * S), 100 * S);
-        // A small step back is followed, but the clock holds still rather than go back.
-        assert_eq!(slew_us(100 * S, 0, 100 * S - S / 2), 100 * S);
-        // Slewing converges: a minute ahead is absorbed within ten minutes.
-        let (mut clock, mut wall) = (160 * S, 100 * S);
-        for _ in 0..700 {
-            clock = slew_us(clock, S, wall + S);
-            wall += S;
-        }
-        assert_eq!(clock, wall, "caught up with the wall clock");
     }
 }

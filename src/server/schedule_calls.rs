@@ -7,7 +7,6 @@ use super::Replica;
 use crate::error::Error;
 use crate::rpc::schedules::{self, OpOutcome, ScheduleOp, ScheduleView};
 use crate::schedule::Timing;
-use crate::server::proposer::now_ms;
 use crate::state::schedules::MAX_BACKFILL;
 use crate::state::{Command, CommandOutput, PoolView, PutMode, State};
 
@@ -63,7 +62,7 @@ impl Replica {
                 })
                 .await;
         }
-        let now = now_ms();
+        let now = self.clock.wall_ms();
         let resolved: Vec<Result<(Command, String), Error>> = self
             .sm
             .read(|s| ops.iter().map(|op| self.to_command(s, op, now)).collect())

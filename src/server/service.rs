@@ -293,7 +293,7 @@ impl FleetService for Connection {
         hop: u8,
     ) -> Result<ReadReply<Vec<crate::rpc::schedules::ScheduleView>>, Error> {
         let n2 = name.clone();
-        let now = crate::server::proposer::now_ms();
+        let now = self.replica.clock.wall_ms();
         flatten(
             self.replica
                 .clone()
@@ -346,7 +346,7 @@ impl FleetService for Connection {
         hop: u8,
     ) -> Result<ReadReply<Vec<crate::rpc::workflows::WorkflowView>>, Error> {
         let n2 = name.clone();
-        let now = crate::server::proposer::now_ms();
+        let now = self.replica.clock.wall_ms();
         flatten(
             self.replica
                 .clone()
@@ -440,11 +440,7 @@ impl Replica {
     }
 
     pub(crate) fn not_leader(&self) -> Error {
-        let info = self.node_info();
-        Error::NotLeader {
-            leader_id: info.leader_id,
-            leader_addr: info.leader_addr,
-        }
+        super::not_leader_of(&self.raft)
     }
 
     /// The leader to forward a call to. While there is none, or the one this replica follows
@@ -581,7 +577,7 @@ impl Replica {
         // Invalid specs are answered here; the valid ones are proposed in their given order.
         let mut results: Vec<Option<Result<Submitted, Error>>> = Vec::with_capacity(tasks.len());
         let mut commands = Vec::new();
-        let now = crate::server::proposer::now_ms();
+        let now = self.clock.wall_ms();
         let mut queues = Vec::new();
         for t in tasks {
             let resolved = t

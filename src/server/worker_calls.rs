@@ -113,17 +113,14 @@ impl Replica {
                 })
                 .await;
         }
-        self.scheduler
-            .workers
-            .lock()
-            .expect("workers lock")
-            .seen(&worker, crate::scheduler::mono_ms());
         // Answer before the caller's deadline, leaving time for the reply to travel.
         let by_ctx = ctx
             .deadline
             .checked_sub(Duration::from_millis(200))
             .unwrap_or(ctx.deadline);
-        let deadline = (Instant::now() + Duration::from_millis(wait_ms)).min(by_ctx);
+        let mono = self.clock.mono_ms();
+        let until_ctx = by_ctx.saturating_duration_since(Instant::now()).as_millis() as u64;
+        let deadline_ms = mono + wait_ms.min(until_ctx);
         if self.health.is_stalled() {
             return Err(self.stalled_error());
         }
@@ -142,10 +139,10 @@ impl Replica {
             }
         };
         tokio::select! {
-            r = self.scheduler.lease(worker, max, deadline) => r,
+            r = self.scheduler.lease(worker, max, deadline_ms) => r,
             _ = deposed => Err(self.not_leader()),
             _ = self.health.wait_stalled() => Err(self.stalled_error()),
-            _ = tokio::time::sleep_until((by_ctx.max(deadline)).into()) => Err(Error::Unavailable(
+            _ = tokio::time::sleep_until(self.clock.instant_at(mono + wait_ms.max(until_ctx))) => Err(Error::Unavailable(
                 "the scheduling loop did not answer this lease request in time; retry".into(),
             )),
         }
@@ -182,49 +179,12 @@ impl Replica {
         }
         self.scheduler_ready()?;
         let id = worker.id;
-        let (verdicts, adopt): (Vec<LeaseVerdict>, Vec<LeasedTask>) = self
+        let now = self.clock.now();
+        let reply = self
             .sm
-            .read(|s| {
-                let named: std::collections::HashSet<u64> =
-                    leases.iter().map(|l| l.fencing_token).collect();
-                let adopt = s
-                    .leases()
-                    .filter(|(_, l)| l.worker == id && !named.contains(&l.fencing_token))
-                    .map(|(t, l)| LeasedTask {
-                        task: t.id,
-                        attempt: l.attempt,
-                        fencing_token: l.fencing_token,
-                        spec: t.spec.clone(),
-                    })
-                    .collect();
-                let verdicts = leases
-                    .iter()
-                    .map(|l| match s.task(l.task) {
-                        Some(t)
-                            if t.lease.as_ref().is_some_and(|x| {
-                                x.fencing_token == l.fencing_token && x.worker == id
-                            }) =>
-                        {
-                            if t.state == TaskState::Cancelled {
-                                LeaseVerdict::Cancelled
-                            } else {
-                                LeaseVerdict::Extended
-                            }
-                        }
-                        _ => LeaseVerdict::Fenced,
-                    })
-                    .collect();
-                (verdicts, adopt)
-            })
+            .read(|s| self.scheduler.core().heartbeat(now, s, &worker, &leases))
             .await;
-        let extended: Vec<_> = leases
-            .iter()
-            .zip(&verdicts)
-            .filter(|(_, v)| **v != LeaseVerdict::Fenced)
-            .map(|(l, _)| (l.task, l.fencing_token))
-            .chain(adopt.iter().map(|a| (a.task, a.fencing_token)))
-            .collect();
-        for a in &adopt {
+        for a in &reply.adopt {
             tracing::info!(
                 worker = id.0,
                 task = %a.task,
@@ -232,17 +192,7 @@ impl Replica {
                 "the worker's heartbeat did not name a lease it holds: asking it to adopt it"
             );
         }
-        let now = crate::scheduler::mono_ms();
-        self.scheduler
-            .tracker
-            .lock()
-            .expect("tracker lock")
-            .heartbeat(id, &extended, now);
-        self.scheduler
-            .workers
-            .lock()
-            .expect("workers lock")
-            .seen(&worker, now);
+        let verdicts = &reply.verdicts;
         let fenced = verdicts
             .iter()
             .filter(|v| **v == LeaseVerdict::Fenced)
@@ -251,7 +201,7 @@ impl Replica {
         if fenced > 0 {
             metrics::counter!(m::LEASE_FENCED, "call" => "heartbeat").increment(fenced);
         }
-        for (l, v) in leases.iter().zip(&verdicts) {
+        for (l, v) in leases.iter().zip(verdicts) {
             if *v == LeaseVerdict::Fenced {
                 tracing::warn!(
                     worker = id.0,
@@ -261,7 +211,7 @@ impl Replica {
                 );
             }
         }
-        Ok(HeartbeatReply { verdicts, adopt })
+        Ok(reply)
     }
 
     pub(crate) async fn report(
@@ -301,7 +251,7 @@ impl Replica {
                 fencing_token: r.fencing_token,
                 outcome: r.outcome.clone(),
                 output_tail: r.output_tail.clone(),
-                retry_jitter_permille: rand::random_range(0..=1000),
+                retry_jitter_permille: self.random.range(0..=1000),
             })
             .collect();
         let outputs = self.proposer.propose_many(commands).await;
@@ -329,7 +279,8 @@ impl Replica {
                 }
             })
             .collect();
-        crate::scheduler::scheduling_loop::sync_tracker(self).await;
+        crate::scheduler::scheduling_loop::sync_tracker(&self.sm, &self.scheduler, &self.clock)
+            .await;
         Ok(results)
     }
 
@@ -418,7 +369,7 @@ impl Replica {
                     *task,
                     *token,
                     format!("handed back by worker {} on shutdown", worker.0),
-                    rand::random_range(0..=1000),
+                    self.random.range(0..=1000),
                 )
             })
             .collect();
@@ -428,15 +379,13 @@ impl Replica {
                 return Err(e.clone());
             }
         }
-        self.scheduler
-            .workers
-            .lock()
-            .expect("workers lock")
-            .remove(worker);
         let handed = outputs.iter().filter(|r| r.is_ok()).count() as u32;
         metrics::counter!(m::LEASE_EXPIRED, "cause" => "handed_back").increment(u64::from(handed));
         tracing::info!(worker = worker.0, handed_back = handed, "worker left");
-        crate::scheduler::scheduling_loop::sync_tracker(self).await;
+        let now = self.clock.now();
+        self.sm
+            .read(|s| self.scheduler.core().worker_left(worker, now, s))
+            .await;
         Ok(handed)
     }
 
@@ -462,8 +411,8 @@ impl Replica {
                 m
             })
             .await;
-        let list = self.scheduler.workers.lock().expect("workers lock").list(
-            crate::scheduler::mono_ms(),
+        let list = self.scheduler.core().workers().list(
+            self.clock.mono_ms(),
             self.config.scheduler.worker_liveness_timeout_ms,
         );
         Ok(list
@@ -472,7 +421,7 @@ impl Replica {
                 leases: counts.get(&r.info.id).copied().unwrap_or(0),
                 info: r.info,
                 state: state.as_str().into(),
-                last_seen_ms: crate::scheduler::mono_to_wall_ms(r.last_seen_ms),
+                last_seen_ms: self.clock.mono_to_wall_ms(r.last_seen_ms),
             })
             .collect())
     }

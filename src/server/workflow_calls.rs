@@ -6,7 +6,6 @@ use tarpc::context::Context;
 use super::Replica;
 use crate::error::Error;
 use crate::rpc::workflows::{self, WorkflowOp, WorkflowOutcome};
-use crate::server::proposer::now_ms;
 use crate::state::{Command, CommandOutput, State};
 
 /// Most changes in one `workflow_ops` call.
@@ -32,7 +31,7 @@ impl Replica {
                 })
                 .await;
         }
-        let now = now_ms();
+        let now = self.clock.wall_ms();
         let resolved: Vec<Result<Command, Error>> = self
             .sm
             .read(|s| {
