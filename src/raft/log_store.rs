@@ -6,6 +6,10 @@
 //! - tree `raft_meta`: `vote`, `committed`, `last_purged` (each a format byte + bincode) and the
 //!   node's identity (see [`Identity`]).
 //!
+//! The logic is written once over a [`Backend`] (ordered log keys, a few meta keys, a flush):
+//! [`Sled`] on a replica, the simulator's disk in `chaos sim`, so the simulator runs this very
+//! code.
+//!
 //! Durability: `append` writes the entries and hands openraft's callback to the
 //! [`Flusher`](super::flusher::Flusher), which fsyncs before completing it; `save_vote` waits for
 //! the same fsync. `truncate_after` and `purge` are not fsynced on their own: a lost truncation
@@ -42,27 +46,115 @@ pub struct Identity {
     pub cluster_id: Option<u128>,
 }
 
-/// The sled-backed log store. Cheap to clone: clones share the database.
+/// What the log store needs of its storage. Writes are readable at once and durable only
+/// after a flush.
+pub trait Backend: Clone + Send + Sync + 'static {
+    fn log_insert(&self, index: u64, value: Vec<u8>) -> io::Result<()>;
+    fn log_remove(&self, index: u64) -> io::Result<()>;
+    /// The entries with indexes in `range`, in index order.
+    fn log_range(&self, range: (Bound<u64>, Bound<u64>)) -> io::Result<Vec<(u64, Vec<u8>)>>;
+    /// The indexes in `range`, in order.
+    fn log_indexes(&self, range: (Bound<u64>, Bound<u64>)) -> io::Result<Vec<u64>>;
+    fn log_last(&self) -> io::Result<Option<Vec<u8>>>;
+    fn log_is_empty(&self) -> io::Result<bool>;
+    fn meta_get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>>;
+    fn meta_put(&self, key: &[u8], value: Vec<u8>) -> io::Result<()>;
+    fn meta_remove(&self, key: &[u8]) -> io::Result<()>;
+    /// Returns once everything written so far is durable.
+    fn flush(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Calls `callback` once everything written so far is durable.
+    fn after_flush(&self, callback: IOFlushed<TypeConfig>);
+}
+
+/// A replica's backend: two sled trees, fsynced by the [`Flusher`].
 #[derive(Clone)]
-pub struct LogStore {
+pub struct Sled {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
     flusher: Flusher,
 }
 
+fn sled_range(range: (Bound<u64>, Bound<u64>)) -> (Bound<[u8; 8]>, Bound<[u8; 8]>) {
+    let key = |b: Bound<u64>| match b {
+        Bound::Included(i) => Bound::Included(i.to_be_bytes()),
+        Bound::Excluded(i) => Bound::Excluded(i.to_be_bytes()),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    (key(range.0), key(range.1))
+}
+
+impl Backend for Sled {
+    fn log_insert(&self, index: u64, value: Vec<u8>) -> io::Result<()> {
+        self.log
+            .insert(index.to_be_bytes(), value)
+            .map(|_| ())
+            .map_err(io_err)
+    }
+    fn log_remove(&self, index: u64) -> io::Result<()> {
+        self.log
+            .remove(index.to_be_bytes())
+            .map(|_| ())
+            .map_err(io_err)
+    }
+    fn log_range(&self, range: (Bound<u64>, Bound<u64>)) -> io::Result<Vec<(u64, Vec<u8>)>> {
+        self.log
+            .range(sled_range(range))
+            .map(|kv| {
+                let (k, v) = kv.map_err(io_err)?;
+                Ok((key_index(&k), v.to_vec()))
+            })
+            .collect()
+    }
+    fn log_indexes(&self, range: (Bound<u64>, Bound<u64>)) -> io::Result<Vec<u64>> {
+        self.log
+            .range(sled_range(range))
+            .keys()
+            .map(|k| k.map(|k| key_index(&k)).map_err(io_err))
+            .collect()
+    }
+    fn log_last(&self) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.log.last().map_err(io_err)?.map(|(_, v)| v.to_vec()))
+    }
+    fn log_is_empty(&self) -> io::Result<bool> {
+        Ok(self.log.is_empty())
+    }
+    fn meta_get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.meta.get(key).map_err(io_err)?.map(|v| v.to_vec()))
+    }
+    fn meta_put(&self, key: &[u8], value: Vec<u8>) -> io::Result<()> {
+        self.meta.insert(key, value).map(|_| ()).map_err(io_err)
+    }
+    fn meta_remove(&self, key: &[u8]) -> io::Result<()> {
+        self.meta.remove(key).map(|_| ()).map_err(io_err)
+    }
+    async fn flush(&self) -> io::Result<()> {
+        self.flusher.flush().await
+    }
+    fn after_flush(&self, callback: IOFlushed<TypeConfig>) {
+        self.flusher.after_flush(callback)
+    }
+}
+
+/// The log store: the Raft log, vote and markers on a [`Backend`]. Cheap to clone: clones
+/// share the storage.
+#[derive(Clone)]
+pub struct LogStore<B: Backend = Sled> {
+    b: B,
+}
+
 fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard()
 }
 
-pub(crate) fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+pub fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     let mut out = vec![ENTRY_FORMAT];
     bincode::serde::encode_into_std_write(value, &mut out, bincode_config())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(out)
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> io::Result<T> {
+pub fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> io::Result<T> {
     match bytes.first() {
         Some(&ENTRY_FORMAT) => bincode::serde::decode_from_slice(&bytes[1..], bincode_config())
             .map(|(v, _)| v)
@@ -79,32 +171,19 @@ fn io_err(e: sled::Error) -> io::Error {
     io::Error::other(e)
 }
 
-impl LogStore {
+impl LogStore<Sled> {
     /// Opens the log trees of `db`, sharing `flusher` for fsyncs.
     pub fn open(db: sled::Db, flusher: Flusher) -> io::Result<LogStore> {
         let log = db.open_tree("raft_log").map_err(io_err)?;
         let meta = db.open_tree("raft_meta").map_err(io_err)?;
         Ok(LogStore {
-            db,
-            log,
-            meta,
-            flusher,
+            b: Sled {
+                db,
+                log,
+                meta,
+                flusher,
+            },
         })
-    }
-
-    fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
-        match self.meta.get(key).map_err(io_err)? {
-            Some(v) => Ok(Some(decode(
-                std::str::from_utf8(key).unwrap_or("meta"),
-                &v,
-            )?)),
-            None => Ok(None),
-        }
-    }
-
-    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> io::Result<()> {
-        self.meta.insert(key, encode(value)?).map_err(io_err)?;
-        Ok(())
     }
 
     pub fn identity(&self) -> io::Result<Option<Identity>> {
@@ -114,23 +193,44 @@ impl LogStore {
     /// Records who owns this directory and fsyncs it.
     pub async fn save_identity(&self, identity: &Identity) -> io::Result<()> {
         self.put_meta(KEY_IDENTITY, identity)?;
-        self.flusher.flush().await
-    }
-
-    /// Whether this node has any Raft state (a vote or a log): such a node never initializes.
-    pub fn has_raft_state(&self) -> io::Result<bool> {
-        Ok(self.meta.contains_key(KEY_VOTE).map_err(io_err)?
-            || !self.log.is_empty()
-            || self.meta.contains_key(KEY_LAST_PURGED).map_err(io_err)?)
+        self.b.flusher.flush().await
     }
 
     pub fn flush_stats(&self) -> FlushStats {
-        self.flusher.stats()
+        self.b.flusher.stats()
     }
 
     /// Bytes sled reports on disk for the whole database.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.b.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+impl<B: Backend> LogStore<B> {
+    /// A log store on `backend` (the simulator's disk; replicas use [`LogStore::open`]).
+    pub fn on(backend: B) -> LogStore<B> {
+        LogStore { b: backend }
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        match self.b.meta_get(key)? {
+            Some(v) => Ok(Some(decode(
+                std::str::from_utf8(key).unwrap_or("meta"),
+                &v,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> io::Result<()> {
+        self.b.meta_put(key, encode(value)?)
+    }
+
+    /// Whether this node has any Raft state (a vote or a log): such a node never initializes.
+    pub fn has_raft_state(&self) -> io::Result<bool> {
+        Ok(self.b.meta_get(KEY_VOTE)?.is_some()
+            || !self.b.log_is_empty()?
+            || self.b.meta_get(KEY_LAST_PURGED)?.is_some())
     }
 
     fn last_purged(&self) -> io::Result<Option<LogId>> {
@@ -146,23 +246,16 @@ impl LogStore {
             Bound::Excluded(s) => s.saturating_add(1).max(floor),
             Bound::Unbounded => floor,
         };
-        let end: Bound<[u8; 8]> = match range.end_bound() {
-            Bound::Included(e) => Bound::Included(e.to_be_bytes()),
-            Bound::Excluded(e) => Bound::Excluded(e.to_be_bytes()),
-            Bound::Unbounded => Bound::Unbounded,
-        };
+        let end = range.end_bound().cloned();
         if let Bound::Included(e) | Bound::Excluded(e) = end {
-            if u64::from_be_bytes(e) < start {
+            if e < start {
                 return Ok(Vec::new());
             }
         }
         let mut out = Vec::new();
         let mut expect = start;
-        let range: (Bound<[u8; 8]>, Bound<[u8; 8]>) = (Bound::Included(start.to_be_bytes()), end);
-        for kv in self.log.range(range) {
-            let (k, v) = kv.map_err(io_err)?;
+        for (index, v) in self.b.log_range((Bound::Included(start), end))? {
             let entry: Entry = decode("raft log entry", &v)?;
-            let index = key_index(&k);
             assert_eq!(
                 entry.log_id.index(),
                 index,
@@ -185,7 +278,7 @@ fn key_index(k: &[u8]) -> u64 {
     u64::from_be_bytes(k.try_into().expect("raft log keys are 8 bytes"))
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
+impl<B: Backend> RaftLogReader<TypeConfig> for LogStore<B> {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -198,13 +291,13 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
-impl RaftLogStorage<TypeConfig> for LogStore {
+impl<B: Backend> RaftLogStorage<TypeConfig> for LogStore<B> {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged = self.last_purged()?;
-        let last = match self.log.last().map_err(io_err)? {
-            Some((_, v)) => Some(decode::<Entry>("raft log entry", &v)?.log_id),
+        let last = match self.b.log_last()? {
+            Some(v) => Some(decode::<Entry>("raft log entry", &v)?.log_id),
             None => None,
         };
         let last = match (last, &last_purged) {
@@ -225,7 +318,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         self.put_meta(KEY_VOTE, vote)?;
         // The vote must be on disk before openraft acts on it (and before any later log write).
-        self.flusher.flush().await
+        self.b.flush().await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -233,7 +326,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // its log until it hears from the leader. It is persisted with the next append's fsync.
         match committed {
             Some(c) => self.put_meta(KEY_COMMITTED, &c),
-            None => self.meta.remove(KEY_COMMITTED).map(|_| ()).map_err(io_err),
+            None => self.b.meta_remove(KEY_COMMITTED),
         }
     }
 
@@ -256,27 +349,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // (`pin_log` seals the current buffer, then a batch manifest), each with its own
         // `sync_file_range` on the write path: ~0.25 ms per append on this machine.
         for entry in entries {
-            self.log
-                .insert(entry.log_id.index().to_be_bytes(), encode(&entry)?)
-                .map_err(io_err)?;
+            self.b.log_insert(entry.log_id.index(), encode(&entry)?)?;
         }
         // The entries are readable now; they are durable only after the flusher's fsync,
         // which is when openraft hears about them.
-        self.flusher.after_flush(callback);
+        self.b.after_flush(callback);
         Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
         // Remove from the end backward so a crash midway never leaves a hole.
-        let keys: Vec<_> = self
-            .log
-            .range(from.to_be_bytes()..)
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(io_err)?;
-        for k in keys.into_iter().rev() {
-            self.log.remove(k).map_err(io_err)?;
+        let indexes = self
+            .b
+            .log_indexes((Bound::Included(from), Bound::Unbounded))?;
+        for i in indexes.into_iter().rev() {
+            self.b.log_remove(i)?;
         }
         Ok(())
     }
@@ -285,14 +373,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Marker first: entries at or below it are ignored from now on, even if a crash stops
         // the removal midway.
         self.put_meta(KEY_LAST_PURGED, &log_id)?;
-        let keys: Vec<_> = self
-            .log
-            .range(..=log_id.index().to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(io_err)?;
-        for k in keys {
-            self.log.remove(k).map_err(io_err)?;
+        let indexes = self
+            .b
+            .log_indexes((Bound::Unbounded, Bound::Included(log_id.index())))?;
+        for i in indexes {
+            self.b.log_remove(i)?;
         }
         Ok(())
     }

@@ -30,6 +30,7 @@ pub mod flusher;
 pub mod leader_loss;
 pub mod log_store;
 pub mod network;
+pub mod runtime;
 pub mod state_machine_store;
 
 use std::sync::Arc;
@@ -61,6 +62,7 @@ openraft::declare_raft_types!(
         D = Request,
         R = Response,
         Node = Node,
+        AsyncRuntime = runtime::FleetRuntime,
 );
 
 pub type Raft = openraft::Raft<TypeConfig, state_machine_store::StateMachineStore>;

@@ -109,24 +109,98 @@ struct Inner {
     current: Option<(SnapshotMeta, usize)>,
 }
 
+/// The simulator's stand-in for the snapshot file: the last snapshot saved, kept by the
+/// simulated disk across a node's crash. Saving replaces it whole, as the atomic rename does.
+pub type SnapshotSlot = Arc<std::sync::Mutex<Option<(SnapshotMeta, Vec<u8>)>>>;
+
+/// Where snapshots are saved.
+#[derive(Clone)]
+enum Files {
+    /// `snapshot.bin` in this directory (fsynced; read and written on the blocking pool).
+    Dir(PathBuf),
+    /// The simulator's disk (no thread, no file).
+    Memory(SnapshotSlot),
+}
+
+impl Files {
+    async fn save(&self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<Vec<u8>> {
+        match self {
+            Files::Dir(dir) => {
+                let path = dir.join(SNAPSHOT_FILE);
+                let m = meta.clone();
+                tokio::task::spawn_blocking(move || {
+                    write_snapshot_file(&path, &m, &data).map(|()| data)
+                })
+                .await
+                .map_err(io::Error::other)?
+            }
+            Files::Memory(slot) => {
+                *slot.lock().expect("snapshot slot") = Some((meta.clone(), data.clone()));
+                Ok(data)
+            }
+        }
+    }
+
+    async fn load(&self) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
+        match self {
+            Files::Dir(dir) => {
+                let path = dir.join(SNAPSHOT_FILE);
+                tokio::task::spawn_blocking(move || read_snapshot_file(&path))
+                    .await
+                    .map_err(io::Error::other)?
+            }
+            Files::Memory(slot) => Ok(slot.lock().expect("snapshot slot").clone()),
+        }
+    }
+}
+
 /// The state machine store. Clones share the state.
 #[derive(Clone)]
 pub struct StateMachineStore {
     inner: Arc<RwLock<Inner>>,
-    dir: PathBuf,
+    files: Files,
+    /// Check [`State::check_invariants`] after every applied batch (the simulator sets it; the
+    /// state also checks itself in debug builds).
+    check_invariants: bool,
+    /// The simulator's bug switches, set on every state this store holds.
+    bugs: crate::state::Bugs,
 }
 
 impl StateMachineStore {
     /// Opens the store in `dir`, loading the last snapshot if there is one.
     pub fn open(dir: &Path) -> io::Result<StateMachineStore> {
         std::fs::create_dir_all(dir)?;
+        let saved = read_snapshot_file(&dir.join(SNAPSHOT_FILE))?;
+        StateMachineStore::from_saved(Files::Dir(dir.to_path_buf()), saved)
+    }
+
+    /// A store on the simulator's disk, loading the snapshot `slot` holds, if any; every
+    /// applied batch is checked against the state's invariants.
+    pub fn in_memory(
+        slot: SnapshotSlot,
+        bugs: crate::state::Bugs,
+    ) -> io::Result<StateMachineStore> {
+        let saved = slot.lock().expect("snapshot slot").clone();
+        let mut store = StateMachineStore::from_saved(Files::Memory(slot), saved)?;
+        store.check_invariants = true;
+        store.bugs = bugs;
+        if let Ok(mut inner) = store.inner.try_write() {
+            inner.state.set_bugs(bugs);
+        }
+        Ok(store)
+    }
+
+    fn from_saved(
+        files: Files,
+        saved: Option<(SnapshotMeta, Vec<u8>)>,
+    ) -> io::Result<StateMachineStore> {
         let mut inner = Inner {
             last_applied: None,
             last_membership: StoredMembership::default(),
             state: State::default(),
             current: None,
         };
-        if let Some((meta, data)) = read_snapshot_file(&dir.join(SNAPSHOT_FILE))? {
+        if let Some((meta, data)) = saved {
             inner.state = decode_state("snapshot state", &data)?;
             inner.last_applied = meta.last_log_id;
             inner.last_membership = meta.last_membership.clone();
@@ -134,7 +208,9 @@ impl StateMachineStore {
         }
         Ok(StateMachineStore {
             inner: Arc::new(RwLock::new(inner)),
-            dir: dir.to_path_buf(),
+            files,
+            check_invariants: false,
+            bugs: crate::state::Bugs::default(),
         })
     }
 
@@ -178,13 +254,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             };
             (meta, encode_state(&inner.state)?)
         };
-        let path = self.dir.join(SNAPSHOT_FILE);
-        let m = meta.clone();
-        let data = tokio::task::spawn_blocking(move || {
-            write_snapshot_file(&path, &m, &data).map(|()| data)
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let data = self.files.save(&meta, data).await?;
         tracing::info!(
             last_log_id = ?meta.last_log_id,
             bytes = data.len(),
@@ -233,6 +303,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 responder.send(response);
             }
         }
+        if self.check_invariants {
+            if let Err(e) = inner.state.check_invariants() {
+                let at = inner.last_applied.map_or(0, |l| l.index());
+                panic!("state invariant broken by the entries up to {at}: {e}");
+            }
+        }
         Ok(())
     }
 
@@ -247,12 +323,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
         // Decode before touching anything: a corrupt snapshot must not replace good state.
-        let state: State = decode_state("received snapshot", &data)?;
-        let path = self.dir.join(SNAPSHOT_FILE);
-        let (m, size) = (meta.clone(), data.len());
-        tokio::task::spawn_blocking(move || write_snapshot_file(&path, &m, &data))
-            .await
-            .map_err(io::Error::other)??;
+        let mut state: State = decode_state("received snapshot", &data)?;
+        state.set_bugs(self.bugs);
+        let size = data.len();
+        self.files.save(meta, data).await?;
         tracing::info!(last_log_id = ?meta.last_log_id, bytes = size, "installed a snapshot");
         let mut inner = self.inner.write().await;
         inner.state = state;
@@ -268,10 +342,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         // The file holds the current snapshot: it is written before `current` changes, and
         // a newer one replaces it atomically (rename).
-        let path = self.dir.join(SNAPSHOT_FILE);
-        let read = tokio::task::spawn_blocking(move || read_snapshot_file(&path))
-            .await
-            .map_err(io::Error::other)??;
+        let read = self.files.load().await?;
         Ok(read.map(|(meta, data)| Snapshot {
             meta,
             snapshot: Cursor::new(data),

@@ -88,7 +88,7 @@ impl Scheduler {
 
     /// Queues a lease request for the loop and waits for its answer; `deadline_ms` is on the
     /// replica's monotonic clock.
-    pub(crate) async fn lease(
+    pub async fn lease(
         &self,
         worker: WorkerInfo,
         max: u32,

@@ -18,7 +18,7 @@
 //! entry applied, a leader change), on its tick and on the shutdown signal. Metrics and logs are
 //! written here, never in the core.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -55,7 +55,7 @@ pub struct LoopContext {
     pub shutdown: Shutdown,
 }
 
-type Senders = HashMap<PollId, oneshot::Sender<Result<Vec<LeasedTask>, Error>>>;
+type Senders = BTreeMap<PollId, oneshot::Sender<Result<Vec<LeasedTask>, Error>>>;
 
 /// Runs the loop until the replica shuts down.
 pub async fn run(cx: LoopContext) {
@@ -63,7 +63,7 @@ pub async fn run(cx: LoopContext) {
         return;
     };
     let mut metrics = cx.raft.metrics();
-    let mut senders: Senders = HashMap::new();
+    let mut senders: Senders = BTreeMap::new();
     let mut shutdown = cx.shutdown.clone();
     loop {
         let wake = cx.scheduler.core().next_wake_ms();
@@ -271,7 +271,7 @@ async fn grant(cx: &LoopContext, senders: &mut Senders) {
         })
         .await;
     let mut abandoned = Vec::new();
-    let mut granted: HashMap<PollId, _> = outcome
+    let mut granted: BTreeMap<PollId, _> = outcome
         .granted
         .into_iter()
         .map(|(poll, worker, grants)| (poll, (worker, grants)))
@@ -329,7 +329,7 @@ fn record_grants(s: &crate::state::State, outcome: &GrantOutcome, granted_at: u6
 }
 
 /// Brings the core's lease tracker in line with the state (after a report or a hand-back).
-pub(crate) async fn sync_tracker(sm: &StateMachineStore, scheduler: &Scheduler, clock: &Clock) {
+pub async fn sync_tracker(sm: &StateMachineStore, scheduler: &Scheduler, clock: &Clock) {
     let now = clock.now();
     sm.read(|s| scheduler.core().sync(now, s)).await;
 }

@@ -672,9 +672,27 @@ pub struct State {
     /// Per-queue counts (derived: rebuilt after decoding, see [`State::rebuild_tally`]).
     #[serde(skip)]
     tally: tally::Tally,
+    /// Test-only bug switches (never encoded; always off outside the simulator).
+    #[serde(skip)]
+    bugs: Bugs,
+}
+
+/// Test-only switches that re-introduce known bug classes into the state machine, so the
+/// simulator can be shown to find them (`chaos sim --bug NAME`). Off everywhere else.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Bugs {
+    /// An expiry ends whatever lease the task holds, without checking its fencing token.
+    pub expire_ignores_token: bool,
+    /// A grant is applied without re-checking that the task is still ready.
+    pub grant_skips_recheck: bool,
 }
 
 impl State {
+    /// Turns the test-only bug switches on or off (the simulator's `--bug`).
+    pub fn set_bugs(&mut self, bugs: Bugs) {
+        self.bugs = bugs;
+    }
+
     /// Applies one committed request at log index `index`. Never fails as a whole: each
     /// command's deterministic rejection is part of the response.
     pub fn apply(&mut self, index: u64, request: &Request) -> Response {
@@ -754,15 +772,23 @@ impl State {
                 fencing_token,
                 reason,
                 retry_jitter_permille,
-            } => self.end_attempt(
-                *task,
-                *fencing_token,
-                AttemptOutcome::Lost {
-                    reason: reason.clone(),
-                },
-                "",
-                *retry_jitter_permille,
-            ),
+            } => {
+                // The bug class kept for the simulator: an expiry that ends the current lease
+                // whatever its token.
+                let token = match self.tasks.get(task).and_then(|t| t.lease.as_ref()) {
+                    Some(l) if self.bugs.expire_ignores_token => l.fencing_token,
+                    _ => *fencing_token,
+                };
+                self.end_attempt(
+                    *task,
+                    token,
+                    AttemptOutcome::Lost {
+                        reason: reason.clone(),
+                    },
+                    "",
+                    *retry_jitter_permille,
+                )
+            }
             Command::Cancel { task } => self.cancel(*task),
             Command::Retry { task } => {
                 self.check_not_run_task(*task)?;
@@ -1064,8 +1090,12 @@ impl State {
     }
 
     fn grant(&mut self, worker: WorkerId, worker_name: &str, id: TaskId) -> Option<LeaseGrant> {
-        if !self.tasks.contains_key(&id) || !self.is_ready(id) {
-            return None; // leased meanwhile, cancelled, or purged: a stale decision
+        if !self.tasks.contains_key(&id) {
+            return None; // purged: a stale decision
+        }
+        // The bug class kept for the simulator: a grant that skips this re-check.
+        if !self.is_ready(id) && !self.bugs.grant_skips_recheck {
+            return None; // leased meanwhile or cancelled: a stale decision
         }
         if !self.pool_admits(id) {
             return None; // its pool is full: no leader may put more slots in use
@@ -1251,6 +1281,11 @@ impl State {
     /// When the earliest retained final task finished, if any.
     pub fn oldest_finished_ms(&self) -> Option<u64> {
         self.finished.first().map(|(at, _)| *at)
+    }
+
+    /// Every retained task, by id.
+    pub fn all_tasks(&self) -> impl Iterator<Item = &Task> {
+        self.tasks.values().map(|t| &**t)
     }
 
     pub fn task(&self, id: TaskId) -> Option<&Task> {

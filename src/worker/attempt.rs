@@ -31,6 +31,9 @@ pub enum KillReason {
     Fenced,
     /// The worker is shutting down without waiting: the lease is handed back instead.
     Shutdown,
+    /// No heartbeat extended the lease in time (the worker could not reach the leader): the
+    /// attempt is reported as failed, and rejected if the leader expired the lease meanwhile.
+    Lapsed,
 }
 
 impl KillReason {
@@ -42,6 +45,9 @@ impl KillReason {
                 "killed: the lease was lost (fenced)",
             )),
             KillReason::Shutdown => None,
+            KillReason::Lapsed => Some(AttemptOutcome::failed(
+                "killed: no heartbeat extended the lease within 80% of its visibility timeout",
+            )),
         }
     }
 }

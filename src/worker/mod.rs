@@ -362,6 +362,8 @@ impl Launcher {
             task: lease.task,
             fencing_token: lease.fencing_token,
             kill: kill_tx,
+            received_at: std::time::Instant::now(),
+            visibility: std::time::Duration::from_millis(lease.spec.visibility_timeout_ms),
         });
         ctx.shared.running.fetch_add(1, Ordering::Relaxed);
         self.alive.send_modify(|n| *n += 1);

@@ -1,0 +1,880 @@
+//! `chaos sim`: the whole cluster in one process, driven by one seed.
+//!
+//! N replicas (openraft with fleet's own log store logic, state machine store, proposer and
+//! scheduler core and loops) and M workers run as tasks of one single-threaded tokio runtime on
+//! a paused clock: time only moves when every task waits, and jumps to the next timer, so a
+//! minute of cluster time costs what its events cost. Everything that could differ between two
+//! runs comes from the seed: the network's fate for every message ([`net`]), each disk's fsync
+//! latency and what a crash loses ([`disk`]), each replica's clock skew and steps, openraft's
+//! election timeouts (`fleet::raft::runtime::seed_thread`), fleet's own random draws
+//! (`fleet::random::Random`), the workload and the faults. The same seed therefore replays the
+//! same run event for event: [`trace::Trace`] hashes every event, and `--twice` checks that two
+//! runs agree.
+//!
+//! After the faults, the run heals, waits for every acknowledged task to end and for the
+//! replicas to converge, and judges the history with the same checker as `chaos run`
+//! (`checker::check`), plus the state machine's own invariants after every applied entry and
+//! the replicas' agreement. A failing seed prints the command that replays it.
+
+pub mod disk;
+pub mod net;
+pub mod node;
+pub mod trace;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet::clock::Clock;
+use fleet::error::Error;
+use fleet::raft::NodeId;
+use fleet::state::{Command, CommandOutput, RequestId, RetryPolicy, TaskSpec};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::history::{ExecEvent, ExecKind, History, Isolation, LeaderObs, Submission, TaskRecord};
+use disk::Disk;
+use net::{Endpoint, Fabric, Weather};
+use node::{Node, SimBugs};
+use trace::Trace;
+use worker::Worker;
+
+/// The wall clock at a run's start (any fixed instant: the run must not depend on the host).
+const EPOCH_MS: u64 = 1_800_000_000_000;
+const CLIENT: Endpoint = 900;
+const WORKER_ENDPOINTS: Endpoint = 1_000;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Run this one seed (prints its events' hash and figures).
+    #[arg(long, conflicts_with = "seeds")]
+    pub seed: Option<u64>,
+    /// Run this many seeds, from --base on.
+    #[arg(long)]
+    pub seeds: Option<u64>,
+    /// The first seed of --seeds (random when not given; printed).
+    #[arg(long)]
+    pub base: Option<u64>,
+    /// Simulated time of faults and workload per seed (then the run heals and converges).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Replicas (3 or 5).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
+    pub replicas: u64,
+    /// Workers.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+    pub workers: u64,
+    /// Re-introduce a known bug class (test only), to show the simulator finds it:
+    /// expire-ignores-token, grant-skips-recheck, heartbeat-extends-expired.
+    #[arg(long = "bug", value_parser = ["expire-ignores-token", "grant-skips-recheck", "heartbeat-extends-expired"])]
+    pub bugs: Vec<String>,
+    /// Run each seed twice and require the same event trace (determinism).
+    #[arg(long)]
+    pub twice: bool,
+    /// Print every event of the run (use with --seed).
+    #[arg(long)]
+    pub trace: bool,
+    /// Seeds run in parallel (one thread each).
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    /// Stop at the first failing seed.
+    #[arg(long)]
+    pub fail_fast: bool,
+}
+
+impl SimArgs {
+    fn sim_bugs(&self) -> SimBugs {
+        let mut b = SimBugs::default();
+        for name in &self.bugs {
+            match name.as_str() {
+                "expire-ignores-token" => b.state.expire_ignores_token = true,
+                "grant-skips-recheck" => b.state.grant_skips_recheck = true,
+                "heartbeat-extends-expired" => b.core.heartbeat_extends_expired = true,
+                _ => unreachable!("clap checked the name"),
+            }
+        }
+        b
+    }
+
+    /// The command that replays `seed` with these options.
+    pub fn replay(&self, seed: u64) -> String {
+        let mut c = format!("chaos sim --seed {seed}");
+        if self.duration != Duration::from_secs(60) {
+            c += &format!(" --duration {}", humantime::format_duration(self.duration));
+        }
+        if self.replicas != 3 {
+            c += &format!(" --replicas {}", self.replicas);
+        }
+        if self.workers != 3 {
+            c += &format!(" --workers {}", self.workers);
+        }
+        for b in &self.bugs {
+            c += &format!(" --bug {b}");
+        }
+        c
+    }
+}
+
+/// What the run observed, as the checker takes it.
+pub struct Recorder {
+    trace: Arc<Trace>,
+    h: Mutex<History>,
+}
+
+impl Recorder {
+    fn now(&self) -> u64 {
+        EPOCH_MS + self.trace.now_ms()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn exec(
+        &self,
+        kind: ExecKind,
+        task: u64,
+        key: &str,
+        attempt: u32,
+        token: u64,
+        worker: &str,
+        exit: Option<i32>,
+    ) {
+        self.trace.event(format_args!(
+            "exec {kind:?} task {task} token {token} on {worker} exit {exit:?}"
+        ));
+        let t_ms = self.now();
+        self.h.lock().expect("history").executions.push(ExecEvent {
+            kind,
+            key: key.to_string(),
+            task,
+            attempt,
+            token,
+            worker: worker.to_string(),
+            pid: 0,
+            t_ms,
+            exit,
+        });
+    }
+}
+
+/// Figures of one seed's run.
+#[derive(Debug, Default, Clone)]
+pub struct Outcome {
+    pub seed: u64,
+    pub hash: u64,
+    pub events: u64,
+    pub sim_ms: u64,
+    pub wall_ms: u64,
+    pub messages: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub cut: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub clock_steps: u64,
+    pub worker_crashes: u64,
+    pub unsynced_lost: u64,
+    pub submitted: u64,
+    pub executions: u64,
+    pub violations: Vec<String>,
+}
+
+/// Runs one seed on this thread (a fresh paused runtime) and judges it.
+pub fn run_seed(seed: u64, args: &SimArgs) -> Outcome {
+    let started = std::time::Instant::now();
+    fleet::raft::runtime::seed_thread(Some(seed ^ 0x5eed));
+    // tokio's own randomness (select! branch order, watch notifier choice) from the seed too.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()))
+        .build()
+        .expect("a tokio runtime");
+    let args2 = args.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(world(seed, args2))
+    }));
+    rt.shutdown_background();
+    fleet::raft::runtime::seed_thread(None);
+    let mut out = match result {
+        Ok(o) => o,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Outcome {
+                seed,
+                violations: vec![format!("[panic] {msg}")],
+                ..Default::default()
+            }
+        }
+    };
+    out.wall_ms = started.elapsed().as_millis() as u64;
+    out
+}
+
+struct World {
+    args: SimArgs,
+    rng: Mutex<StdRng>,
+    fabric: Arc<Fabric>,
+    disks: BTreeMap<NodeId, Disk>,
+    clocks: BTreeMap<NodeId, Clock>,
+    rec: Arc<Recorder>,
+    bugs: SimBugs,
+    seed: u64,
+    incarnation: Mutex<u64>,
+    workers: Mutex<BTreeMap<u64, Arc<Worker>>>,
+    next_worker: Mutex<u64>,
+    stats: Mutex<Outcome>,
+    violations: node::Violations,
+}
+
+impl World {
+    fn draw<T>(&self, f: impl FnOnce(&mut StdRng) -> T) -> T {
+        f(&mut self.rng.lock().expect("world rng"))
+    }
+
+    async fn start_node(&self, id: NodeId) -> Arc<Node> {
+        let inc = {
+            let mut i = self.incarnation.lock().expect("inc");
+            *i += 1;
+            *i
+        };
+        let seed = self.seed.wrapping_mul(31).wrapping_add(inc);
+        Node::start(
+            id,
+            &self.disks[&id],
+            &self.fabric,
+            self.clocks[&id].clone(),
+            seed,
+            self.bugs,
+            self.violations.clone(),
+        )
+        .await
+    }
+
+    fn start_worker(&self) {
+        let id = {
+            let mut n = self.next_worker.lock().expect("next worker");
+            *n += 1;
+            *n
+        };
+        let seed = self.seed.wrapping_mul(131).wrapping_add(id);
+        let w = Worker::start(
+            id,
+            WORKER_ENDPOINTS + id,
+            self.args.replicas,
+            self.fabric.clone(),
+            self.rec.clone(),
+            seed,
+        );
+        self.workers.lock().expect("workers").insert(id, w);
+    }
+
+    fn stat(&self, f: impl FnOnce(&mut Outcome)) {
+        f(&mut self.stats.lock().expect("stats"))
+    }
+
+    fn leader(&self) -> Option<Arc<Node>> {
+        self.fabric
+            .nodes()
+            .into_iter()
+            .filter(|n| n.leadership().1 == Some(n.id))
+            .max_by_key(|n| n.leadership().0)
+    }
+}
+
+async fn world(seed: u64, args: SimArgs) -> Outcome {
+    let trace = Arc::new(Trace::new(args.trace));
+    let rec = Arc::new(Recorder {
+        trace: trace.clone(),
+        h: Mutex::new(History {
+            seed,
+            ..Default::default()
+        }),
+    });
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = args.replicas;
+    let disks = (1..=n).map(|id| (id, Disk::new(rng.random()))).collect();
+    let clocks = (1..=n)
+        .map(|id| (id, Clock::simulated(EPOCH_MS, rng.random_range(-200..=200))))
+        .collect();
+    let fabric = Fabric::new(rng.random(), trace.clone());
+    let w = Arc::new(World {
+        bugs: args.sim_bugs(),
+        args: args.clone(),
+        rng: Mutex::new(rng),
+        fabric,
+        disks,
+        clocks,
+        rec: rec.clone(),
+        seed,
+        incarnation: Mutex::new(0),
+        workers: Mutex::new(BTreeMap::new()),
+        next_worker: Mutex::new(0),
+        stats: Mutex::new(Outcome {
+            seed,
+            ..Default::default()
+        }),
+        violations: Default::default(),
+    });
+    for id in 1..=n {
+        w.start_node(id).await;
+    }
+    let first = w.fabric.node(1).expect("node 1 is up");
+    first
+        .raft
+        .initialize(node::members(n))
+        .await
+        .expect("a fresh cluster initializes");
+    for _ in 0..args.workers {
+        w.start_worker();
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let client = tokio::spawn(client(w.clone(), stop_rx.clone()));
+    let observer = tokio::spawn(observe(w.clone(), stop_rx));
+    faults(&w, args.duration).await;
+    let _ = stop_tx.send(true);
+    let _ = client.await;
+    heal(&w).await;
+    let converged = settle(&w).await;
+    observer.abort();
+    let mut violations = finish(&w, converged).await;
+    violations.extend(
+        w.violations
+            .lock()
+            .expect("violations")
+            .iter()
+            .take(5)
+            .cloned(),
+    );
+    for n in w.fabric.nodes() {
+        n.crash().await;
+    }
+    for wk in w.workers.lock().expect("workers").values() {
+        wk.crash();
+    }
+    let mut out = w.stats.lock().expect("stats").clone();
+    let h = rec.h.lock().expect("history");
+    violations.extend(crate::checker::check(&h).into_iter().map(|v| v.to_string()));
+    let net = w.fabric.stats();
+    let (hash, events) = trace.hash();
+    out.hash = hash;
+    out.events = events;
+    out.sim_ms = trace.now_ms();
+    out.messages = net.messages;
+    out.lost = net.lost;
+    out.duplicated = net.duplicated;
+    out.cut = net.cut;
+    out.submitted = h.submissions.len() as u64;
+    out.executions = h
+        .executions
+        .iter()
+        .filter(|e| e.kind == ExecKind::Start)
+        .count() as u64;
+    out.unsynced_lost += 0;
+    out.violations = violations;
+    out
+}
+
+/// The workload: tasks of four kinds submitted to the leader the client believes in, retried
+/// with the same request id until acknowledged or given up; some are cancelled later.
+async fn client(w: Arc<World>, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut guess: NodeId = 1;
+    let mut n = 0u64;
+    while !*stop.borrow() {
+        let pause = w.draw(|r| r.random_range(50..250));
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        n += 1;
+        let (kind, cancel_after) = w.draw(|r| match r.random_range(0..100) {
+            0..55 => ("short", None),
+            55..80 => ("long", None),
+            80..92 => ("flaky", None),
+            _ => ("cancel", Some(r.random_range(0..1_500u64))),
+        });
+        let key = format!("{kind}-{n}");
+        let mut spec = TaskSpec::new(vec!["sim".into()], "default");
+        spec.visibility_timeout_ms = 3_000;
+        spec.idempotency_key = Some(key.clone());
+        spec.retry = RetryPolicy {
+            max_attempts: 6,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 1_000,
+            backoff_multiplier_permille: 2_000,
+        };
+        let t_ms = w.rec.now();
+        let command = Command::SubmitTask {
+            request_id: RequestId(u128::from(n)),
+            spec,
+        };
+        let mut acked = None;
+        let mut error = None;
+        for _ in 0..8 {
+            match propose(&w, &mut guess, command.clone()).await {
+                Ok(CommandOutput::TaskSubmitted { id, .. }) => {
+                    acked = Some(id.0);
+                    break;
+                }
+                Ok(other) => {
+                    error = Some(format!("{other:?}"));
+                    break;
+                }
+                Err(e) => {
+                    error = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        w.rec.trace.event(format_args!("submit {key} -> {acked:?}"));
+        let acked_at_ms = acked.map(|_| w.rec.now());
+        w.rec
+            .h
+            .lock()
+            .expect("history")
+            .submissions
+            .push(Submission {
+                key,
+                kind: kind.into(),
+                t_ms,
+                acked,
+                acked_at_ms,
+                error: if acked.is_some() { None } else { error },
+            });
+        if let (Some(id), Some(after)) = (acked, cancel_after) {
+            let w2 = w.clone();
+            let start = guess;
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(after)).await;
+                let mut g = start;
+                for _ in 0..5 {
+                    let c = Command::Cancel {
+                        task: fleet::state::TaskId(id),
+                    };
+                    if propose(&w2, &mut g, c).await.is_ok() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// One client command through the network to the guessed leader.
+async fn propose(w: &Arc<World>, guess: &mut NodeId, c: Command) -> Result<CommandOutput, String> {
+    let r = w
+        .fabric
+        .call(
+            "propose",
+            CLIENT,
+            *guess,
+            Duration::from_secs(3),
+            c,
+            |n, c| async move { n.propose(c).await },
+        )
+        .await;
+    match r {
+        Ok(Ok(out)) => Ok(out),
+        Ok(Err(e)) => {
+            *guess = match &e {
+                Error::NotLeader {
+                    leader_id: Some(l), ..
+                } => *l,
+                _ => *guess % w.args.replicas + 1,
+            };
+            Err(e.to_string())
+        }
+        Err(f) => {
+            *guess = *guess % w.args.replicas + 1;
+            Err(f.to_string())
+        }
+    }
+}
+
+/// What each replica says about leadership, every 100 ms.
+async fn observe(w: Arc<World>, stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t_ms = w.rec.now();
+        let obs: Vec<LeaderObs> = w
+            .fabric
+            .nodes()
+            .iter()
+            .map(|n| {
+                let (term, leader) = n.leadership();
+                LeaderObs {
+                    t_ms,
+                    node: n.id,
+                    term,
+                    leader,
+                }
+            })
+            .collect();
+        w.rec.h.lock().expect("history").leaders.extend(obs);
+        let _ = &stop;
+    }
+}
+
+/// The fault schedule: calm, a fault for a while, heal; until `duration` has passed.
+async fn faults(w: &Arc<World>, duration: Duration) {
+    let end = tokio::time::Instant::now() + duration;
+    let mut down: Vec<NodeId> = Vec::new();
+    while tokio::time::Instant::now() < end {
+        let calm = w.draw(|r| r.random_range(500..3_000));
+        tokio::time::sleep(Duration::from_millis(calm)).await;
+        let (fault, hold) = w.draw(|r| (r.random_range(0..9u8), r.random_range(500..5_000u64)));
+        let n = w.args.replicas;
+        let victim: NodeId = match (w.draw(|r| r.random_bool(0.5)), w.leader()) {
+            (true, Some(l)) => l.id,
+            _ => w.draw(|r| r.random_range(1..=n)),
+        };
+        w.rec
+            .trace
+            .event(format_args!("fault {fault} on {victim} for {hold} ms"));
+        match fault {
+            0 | 1 => {
+                // Crash a replica (the leader half the time); its unsynced writes may be lost.
+                if let Some(node) = w.fabric.node(victim) {
+                    w.fabric.down(victim);
+                    node.crash().await;
+                    let lost = w.disks[&victim].crash() as u64;
+                    w.stat(|s| {
+                        s.crashes += 1;
+                        s.unsynced_lost += lost;
+                    });
+                    down.push(victim);
+                    tokio::time::sleep(Duration::from_millis(hold)).await;
+                    w.start_node(victim).await;
+                    down.retain(|d| *d != victim);
+                }
+            }
+            2 => {
+                // Isolate a replica both ways.
+                for other in (1..=n).filter(|o| *o != victim) {
+                    w.fabric.cut(victim, other);
+                    w.fabric.cut(other, victim);
+                }
+                w.stat(|s| s.partitions += 1);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                w.fabric.heal();
+            }
+            3 => {
+                // One way: the victim hears the others but cannot reach them.
+                for other in (1..=n).filter(|o| *o != victim) {
+                    w.fabric.cut(victim, other);
+                }
+                w.stat(|s| s.partitions += 1);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                w.fabric.heal();
+            }
+            4 => {
+                let weather = w.draw(|r| Weather {
+                    loss: r.random_range(0.02..0.3),
+                    duplicate: r.random_range(0.0..0.2),
+                    slow: r.random_range(0.0..0.2),
+                });
+                w.fabric.set_weather(weather);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                w.fabric.set_weather(Weather::CALM);
+            }
+            5 => {
+                // A clock step on one replica (NTP jumping, `date -s`), then back.
+                let step = w.draw(|r| {
+                    r.random_range(5_000..60_000i64) * if r.random_bool(0.5) { 1 } else { -1 }
+                });
+                w.clocks[&victim].step(step);
+                w.stat(|s| s.clock_steps += 1);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                w.clocks[&victim].step(0);
+            }
+            6 => {
+                // A worker's machine dies; a new worker takes its place.
+                let id = {
+                    let ws = w.workers.lock().expect("workers");
+                    let ids: Vec<u64> = ws.keys().copied().collect();
+                    ids[w.draw(|r| r.random_range(0..ids.len()))]
+                };
+                if let Some(wk) = w.workers.lock().expect("workers").remove(&id) {
+                    wk.crash();
+                }
+                w.stat(|s| s.worker_crashes += 1);
+                tokio::time::sleep(Duration::from_millis(hold.min(2_000))).await;
+                w.start_worker();
+            }
+            8 => {
+                // A worker process frozen (SIGSTOP, a long pause) past its leases' visibility
+                // timeouts; its tasks run on.
+                let wk = {
+                    let ws = w.workers.lock().expect("workers");
+                    let all: Vec<Arc<Worker>> = ws.values().cloned().collect();
+                    all[w.draw(|r| r.random_range(0..all.len()))].clone()
+                };
+                let from_ms = w.rec.now();
+                wk.freeze(true);
+                tokio::time::sleep(Duration::from_millis(hold + 2_000)).await;
+                wk.freeze(false);
+                w.rec.h.lock().expect("history").isolations.push(Isolation {
+                    workers: vec![wk.info.name.clone()],
+                    from_ms,
+                    to_ms: w.rec.now(),
+                });
+            }
+            _ => {
+                // A worker cut off from every replica (it keeps running its tasks).
+                let wk = {
+                    let ws = w.workers.lock().expect("workers");
+                    let all: Vec<Arc<Worker>> = ws.values().cloned().collect();
+                    all[w.draw(|r| r.random_range(0..all.len()))].clone()
+                };
+                let from_ms = w.rec.now();
+                for r in 1..=n {
+                    w.fabric.cut(wk.endpoint, r);
+                    w.fabric.cut(r, wk.endpoint);
+                }
+                w.stat(|s| s.partitions += 1);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                w.fabric.heal();
+                w.rec.h.lock().expect("history").isolations.push(Isolation {
+                    workers: vec![wk.info.name.clone()],
+                    from_ms,
+                    to_ms: w.rec.now(),
+                });
+            }
+        }
+    }
+}
+
+/// Ends every fault: the network heals, the weather calms, clocks are right, every replica runs.
+async fn heal(w: &Arc<World>) {
+    w.fabric.heal();
+    w.fabric.set_weather(Weather::CALM);
+    for c in w.clocks.values() {
+        c.step(0);
+    }
+    for id in 1..=w.args.replicas {
+        if w.fabric.node(id).is_none() {
+            w.start_node(id).await;
+        }
+    }
+    w.rec.trace.event(format_args!("healed"));
+}
+
+/// Waits (at most two simulated minutes) until every acknowledged task ended and every replica
+/// applied the same entries; whether it got there.
+async fn settle(w: &Arc<World>) -> bool {
+    let acked: Vec<u64> = w
+        .rec
+        .h
+        .lock()
+        .expect("history")
+        .submissions
+        .iter()
+        .filter_map(|s| s.acked)
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Some(leader) = w.leader() else { continue };
+        let done = leader
+            .read(|s| {
+                acked.iter().all(|id| {
+                    s.task(fleet::state::TaskId(*id))
+                        .is_none_or(|t| t.state.is_final())
+                })
+            })
+            .await;
+        if done != Ok(true) {
+            continue;
+        }
+        let applied: Vec<(u64, Vec<u8>)> = {
+            let mut v = Vec::new();
+            for n in w.fabric.nodes() {
+                v.push(n.applied().await);
+            }
+            v
+        };
+        if applied.windows(2).all(|p| p[0] == p[1]) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The final records for the checker, and the convergence verdict.
+async fn finish(w: &Arc<World>, converged: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if !converged {
+        out.push(
+            "[converge] the replicas did not all end every acknowledged task and agree on the \
+             state within 120 s after healing"
+                .to_string(),
+        );
+    }
+    let Some(leader) = w.leader() else {
+        out.push("[converge] no leader after healing".into());
+        return out;
+    };
+    match leader
+        .read(|s| s.all_tasks().map(TaskRecord::from_task).collect::<Vec<_>>())
+        .await
+    {
+        Ok(tasks) => w.rec.h.lock().expect("history").tasks = tasks,
+        Err(e) => out.push(format!("[converge] final read failed: {e}")),
+    }
+    out
+}
+
+/// `chaos sim`: one seed, or many in parallel; exit 0 when every seed passed.
+pub fn main(args: SimArgs) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    if let Some(seed) = args.seed {
+        let o = run_seed(seed, &args);
+        print_one(&o);
+        let mut ok = o.violations.is_empty();
+        if args.twice {
+            let again = run_seed(seed, &args);
+            if again.hash != o.hash || again.events != o.events {
+                println!(
+                    "NOT DETERMINISTIC: second run hash {:016x} ({} events) != {:016x} ({} events)",
+                    again.hash, again.events, o.hash, o.events
+                );
+                ok = false;
+            } else {
+                println!("deterministic: a second run gave the same trace");
+            }
+        }
+        if !ok {
+            println!("replay: {}", args.replay(seed));
+        }
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
+    }
+    let count = args.seeds.unwrap_or(100);
+    let base = args
+        .base
+        .unwrap_or_else(|| u64::from(rand::random::<u32>()));
+    println!(
+        "chaos sim: {count} seeds from {base} ({} of simulated faults each, {} jobs{})",
+        humantime::format_duration(args.duration),
+        args.jobs,
+        if args.bugs.is_empty() {
+            String::new()
+        } else {
+            format!(", bugs: {}", args.bugs.join(", "))
+        }
+    );
+    let started = std::time::Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    std::thread::scope(|scope| {
+        for _ in 0..args.jobs.max(1) {
+            let (next, failed, results, args) =
+                (next.clone(), failed.clone(), results.clone(), &args);
+            scope.spawn(move || loop {
+                if args.fail_fast && failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return;
+                }
+                let seed = base + i;
+                let mut o = run_seed(seed, args);
+                if args.twice && o.violations.is_empty() {
+                    let again = run_seed(seed, args);
+                    if (again.hash, again.events) != (o.hash, o.events) {
+                        o.violations.push(format!(
+                            "[determinism] a second run gave another trace ({:016x} vs {:016x})",
+                            again.hash, o.hash
+                        ));
+                    }
+                }
+                if !o.violations.is_empty() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    println!("seed {seed}: FAILED: {}", o.violations[0]);
+                    println!("  replay: {}", args.replay(seed));
+                }
+                results.lock().expect("results").push(o);
+            });
+        }
+    });
+    let results = results.lock().expect("results");
+    print_summary(&results, started.elapsed());
+    let failures: Vec<&Outcome> = results
+        .iter()
+        .filter(|o| !o.violations.is_empty())
+        .collect();
+    if failures.is_empty() {
+        println!("PASS: {} seeds", results.len());
+        ExitCode::SUCCESS
+    } else {
+        println!("FAIL: {} of {} seeds", failures.len(), results.len());
+        for o in failures.iter().take(10) {
+            println!("  {}", args.replay(o.seed));
+        }
+        ExitCode::from(1)
+    }
+}
+
+fn print_one(o: &Outcome) {
+    println!(
+        "seed {}: trace {:016x} ({} events), {:.1} s simulated in {:.2} s ({:.0}x)",
+        o.seed,
+        o.hash,
+        o.events,
+        o.sim_ms as f64 / 1000.0,
+        o.wall_ms as f64 / 1000.0,
+        o.sim_ms as f64 / o.wall_ms.max(1) as f64
+    );
+    println!(
+        "  messages {} (lost {}, duplicated {}, cut {}), replica crashes {} ({} unsynced writes \
+         lost), partitions {}, clock steps {}, worker crashes {}, tasks {}, executions {}",
+        o.messages,
+        o.lost,
+        o.duplicated,
+        o.cut,
+        o.crashes,
+        o.unsynced_lost,
+        o.partitions,
+        o.clock_steps,
+        o.worker_crashes,
+        o.submitted,
+        o.executions
+    );
+    if o.violations.is_empty() {
+        println!("  invariants: OK");
+    } else {
+        for v in &o.violations {
+            println!("  {v}");
+        }
+        println!("  invariants: {} VIOLATED", o.violations.len());
+    }
+}
+
+fn print_summary(results: &[Outcome], took: Duration) {
+    let n = results.len().max(1) as f64;
+    let sum = |f: fn(&Outcome) -> u64| results.iter().map(f).sum::<u64>() as f64;
+    println!(
+        "{} seeds in {:.1} s: {:.0} seeds/min; {:.0} simulated s per wall s per job; per seed: \
+         {:.0} messages ({:.0} lost, {:.0} duplicated, {:.0} cut), {:.1} replica crashes, {:.1} \
+         partitions, {:.1} clock steps, {:.1} worker crashes, {:.0} tasks, {:.0} executions",
+        results.len(),
+        took.as_secs_f64(),
+        results.len() as f64 / took.as_secs_f64() * 60.0,
+        sum(|o| o.sim_ms) / sum(|o| o.wall_ms).max(1.0),
+        sum(|o| o.messages) / n,
+        sum(|o| o.lost) / n,
+        sum(|o| o.duplicated) / n,
+        sum(|o| o.cut) / n,
+        sum(|o| o.crashes) / n,
+        sum(|o| o.partitions) / n,
+        sum(|o| o.clock_steps) / n,
+        sum(|o| o.worker_crashes) / n,
+        sum(|o| o.submitted) / n,
+        sum(|o| o.executions) / n,
+    );
+}
