@@ -178,8 +178,36 @@ pub struct Outcome {
     pub violations: Vec<String>,
 }
 
+thread_local! {
+    /// Panics on this thread during the current run (a task's panic is caught by tokio and
+    /// would otherwise only stop that task: the state machine's invariant checks panic).
+    static PANICS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Records every panic of a simulated run in its thread's list instead of printing it.
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            let at = info
+                .location()
+                .map(|l| format!(" at {l}"))
+                .unwrap_or_default();
+            PANICS.with(|p| p.borrow_mut().push(format!("[panic] {msg}{at}")));
+        }))
+    });
+}
+
 /// Runs one seed on this thread (a fresh paused runtime) and judges it.
 pub fn run_seed(seed: u64, args: &SimArgs) -> Outcome {
+    install_panic_hook();
+    PANICS.with(|p| p.borrow_mut().clear());
     let started = std::time::Instant::now();
     fleet::raft::runtime::seed_thread(Some(seed ^ 0x5eed));
     // tokio's own randomness (select! branch order, watch notifier choice) from the seed too.
@@ -197,19 +225,19 @@ pub fn run_seed(seed: u64, args: &SimArgs) -> Outcome {
     fleet::raft::runtime::seed_thread(None);
     let mut out = match result {
         Ok(o) => o,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a panic".into());
-            Outcome {
-                seed,
-                violations: vec![format!("[panic] {msg}")],
-                ..Default::default()
-            }
-        }
+        // The hook recorded the message.
+        Err(_) => Outcome {
+            seed,
+            ..Default::default()
+        },
     };
+    let panics = PANICS.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if !panics.is_empty() {
+        // The first panic explains what followed (a stalled state machine, no convergence).
+        let mut v: Vec<String> = panics.into_iter().take(3).collect();
+        v.extend(std::mem::take(&mut out.violations));
+        out.violations = v;
+    }
     out.wall_ms = started.elapsed().as_millis() as u64;
     out
 }

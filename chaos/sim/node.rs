@@ -11,6 +11,7 @@ use std::time::Duration;
 use fleet::clock::Clock;
 use fleet::error::Error;
 use fleet::raft::log_store::LogStore;
+use fleet::raft::proposer::Proposer;
 use fleet::raft::state_machine_store::StateMachineStore;
 use fleet::raft::{NodeId, Raft};
 use fleet::random::Random;
@@ -18,7 +19,6 @@ use fleet::rpc::{AttemptReport, HeartbeatReply, HeldLease, LeasedTask, WorkerInf
 use fleet::scheduler::core::{Bugs as CoreBugs, CoreConfig};
 use fleet::scheduler::scheduling_loop::LoopContext;
 use fleet::scheduler::Scheduler;
-use fleet::server::proposer::Proposer;
 use fleet::shutdown::{self, Trigger};
 use fleet::state::{Bugs as StateBugs, Command, CommandOutput, State, TaskState};
 use openraft::async_runtime::WatchReceiver;

@@ -30,6 +30,7 @@ pub mod flusher;
 pub mod leader_loss;
 pub mod log_store;
 pub mod network;
+pub mod proposer;
 pub mod runtime;
 pub mod state_machine_store;
 
@@ -85,7 +86,7 @@ pub fn openraft_config(
         install_snapshot_timeout: r.snapshot_chunk_timeout_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
         max_in_snapshot_log_to_keep: r.keep_log_entries_after_snapshot,
-        // Entries are batches of up to `server::proposer::MAX_BATCH_BYTES`; a bounded count per
+        // Entries are batches of up to `raft::proposer::MAX_BATCH_BYTES`; a bounded count per
         // AppendEntries keeps every frame under the RPC layer's frame limit.
         max_payload_entries: 16,
         // A lagging follower beyond this distance is sent a snapshot instead of entries.
@@ -103,4 +104,20 @@ pub fn openraft_config(
             .validate()
             .map_err(|e| anyhow::anyhow!("raft config: {e}"))?,
     ))
+}
+
+/// The error that sends a caller to the leader `raft` knows of (if any).
+pub fn not_leader_of(raft: &Raft) -> crate::error::Error {
+    use openraft::async_runtime::WatchReceiver;
+    let m = raft.metrics().borrow_watched().clone();
+    let leader_addr = m.current_leader.and_then(|l| {
+        m.membership_config
+            .membership()
+            .get_node(&l)
+            .map(|n| n.addr.clone())
+    });
+    crate::error::Error::NotLeader {
+        leader_id: m.current_leader,
+        leader_addr,
+    }
 }

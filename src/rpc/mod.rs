@@ -29,7 +29,7 @@ use crate::state::{
 };
 
 /// The largest frame either side accepts. Raft entries are batches of at most
-/// `server::proposer::MAX_BATCH_BYTES` and an AppendEntries carries at most 16 of them;
+/// `raft::proposer::MAX_BATCH_BYTES` and an AppendEntries carries at most 16 of them;
 /// snapshots travel in chunks of [`SNAPSHOT_CHUNK_BYTES`].
 pub const MAX_FRAME_BYTES: usize = 32 << 20;
 /// The size of one snapshot chunk.

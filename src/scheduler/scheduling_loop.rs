@@ -32,11 +32,11 @@ use crate::clock::{Clock, Now};
 use crate::error::Error;
 use crate::health::fault::Stall;
 use crate::metrics::names as m;
+use crate::raft::proposer::Proposer;
 use crate::raft::state_machine_store::StateMachineStore;
 use crate::raft::{NodeId, Raft};
 use crate::random::Random;
 use crate::rpc::LeasedTask;
-use crate::server::proposer::Proposer;
 use crate::shutdown::Shutdown;
 use crate::state::{CommandOutput, TaskState};
 
@@ -113,7 +113,7 @@ async fn iteration(cx: &LoopContext, senders: &mut Senders) {
     };
     let sched = &cx.scheduler;
     if !leading {
-        let error = crate::server::not_leader_of(&cx.raft);
+        let error = crate::raft::not_leader_of(&cx.raft);
         let (replies, was) = sched.core().stop_leading(cx.clock.now(), &error);
         send(senders, replies);
         if was {

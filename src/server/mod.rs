@@ -3,7 +3,7 @@
 //! [`Replica::start`] opens the data directory (checking that it belongs to this node and
 //! cluster), starts Raft on the sled stores, binds the listener, and spawns cluster formation
 //! ([`formation`]). Connections are accepted by [`Replica::serve`], which runs the handshake and
-//! then serves [`crate::rpc::FleetService`] ([`service`]). Writes go through the [`proposer`].
+//! then serves [`crate::rpc::FleetService`] ([`service`]). Writes go through the [`crate::raft::proposer`].
 //!
 //! Shutdown ([`Replica::shutdown`]): a leader first hands leadership to the most up-to-date
 //! voter, then Raft is shut down and the database flushed.
@@ -15,7 +15,6 @@
 
 pub mod admission;
 pub mod formation;
-pub mod proposer;
 pub mod schedule_calls;
 pub mod service;
 pub mod worker_calls;
@@ -62,7 +61,7 @@ pub struct Replica {
     pub log: LogStore,
     pub identity: Arc<LocalIdentity>,
     pub pool: PeerPool,
-    pub(crate) proposer: proposer::Proposer,
+    pub(crate) proposer: crate::raft::proposer::Proposer,
     pub scheduler: Arc<crate::scheduler::Scheduler>,
     /// The replica's clock: every time it reads (see `clock`).
     pub clock: crate::clock::Clock,
@@ -220,7 +219,7 @@ impl Replica {
         let raft = Raft::new(id, raft_config, network, log.clone(), sm.clone())
             .await
             .map_err(|e| anyhow::anyhow!("cannot start raft: {e}"))?;
-        let proposer = proposer::Proposer::start(raft.clone(), clock.clone());
+        let proposer = crate::raft::proposer::Proposer::start(raft.clone(), clock.clone());
         let (stop, _) = watch::channel(None);
         let (stopping, _) = crate::shutdown::channel();
         let scheduler = Arc::new(crate::scheduler::Scheduler::new(
@@ -613,21 +612,6 @@ impl Replica {
 
 /// Whether a caller's token is acceptable: any token when this node has none, else the same
 /// bytes, compared in time independent of where they differ.
-/// The error that sends a caller to the leader `raft` knows of (if any).
-pub fn not_leader_of(raft: &Raft) -> crate::error::Error {
-    let m = raft.metrics().borrow_watched().clone();
-    let leader_addr = m.current_leader.and_then(|l| {
-        m.membership_config
-            .membership()
-            .get_node(&l)
-            .map(|n| n.addr.clone())
-    });
-    crate::error::Error::NotLeader {
-        leader_id: m.current_leader,
-        leader_addr,
-    }
-}
-
 fn tokens_match(ours: &str, theirs: &str) -> bool {
     if ours.is_empty() {
         return true;

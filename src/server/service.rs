@@ -440,7 +440,7 @@ impl Replica {
     }
 
     pub(crate) fn not_leader(&self) -> Error {
-        super::not_leader_of(&self.raft)
+        crate::raft::not_leader_of(&self.raft)
     }
 
     /// The leader to forward a call to. While there is none, or the one this replica follows
@@ -941,7 +941,7 @@ impl Replica {
 fn proposer_error(
     e: openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>,
 ) -> Error {
-    super::proposer::write_error(e)
+    crate::raft::proposer::write_error(e)
 }
 
 /// A read whose value may itself be a refusal, as the caller sees it.

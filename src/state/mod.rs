@@ -1642,7 +1642,7 @@ mod tests {
     /// The per-queue tally always equals a scan of the tasks, through random operations and
     /// snapshot round trips. Seeded: FLEET_TEST_SEED=N reruns one sequence.
     #[test]
-    fn the_queue_tally_equals_a_scan_through_random_operations() {
+    fn random_operations_keep_the_tally_and_replay_identically() {
         use rand::{Rng, SeedableRng};
         let seed: u64 = std::env::var("FLEET_TEST_SEED")
             .ok()
@@ -1653,6 +1653,10 @@ mod tests {
         let mut sm = Sm::new();
         let mut now = 1_000u64;
         let mut rid = 0u128;
+        // Every entry applied, with its output, and a snapshot taken midway: replaying the log
+        // from scratch, or from the snapshot, must give the same outputs and the same state.
+        let mut log: Vec<(u64, Command, Result<CommandOutput, CommandError>)> = Vec::new();
+        let mut midway: Option<(usize, Vec<u8>)> = None;
         for step in 0..3_000 {
             now += rng.random_range(0..50);
             let ids: Vec<TaskId> = sm.state.tasks.keys().copied().collect();
@@ -1705,7 +1709,8 @@ mod tests {
                     max: 10,
                 },
             };
-            let _ = sm.one(now, cmd);
+            let out = sm.one(now, cmd.clone());
+            log.push((now, cmd, out));
             assert_eq!(
                 sm.state.queue_stats(),
                 sm.state.queue_stats_scan(),
@@ -1715,8 +1720,36 @@ mod tests {
                 let bytes = crate::raft::state_machine_store::encode_state(&sm.state).unwrap();
                 let back = crate::raft::state_machine_store::decode_state("test", &bytes).unwrap();
                 assert_eq!(back, sm.state, "seed {seed}, step {step}: round trip");
+                if step == 1_500 {
+                    midway = Some((log.len(), bytes));
+                }
             }
         }
+        let mut replay = Sm::new();
+        for (i, (at, cmd, out)) in log.iter().enumerate() {
+            assert_eq!(
+                &replay.one(*at, cmd.clone()),
+                out,
+                "seed {seed}: replayed entry {i}"
+            );
+        }
+        assert_eq!(replay.state, sm.state, "seed {seed}: a replay of the log");
+        let (from, bytes) = midway.expect("a snapshot midway");
+        let mut restored = Sm {
+            state: crate::raft::state_machine_store::decode_state("test", &bytes).unwrap(),
+            index: from as u64,
+        };
+        for (at, cmd, out) in &log[from..] {
+            assert_eq!(
+                &restored.one(*at, cmd.clone()),
+                out,
+                "seed {seed}: after the snapshot"
+            );
+        }
+        assert_eq!(
+            restored.state, sm.state,
+            "seed {seed}: snapshot plus the rest of the log"
+        );
     }
 
     fn spec(cmd: &[&str]) -> TaskSpec {
@@ -1944,6 +1977,38 @@ mod tests {
             .state
             .pick_ready(&[DEFAULT_QUEUE.into()], 10, 22)
             .is_empty());
+    }
+
+    /// The simulator's bug switches change what they say (and nothing when off).
+    #[test]
+    fn the_bug_switches_reintroduce_their_bugs() {
+        let expire = |token| Command::ExpireLease {
+            task: TaskId(1),
+            fencing_token: token,
+            reason: "stale".into(),
+            retry_jitter_permille: 0,
+        };
+        for bug in [false, true] {
+            let mut sm = Sm::new();
+            sm.state.set_bugs(Bugs {
+                expire_ignores_token: bug,
+                grant_skips_recheck: bug,
+            });
+            sm.one(1_000, submit(1, &["true"])).unwrap();
+            let token = sm.grant(1_000, W1, 1)[0].fencing_token;
+            // A stale expiry: rejected, unless the bug ends the live lease with it.
+            assert_eq!(sm.one(1_001, expire(token + 7)).is_ok(), bug);
+            // A grant of a task that is not ready: skipped, unless the bug grants it again.
+            let granted = sm.one(
+                1_002,
+                Command::GrantLeases {
+                    worker: W2,
+                    tasks: vec![TaskId(1)],
+                },
+            );
+            let again = matches!(granted, Ok(CommandOutput::LeasesGranted { grants }) if !grants.is_empty());
+            assert_eq!(again, bug, "{bug}");
+        }
     }
 
     #[test]
