@@ -27,16 +27,23 @@ fn a_seed_replays_the_same_trace() {
     );
 }
 
-/// What the simulator found in fleet, each kept as a seed that failed before the fix.
-/// - 112: a worker whose heartbeats were lost (a lossy link) for longer than the visibility
-///   timeout ran its attempt to the end while another worker ran the task (fixed: the worker
-///   kills an attempt whose lease lapsed, `worker::heartbeat::lapse_after`).
+/// What the simulator found in fleet, each kept as seeds that fail with the fix switched off
+/// and pass with it:
+/// - a worker whose heartbeats were lost (a lossy link) for longer than the visibility timeout
+///   ran its attempt to the end while another worker ran the task (fixed: the worker kills an
+///   attempt whose lease lapsed, `worker::heartbeat::lapse_after`; `--bug
+///   worker-ignores-lapse` switches the simulated workers back).
 #[test]
 fn the_regression_seeds_pass() {
-    for seed in ["112", "1012", "1051"] {
+    for seed in ["5088", "5174"] {
         let (ok, text) = sim(&["--seed", seed]);
         assert!(ok, "seed {seed}: {text}");
         assert!(text.contains("invariants: OK"), "{text}");
+        let (ok, text) = sim(&["--seed", seed, "--bug", "worker-ignores-lapse"]);
+        assert!(
+            !ok && text.contains("[overlap]"),
+            "seed {seed} without the fix: {text}"
+        );
     }
 }
 
@@ -47,12 +54,12 @@ fn the_simulator_finds_the_reintroduced_bugs() {
     for (bug, seed, violation) in [
         (
             "grant-skips-recheck",
-            "5013",
+            "5012",
             "[panic] state invariant broken",
         ),
         (
             "heartbeat-extends-expired",
-            "5038",
+            "5012",
             "[lease-extended-after-expiry]",
         ),
     ] {

@@ -66,8 +66,9 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
     pub workers: u64,
     /// Re-introduce a known bug class (test only), to show the simulator finds it:
-    /// expire-ignores-token, grant-skips-recheck, heartbeat-extends-expired.
-    #[arg(long = "bug", value_parser = ["expire-ignores-token", "grant-skips-recheck", "heartbeat-extends-expired"])]
+    /// expire-ignores-token, grant-skips-recheck, heartbeat-extends-expired,
+    /// worker-ignores-lapse.
+    #[arg(long = "bug", value_parser = ["expire-ignores-token", "grant-skips-recheck", "heartbeat-extends-expired", "worker-ignores-lapse"])]
     pub bugs: Vec<String>,
     /// Run each seed twice and require the same event trace (determinism).
     #[arg(long)]
@@ -91,6 +92,7 @@ impl SimArgs {
                 "expire-ignores-token" => b.state.expire_ignores_token = true,
                 "grant-skips-recheck" => b.state.grant_skips_recheck = true,
                 "heartbeat-extends-expired" => b.core.heartbeat_extends_expired = true,
+                "worker-ignores-lapse" => b.worker_ignores_lapse = true,
                 _ => unreachable!("clap checked the name"),
             }
         }
@@ -296,6 +298,7 @@ impl World {
             self.fabric.clone(),
             self.rec.clone(),
             seed,
+            self.bugs.worker_ignores_lapse,
         );
         self.workers.lock().expect("workers").insert(id, w);
     }
@@ -356,16 +359,21 @@ async fn world(seed: u64, args: SimArgs) -> Outcome {
         .initialize(node::members(n))
         .await
         .expect("a fresh cluster initializes");
+    setup_schedules(&w).await;
+    setup_workflows(&w).await;
     for _ in 0..args.workers {
         w.start_worker();
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let client = tokio::spawn(client(w.clone(), stop_rx.clone()));
+    let runs = tokio::spawn(start_runs(w.clone(), stop_rx.clone()));
     let observer = tokio::spawn(observe(w.clone(), stop_rx));
     faults(&w, args.duration).await;
     let _ = stop_tx.send(true);
     let _ = client.await;
+    let _ = runs.await;
     heal(&w).await;
+    pause_schedules(&w).await;
     let converged = settle(&w).await;
     observer.abort();
     let mut violations = finish(&w, converged).await;
@@ -406,6 +414,233 @@ async fn world(seed: u64, args: SimArgs) -> Outcome {
     out
 }
 
+/// The pool a fifth of the short tasks and one schedule use.
+const POOL: &str = "chaos-pool";
+const POOL_SLOTS: u32 = 2;
+
+/// The schedules: name, cron (with seconds) or interval, catch-up policy, pooled. Their runs
+/// are judged by the tick-exactly-once and pool-over invariants, as in `chaos run --schedules`.
+const SCHEDULES: [(&str, Option<&str>, u64, &str, bool); 4] = [
+    ("every-1s", None, 1_000, "all", false),
+    ("every-1s-none", None, 1_000, "none", false),
+    ("cron-2s-latest", Some("*/2 * * * * *"), 0, "latest", false),
+    ("pooled-3s", None, 3_000, "all", true),
+];
+
+fn task_spec(pooled: bool) -> TaskSpec {
+    let mut spec = TaskSpec::new(vec!["sim".into()], "default");
+    spec.visibility_timeout_ms = 3_000;
+    spec.retry = RetryPolicy {
+        max_attempts: 6,
+        backoff_initial_ms: 100,
+        backoff_max_ms: 1_000,
+        backoff_multiplier_permille: 2_000,
+    };
+    if pooled {
+        spec.env.push(("CHAOS_POOL".into(), POOL.into()));
+    }
+    spec
+}
+
+/// Creates the pool and the schedules (through the network, retried until applied).
+async fn setup_schedules(w: &Arc<World>) {
+    use fleet::state::{CatchupPolicy, OverlapPolicy, PoolClaim, PutMode, ScheduleSpec, Trigger};
+    let mut commands = vec![Command::SetPool {
+        name: POOL.into(),
+        slots: POOL_SLOTS,
+    }];
+    for (name, cron, every_ms, catchup, pooled) in SCHEDULES {
+        let trigger = match cron {
+            Some(expr) => Trigger::Cron {
+                expr: expr.into(),
+                timezone: "UTC".into(),
+            },
+            None => Trigger::Every {
+                every_ms,
+                anchor_ms: EPOCH_MS,
+            },
+        };
+        commands.push(Command::PutSchedule {
+            name: name.into(),
+            spec: ScheduleSpec {
+                trigger,
+                start_at_ms: None,
+                end_at_ms: None,
+                catchup: catchup.parse::<CatchupPolicy>().expect("a policy"),
+                catchup_window_ms: 3_600_000,
+                overlap: OverlapPolicy::Allow,
+                jitter_ms: 0,
+                task: task_spec(pooled),
+                pool: pooled.then(|| PoolClaim {
+                    pool: POOL.into(),
+                    slots: 1,
+                }),
+            },
+            paused: None,
+            mode: PutMode::CreateOrReplace,
+        });
+    }
+    let mut guess = 1;
+    for c in commands {
+        while let Err(e) = propose(w, &mut guess, c.clone()).await {
+            w.rec.trace.event(format_args!("setup retried: {e}"));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The workflows: a diamond `a -> (b, c) -> d -> e (all_done)` whose `b` fails its first
+/// attempt, and a fan-out `root -> f0..f9 -> join`; a run of one of them starts every 2 s.
+fn workflow_defs() -> Vec<fleet::rpc::workflows::WorkflowDef> {
+    use fleet::rpc::workflows::{WorkflowDef, WorkflowTaskDef};
+    use fleet::state::workflows::TriggerRule::{AllDone, AllSuccess};
+    let node = |after: &[&str], trigger, fail_first: bool| WorkflowTaskDef {
+        task: fleet::rpc::NewTask {
+            command: vec!["sim".into()],
+            max_attempts: Some(5),
+            backoff_initial_ms: Some(100),
+            backoff_max_ms: Some(1_000),
+            visibility_timeout_ms: Some(3_000),
+            env: if fail_first {
+                [(worker::FAIL_FIRST.to_string(), "1".to_string())].into()
+            } else {
+                Default::default()
+            },
+            ..Default::default()
+        },
+        after: after.iter().map(|s| s.to_string()).collect(),
+        trigger,
+    };
+    let mut diamond = BTreeMap::new();
+    diamond.insert("a".to_string(), node(&[], AllSuccess, false));
+    diamond.insert("b".to_string(), node(&["a"], AllSuccess, true));
+    diamond.insert("c".to_string(), node(&["a"], AllSuccess, false));
+    diamond.insert("d".to_string(), node(&["b", "c"], AllSuccess, false));
+    diamond.insert("e".to_string(), node(&["d"], AllDone, false));
+    let mut fanout = BTreeMap::new();
+    fanout.insert("root".to_string(), node(&[], AllSuccess, false));
+    let leaves: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
+    for l in &leaves {
+        fanout.insert(l.clone(), node(&["root"], AllSuccess, false));
+    }
+    let refs: Vec<&str> = leaves.iter().map(String::as_str).collect();
+    fanout.insert("join".to_string(), node(&refs, AllSuccess, false));
+    [("sim-diamond", diamond), ("sim-fanout", fanout)]
+        .into_iter()
+        .map(|(name, tasks)| WorkflowDef {
+            name: name.into(),
+            max_active_runs: Some(50),
+            tasks,
+            schedule: None,
+        })
+        .collect()
+}
+
+/// Stores the workflows, resolved as the leader resolves `fleet workflow apply`.
+async fn setup_workflows(w: &Arc<World>) {
+    let mut guess = 1;
+    for def in workflow_defs() {
+        let (spec, schedule) = fleet::rpc::workflows::resolve(&def, &node::config(), EPOCH_MS)
+            .expect("the simulator's workflows are valid");
+        let c = Command::PutWorkflow {
+            name: def.name.clone(),
+            spec,
+            schedule,
+        };
+        while propose(w, &mut guess, c.clone()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Starts a run every 2 s (the workflows in turn), each with its own request id, retried
+/// through failures; records the acknowledged ones.
+async fn start_runs(w: Arc<World>, stop: tokio::sync::watch::Receiver<bool>) {
+    let names: Vec<String> = workflow_defs().into_iter().map(|d| d.name).collect();
+    let mut guess: NodeId = 1;
+    let mut n = 0u128;
+    while !*stop.borrow() {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        n += 1;
+        let c = Command::StartRun {
+            workflow: names[n as usize % names.len()].clone(),
+            request_id: RequestId(1 << 64 | n),
+            params: Vec::new(),
+        };
+        for _ in 0..5 {
+            if let Ok(CommandOutput::RunStarted { run, .. }) =
+                propose(&w, &mut guess, c.clone()).await
+            {
+                w.rec.trace.event(format_args!("run {} started", run.0));
+                w.rec.h.lock().expect("history").runs_started.push(run.0);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Every run with its tasks, as the checker takes them.
+fn run_records(s: &fleet::state::State) -> Vec<crate::history::RunRecord> {
+    use crate::history::{NodeRecord, RunRecord};
+    let mut ids = Vec::new();
+    loop {
+        let page = fleet::rpc::workflows::RunFilter {
+            limit: fleet::rpc::workflows::MAX_RUN_LIST,
+            before: ids.last().copied(),
+            ..Default::default()
+        };
+        let got: Vec<_> = fleet::rpc::workflows::run_views(s, &page)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        if got.is_empty() {
+            break;
+        }
+        ids.extend(got);
+    }
+    ids.into_iter()
+        .filter_map(|id| {
+            let f = fleet::rpc::workflows::RunFilter {
+                run: Some(id),
+                ..Default::default()
+            };
+            fleet::rpc::workflows::run_views(s, &f).ok()?.pop()
+        })
+        .map(|v| RunRecord {
+            id: v.id.0,
+            workflow: v.workflow,
+            status: v.status.as_str().to_string(),
+            nodes: v
+                .nodes
+                .into_iter()
+                .map(|n| NodeRecord {
+                    name: n.name,
+                    after: n.after,
+                    trigger: n.trigger.as_str().to_string(),
+                    state: fleet::rpc::workflows::node_state_name(n.state).to_string(),
+                    task: n.task.map(|t| t.0),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Pauses the schedules, so their watermarks stop before they are read back.
+async fn pause_schedules(w: &Arc<World>) {
+    let mut guess = 1;
+    for (name, ..) in SCHEDULES {
+        let c = Command::PauseSchedule {
+            name: name.into(),
+            paused: true,
+        };
+        while propose(w, &mut guess, c.clone()).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// The workload: tasks of four kinds submitted to the leader the client believes in, retried
 /// with the same request id until acknowledged or given up; some are cancelled later.
 async fn client(w: Arc<World>, stop: tokio::sync::watch::Receiver<bool>) {
@@ -422,19 +657,25 @@ async fn client(w: Arc<World>, stop: tokio::sync::watch::Receiver<bool>) {
             _ => ("cancel", Some(r.random_range(0..1_500u64))),
         });
         let key = format!("{kind}-{n}");
-        let mut spec = TaskSpec::new(vec!["sim".into()], "default");
-        spec.visibility_timeout_ms = 3_000;
+        // A fifth of the short tasks hold a slot of the pool.
+        let pooled = kind == "short" && w.draw(|r| r.random_range(0..5)) == 0;
+        let mut spec = task_spec(pooled);
         spec.idempotency_key = Some(key.clone());
-        spec.retry = RetryPolicy {
-            max_attempts: 6,
-            backoff_initial_ms: 100,
-            backoff_max_ms: 1_000,
-            backoff_multiplier_permille: 2_000,
-        };
+        // Visibility timeouts from 1.5 s to 4 s: short ones make a lossy link outlast them.
+        spec.visibility_timeout_ms = w.draw(|r| r.random_range(1_500..=4_000));
         let t_ms = w.rec.now();
-        let command = Command::SubmitTask {
-            request_id: RequestId(u128::from(n)),
-            spec,
+        let request_id = RequestId(u128::from(n));
+        let command = if pooled {
+            Command::SubmitPooled {
+                request_id,
+                spec,
+                pool: fleet::state::PoolClaim {
+                    pool: POOL.into(),
+                    slots: 1,
+                },
+            }
+        } else {
+            Command::SubmitTask { request_id, spec }
         };
         let mut acked = None;
         let mut error = None;
@@ -546,7 +787,6 @@ async fn observe(w: Arc<World>, stop: tokio::sync::watch::Receiver<bool>) {
 /// The fault schedule: calm, a fault for a while, heal; until `duration` has passed.
 async fn faults(w: &Arc<World>, duration: Duration) {
     let end = tokio::time::Instant::now() + duration;
-    let mut down: Vec<NodeId> = Vec::new();
     while tokio::time::Instant::now() < end {
         let calm = w.draw(|r| r.random_range(500..3_000));
         tokio::time::sleep(Duration::from_millis(calm)).await;
@@ -559,117 +799,129 @@ async fn faults(w: &Arc<World>, duration: Duration) {
         w.rec
             .trace
             .event(format_args!("fault {fault} on {victim} for {hold} ms"));
+        let hold = Duration::from_millis(hold);
         match fault {
-            0 | 1 => {
-                // Crash a replica (the leader half the time); its unsynced writes may be lost.
-                if let Some(node) = w.fabric.node(victim) {
-                    w.fabric.down(victim);
-                    node.crash().await;
-                    let lost = w.disks[&victim].crash() as u64;
-                    w.stat(|s| {
-                        s.crashes += 1;
-                        s.unsynced_lost += lost;
-                    });
-                    down.push(victim);
-                    tokio::time::sleep(Duration::from_millis(hold)).await;
-                    w.start_node(victim).await;
-                    down.retain(|d| *d != victim);
-                }
-            }
-            2 => {
-                // Isolate a replica both ways.
-                for other in (1..=n).filter(|o| *o != victim) {
-                    w.fabric.cut(victim, other);
-                    w.fabric.cut(other, victim);
-                }
-                w.stat(|s| s.partitions += 1);
-                tokio::time::sleep(Duration::from_millis(hold)).await;
-                w.fabric.heal();
-            }
-            3 => {
-                // One way: the victim hears the others but cannot reach them.
-                for other in (1..=n).filter(|o| *o != victim) {
-                    w.fabric.cut(victim, other);
-                }
-                w.stat(|s| s.partitions += 1);
-                tokio::time::sleep(Duration::from_millis(hold)).await;
-                w.fabric.heal();
-            }
-            4 => {
-                let weather = w.draw(|r| Weather {
-                    loss: r.random_range(0.02..0.3),
-                    duplicate: r.random_range(0.0..0.2),
-                    slow: r.random_range(0.0..0.2),
-                });
-                w.fabric.set_weather(weather);
-                tokio::time::sleep(Duration::from_millis(hold)).await;
-                w.fabric.set_weather(Weather::CALM);
-            }
-            5 => {
-                // A clock step on one replica (NTP jumping, `date -s`), then back.
-                let step = w.draw(|r| {
-                    r.random_range(5_000..60_000i64) * if r.random_bool(0.5) { 1 } else { -1 }
-                });
-                w.clocks[&victim].step(step);
-                w.stat(|s| s.clock_steps += 1);
-                tokio::time::sleep(Duration::from_millis(hold)).await;
-                w.clocks[&victim].step(0);
-            }
-            6 => {
-                // A worker's machine dies; a new worker takes its place.
-                let id = {
-                    let ws = w.workers.lock().expect("workers");
-                    let ids: Vec<u64> = ws.keys().copied().collect();
-                    ids[w.draw(|r| r.random_range(0..ids.len()))]
-                };
-                if let Some(wk) = w.workers.lock().expect("workers").remove(&id) {
-                    wk.crash();
-                }
-                w.stat(|s| s.worker_crashes += 1);
-                tokio::time::sleep(Duration::from_millis(hold.min(2_000))).await;
-                w.start_worker();
-            }
-            8 => {
-                // A worker process frozen (SIGSTOP, a long pause) past its leases' visibility
-                // timeouts; its tasks run on.
-                let wk = {
-                    let ws = w.workers.lock().expect("workers");
-                    let all: Vec<Arc<Worker>> = ws.values().cloned().collect();
-                    all[w.draw(|r| r.random_range(0..all.len()))].clone()
-                };
-                let from_ms = w.rec.now();
-                wk.freeze(true);
-                tokio::time::sleep(Duration::from_millis(hold + 2_000)).await;
-                wk.freeze(false);
-                w.rec.h.lock().expect("history").isolations.push(Isolation {
-                    workers: vec![wk.info.name.clone()],
-                    from_ms,
-                    to_ms: w.rec.now(),
-                });
-            }
-            _ => {
-                // A worker cut off from every replica (it keeps running its tasks).
-                let wk = {
-                    let ws = w.workers.lock().expect("workers");
-                    let all: Vec<Arc<Worker>> = ws.values().cloned().collect();
-                    all[w.draw(|r| r.random_range(0..all.len()))].clone()
-                };
-                let from_ms = w.rec.now();
-                for r in 1..=n {
-                    w.fabric.cut(wk.endpoint, r);
-                    w.fabric.cut(r, wk.endpoint);
-                }
-                w.stat(|s| s.partitions += 1);
-                tokio::time::sleep(Duration::from_millis(hold)).await;
-                w.fabric.heal();
-                w.rec.h.lock().expect("history").isolations.push(Isolation {
-                    workers: vec![wk.info.name.clone()],
-                    from_ms,
-                    to_ms: w.rec.now(),
-                });
-            }
+            0 | 1 => crash_replica(w, victim, hold).await,
+            2 => isolate_replica(w, victim, hold, true).await,
+            3 => isolate_replica(w, victim, hold, false).await,
+            4 => bad_weather(w, hold).await,
+            5 => clock_step(w, victim, hold).await,
+            6 => worker_dies(w, hold).await,
+            8 => worker_frozen(w, hold).await,
+            _ => worker_cut_off(w, hold).await,
         }
     }
+}
+
+/// Crashes a replica (the leader half the time; its unsynced writes may be lost) and restarts
+/// it from its disk after `hold`.
+async fn crash_replica(w: &Arc<World>, victim: NodeId, hold: Duration) {
+    let Some(node) = w.fabric.node(victim) else {
+        return;
+    };
+    w.fabric.down(victim);
+    node.crash().await;
+    let lost = w.disks[&victim].crash() as u64;
+    w.stat(|s| {
+        s.crashes += 1;
+        s.unsynced_lost += lost;
+    });
+    tokio::time::sleep(hold).await;
+    w.start_node(victim).await;
+}
+
+/// Cuts a replica from the others: both ways, or only what it sends (it hears them but cannot
+/// reach them).
+async fn isolate_replica(w: &Arc<World>, victim: NodeId, hold: Duration, both_ways: bool) {
+    for other in (1..=w.args.replicas).filter(|o| *o != victim) {
+        w.fabric.cut(victim, other);
+        if both_ways {
+            w.fabric.cut(other, victim);
+        }
+    }
+    w.stat(|s| s.partitions += 1);
+    tokio::time::sleep(hold).await;
+    w.fabric.heal();
+}
+
+/// A lossy, duplicating network with slow messages, for `hold`.
+async fn bad_weather(w: &Arc<World>, hold: Duration) {
+    let weather = w.draw(|r| Weather {
+        loss: r.random_range(0.02..0.6),
+        duplicate: r.random_range(0.0..0.2),
+        slow: r.random_range(0.0..0.2),
+    });
+    w.fabric.set_weather(weather);
+    tokio::time::sleep(hold).await;
+    w.fabric.set_weather(Weather::CALM);
+}
+
+/// A clock step on one replica (NTP jumping, `date -s`), then back.
+async fn clock_step(w: &Arc<World>, victim: NodeId, hold: Duration) {
+    let step =
+        w.draw(|r| r.random_range(5_000..60_000i64) * if r.random_bool(0.5) { 1 } else { -1 });
+    w.clocks[&victim].step(step);
+    w.stat(|s| s.clock_steps += 1);
+    tokio::time::sleep(hold).await;
+    w.clocks[&victim].step(0);
+}
+
+/// One of the workers, drawn from the run's sequence.
+fn some_worker(w: &Arc<World>) -> Arc<Worker> {
+    let all: Vec<Arc<Worker>> = w
+        .workers
+        .lock()
+        .expect("workers")
+        .values()
+        .cloned()
+        .collect();
+    all[w.draw(|r| r.random_range(0..all.len()))].clone()
+}
+
+/// A worker's machine dies (its tasks with it); a new worker takes its place.
+async fn worker_dies(w: &Arc<World>, hold: Duration) {
+    let id = some_worker(w).info.id.0;
+    if let Some(wk) = w.workers.lock().expect("workers").remove(&id) {
+        wk.crash();
+    }
+    w.stat(|s| s.worker_crashes += 1);
+    tokio::time::sleep(hold.min(Duration::from_secs(2))).await;
+    w.start_worker();
+}
+
+/// A worker process frozen (SIGSTOP, a long pause) past its leases' visibility timeouts; its
+/// tasks run on.
+async fn worker_frozen(w: &Arc<World>, hold: Duration) {
+    let wk = some_worker(w);
+    let from_ms = w.rec.now();
+    wk.freeze(true);
+    tokio::time::sleep(hold + Duration::from_secs(2)).await;
+    wk.freeze(false);
+    isolated(w, &wk, from_ms);
+}
+
+/// A worker cut off from every replica (it keeps running its tasks).
+async fn worker_cut_off(w: &Arc<World>, hold: Duration) {
+    let wk = some_worker(w);
+    let from_ms = w.rec.now();
+    for r in 1..=w.args.replicas {
+        w.fabric.cut(wk.endpoint, r);
+        w.fabric.cut(r, wk.endpoint);
+    }
+    w.stat(|s| s.partitions += 1);
+    tokio::time::sleep(hold).await;
+    w.fabric.heal();
+    isolated(w, &wk, from_ms);
+}
+
+/// Records that `wk` could not hear the cluster from `from_ms` until now (the checker's
+/// exception for such workers' executions).
+fn isolated(w: &Arc<World>, wk: &Worker, from_ms: u64) {
+    w.rec.h.lock().expect("history").isolations.push(Isolation {
+        workers: vec![wk.info.name.clone()],
+        from_ms,
+        to_ms: w.rec.now(),
+    });
 }
 
 /// Ends every fault: the network heals, the weather calms, clocks are right, every replica runs.
@@ -703,11 +955,16 @@ async fn settle(w: &Arc<World>) -> bool {
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let Some(leader) = w.leader() else { continue };
+        let runs: Vec<u64> = w.rec.h.lock().expect("history").runs_started.clone();
         let done = leader
             .read(|s| {
                 acked.iter().all(|id| {
                     s.task(fleet::state::TaskId(*id))
                         .is_none_or(|t| t.state.is_final())
+                }) && runs.iter().all(|id| {
+                    s.workflows()
+                        .run(fleet::state::RunId(*id))
+                        .is_none_or(|r| r.status.is_final())
                 })
             })
             .await;
@@ -742,11 +999,27 @@ async fn finish(w: &Arc<World>, converged: bool) -> Vec<String> {
         out.push("[converge] no leader after healing".into());
         return out;
     };
-    match leader
-        .read(|s| s.all_tasks().map(TaskRecord::from_task).collect::<Vec<_>>())
-        .await
-    {
-        Ok(tasks) => w.rec.h.lock().expect("history").tasks = tasks,
+    let read = leader
+        .read(|s| {
+            (
+                s.all_tasks().map(TaskRecord::from_task).collect::<Vec<_>>(),
+                s.schedules().all().cloned().collect::<Vec<_>>(),
+                s.pools()
+                    .sizes()
+                    .map(|(n, p)| (n.clone(), p.slots))
+                    .collect::<BTreeMap<_, _>>(),
+                run_records(s),
+            )
+        })
+        .await;
+    match read {
+        Ok((tasks, schedules, pools, runs)) => {
+            let mut h = w.rec.h.lock().expect("history");
+            h.tasks = tasks;
+            h.schedules = schedules;
+            h.pools = pools;
+            h.runs = runs;
+        }
         Err(e) => out.push(format!("[converge] final read failed: {e}")),
     }
     out
@@ -754,13 +1027,21 @@ async fn finish(w: &Arc<World>, converged: bool) -> Vec<String> {
 
 /// `chaos sim`: one seed, or many in parallel; exit 0 when every seed passed.
 pub fn main(args: SimArgs) -> std::process::ExitCode {
+    match args.seed {
+        Some(seed) => main_one(seed, &args),
+        None => main_many(&args),
+    }
+}
+
+/// One seed, its figures and violations (and, with --twice, the determinism verdict).
+fn main_one(seed: u64, args: &SimArgs) -> std::process::ExitCode {
     use std::process::ExitCode;
-    if let Some(seed) = args.seed {
-        let o = run_seed(seed, &args);
+    {
+        let o = run_seed(seed, args);
         print_one(&o);
         let mut ok = o.violations.is_empty();
         if args.twice {
-            let again = run_seed(seed, &args);
+            let again = run_seed(seed, args);
             if again.hash != o.hash || again.events != o.events {
                 println!(
                     "NOT DETERMINISTIC: second run hash {:016x} ({} events) != {:016x} ({} events)",
@@ -774,12 +1055,18 @@ pub fn main(args: SimArgs) -> std::process::ExitCode {
         if !ok {
             println!("replay: {}", args.replay(seed));
         }
-        return if ok {
+        if ok {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(1)
-        };
+        }
     }
+}
+
+/// Many seeds on `--jobs` threads; failures are printed with their replay command as they
+/// come, the figures at the end.
+fn main_many(args: &SimArgs) -> std::process::ExitCode {
+    use std::process::ExitCode;
     let count = args.seeds.unwrap_or(100);
     let base = args
         .base
@@ -801,7 +1088,7 @@ pub fn main(args: SimArgs) -> std::process::ExitCode {
     std::thread::scope(|scope| {
         for _ in 0..args.jobs.max(1) {
             let (next, failed, results, args) =
-                (next.clone(), failed.clone(), results.clone(), &args);
+                (next.clone(), failed.clone(), results.clone(), args);
             scope.spawn(move || loop {
                 if args.fail_fast && failed.load(std::sync::atomic::Ordering::Relaxed) {
                     return;

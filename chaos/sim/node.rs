@@ -32,6 +32,9 @@ use super::net::{Fabric, SimNetworkFactory};
 pub struct SimBugs {
     pub state: StateBugs,
     pub core: CoreBugs,
+    /// The simulated workers do not kill an attempt whose lease lapsed (the worker as it was
+    /// before the simulator's first finding).
+    pub worker_ignores_lapse: bool,
 }
 
 /// The replica configuration the simulator runs (fleet's defaults, with snapshots frequent

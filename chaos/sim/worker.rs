@@ -22,6 +22,8 @@ use super::Recorder;
 use crate::history::ExecKind;
 
 pub const SLOTS: u32 = 4;
+/// A task whose environment has this (set to 1) fails its first attempt.
+pub const FAIL_FIRST: &str = "SIM_FAIL_FIRST";
 pub const HEARTBEAT_MS: u64 = 300;
 
 struct Exec {
@@ -53,6 +55,8 @@ pub struct Worker {
     /// True while the worker process is frozen (SIGSTOP, a long GC pause): its own loops stand
     /// still; its tasks, separate processes, run on.
     frozen: tokio::sync::watch::Sender<bool>,
+    /// `--bug worker-ignores-lapse`: no lease lapses here.
+    ignores_lapse: bool,
 }
 
 impl Worker {
@@ -63,6 +67,7 @@ impl Worker {
         fabric: Arc<Fabric>,
         rec: Arc<Recorder>,
         seed: u64,
+        ignores_lapse: bool,
     ) -> Arc<Worker> {
         let w = Arc::new(Worker {
             info: WorkerInfo {
@@ -86,6 +91,7 @@ impl Worker {
             }),
             loops: Mutex::new(Vec::new()),
             frozen: tokio::sync::watch::Sender::new(false),
+            ignores_lapse,
         });
         let loops = vec![
             tokio::spawn(w.clone().lease_loop()),
@@ -201,11 +207,9 @@ impl Worker {
                 "flaky" => 100,
                 _ => i.rng.random_range(50..500),
             };
-            let exit = if kind == "flaky" && l.attempt == 1 {
-                1
-            } else {
-                0
-            };
+            let fail_first =
+                kind == "flaky" || l.spec.env.iter().any(|(k, v)| k == FAIL_FIRST && v == "1");
+            let exit = if fail_first && l.attempt == 1 { 1 } else { 0 };
             (ms, exit)
         });
         if !self.with(|i| i.started.insert(l.fencing_token)) {
@@ -281,6 +285,9 @@ impl Worker {
     /// Kills the executions whose lease lapsed: unextended for 80% of the visibility timeout
     /// (`fleet::worker::heartbeat::lapse_after`).
     fn kill_lapsed(&self) {
+        if self.ignores_lapse {
+            return;
+        }
         let now = tokio::time::Instant::now();
         let lapsed: Vec<(TaskId, u64)> = self.with(|i| {
             i.running
@@ -296,6 +303,9 @@ impl Worker {
 
     /// How long the next heartbeat may wait for its answer: not past the first lapse.
     fn until_lapse(&self) -> Duration {
+        if self.ignores_lapse {
+            return Duration::from_millis(1_000);
+        }
         let now = tokio::time::Instant::now();
         self.with(|i| {
             i.running
