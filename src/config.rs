@@ -458,8 +458,20 @@ impl Config {
         load::load(path, std::env::vars())
     }
 
-    /// Checks every value once, at start.
+    /// Checks every value once, at start; the first bad value is the error, naming its key.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_node()?;
+        self.validate_raft()?;
+        self.validate_client()?;
+        self.validate_scheduler()?;
+        self.validate_health()?;
+        self.validate_queues()?;
+        self.validate_worker()?;
+        self.validate_metrics()
+    }
+
+    /// `[node]`: addresses, the bootstrap set, the token and the cluster name.
+    fn validate_node(&self) -> anyhow::Result<()> {
         let n = &self.node;
         if n.id == Some(0) {
             anyhow::bail!("node.id = 0 is not valid: node ids start at 1");
@@ -508,6 +520,11 @@ impl Config {
                 n.cluster_name
             );
         }
+        Ok(())
+    }
+
+    /// `[raft]`: timings that can elect a leader, snapshot settings.
+    fn validate_raft(&self) -> anyhow::Result<()> {
         let r = &self.raft;
         if !(r.timing_multiplier.is_finite() && (0.1..=100.0).contains(&r.timing_multiplier)) {
             anyhow::bail!(
@@ -555,12 +572,22 @@ impl Config {
                 r.max_snapshot_bytes
             );
         }
+        Ok(())
+    }
+
+    /// `[client]`.
+    fn validate_client(&self) -> anyhow::Result<()> {
         if self.client.timeout_ms == 0 {
             anyhow::bail!("client.timeout_ms = 0 is not valid: use at least 1");
         }
         for p in &self.client.peers {
             parse_addr("client.peers", p)?;
         }
+        Ok(())
+    }
+
+    /// `[scheduler]`.
+    fn validate_scheduler(&self) -> anyhow::Result<()> {
         let s = &self.scheduler;
         check_range("scheduler.tick_ms", s.tick_ms, 10, 10_000)?;
         check_range(
@@ -593,11 +620,16 @@ impl Config {
             1_000,
             30 * 24 * 3_600_000,
         )?;
+        Ok(())
+    }
+
+    /// `[health]` (its stall threshold against the scheduler's tick).
+    fn validate_health(&self) -> anyhow::Result<()> {
         let h = &self.health;
         check_range(
             "health.stall_threshold_ms",
             h.stall_threshold_ms,
-            (3 * s.tick_ms).max(500),
+            (3 * self.scheduler.tick_ms).max(500),
             3_600_000,
         )?;
         check_range(
@@ -612,6 +644,11 @@ impl Config {
             100,
             60_000,
         )?;
+        Ok(())
+    }
+
+    /// `[tasks]` and every `[queues.NAME]`.
+    fn validate_queues(&self) -> anyhow::Result<()> {
         self.task_defaults_valid("tasks", &self.tasks)?;
         for q in self.queues.keys() {
             crate::state::validate_queue_name(q)
@@ -625,6 +662,11 @@ impl Config {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// `[worker]` (its heartbeat against the scheduler's liveness timeout).
+    fn validate_worker(&self) -> anyhow::Result<()> {
         let w = &self.worker;
         if w.queues.is_empty() {
             anyhow::bail!("worker.queues = [] is not valid: name at least one queue");
@@ -640,13 +682,13 @@ impl Config {
             50,
             60_000,
         )?;
-        if w.heartbeat_interval_ms.saturating_mul(3) > s.worker_liveness_timeout_ms {
+        if w.heartbeat_interval_ms.saturating_mul(3) > self.scheduler.worker_liveness_timeout_ms {
             anyhow::bail!(
                 "worker.heartbeat_interval_ms = {} is too long for \
                  scheduler.worker_liveness_timeout_ms = {}: a worker must be able to miss two \
                  heartbeats before it is declared lost (use at most a third of it)",
                 w.heartbeat_interval_ms,
-                s.worker_liveness_timeout_ms
+                self.scheduler.worker_liveness_timeout_ms
             );
         }
         check_range("worker.poll_wait_ms", w.poll_wait_ms, 0, 60_000)?;
@@ -658,6 +700,17 @@ impl Config {
             );
         }
         check_range("worker.drain_timeout_ms", w.drain_timeout_ms, 0, 86_400_000)?;
+        check_range(
+            "worker.output_tail_bytes",
+            self.worker.output_tail_bytes as u64,
+            0,
+            1 << 20,
+        )?;
+        Ok(())
+    }
+
+    /// `[metrics]`.
+    fn validate_metrics(&self) -> anyhow::Result<()> {
         let m = &self.metrics;
         if m.statsd {
             if m.statsd_host.is_empty() {
@@ -681,12 +734,6 @@ impl Config {
             );
         }
         check_range("metrics.interval_ms", m.interval_ms, 100, 600_000)?;
-        check_range(
-            "worker.output_tail_bytes",
-            w.output_tail_bytes as u64,
-            0,
-            1 << 20,
-        )?;
         Ok(())
     }
 

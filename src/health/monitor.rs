@@ -449,14 +449,60 @@ impl Replica {
     /// This replica's health report, with the cluster view when `with_cluster`.
     pub async fn health_report(&self, with_cluster: bool) -> HealthReport {
         let h = &self.health;
-        let cfg = &self.config;
-        let threshold = cfg.health.stall_threshold_ms;
+        let threshold = self.config.health.stall_threshold_ms;
         let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership().clone();
         let now = self.clock.wall_ms();
-        let st = h.monitor.lock().expect("monitor lock");
+        let leading = m.current_leader == Some(self.id) && m.state.is_leader();
+        let (raft, scheduler) = {
+            let st = h.monitor.lock().expect("monitor lock");
+            (
+                self.raft_health(&m, &membership, &st, threshold),
+                self.scheduler_health(&m, &st, leading, threshold),
+            )
+        };
+        let storage = self.storage_health(threshold);
+        let workers = leading.then(|| self.workers_health());
+        let reasons: Vec<String> = [&raft.reason, &storage.reason, &scheduler.reason]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let mut report = HealthReport {
+            status: if reasons.is_empty() {
+                Status::Healthy
+            } else {
+                Status::Unhealthy
+            },
+            reasons,
+            node_id: self.id,
+            addr: self.addr.clone(),
+            http_addr: h.http_addr().map(|a| a.to_string()),
+            checked_at: rfc3339_ms(now),
+            checked_at_ms: now,
+            uptime_ms: ms(h.started.elapsed()),
+            raft,
+            storage,
+            scheduler,
+            workers,
+            fault_injection: h.faults.state(),
+            cluster: None,
+        };
+        if with_cluster {
+            report.cluster = Some(self.cluster_health(&report, &membership));
+        }
+        report
+    }
 
-        // Raft.
+    /// The Raft part of the report: role, progress, and why it is unhealthy if it is.
+    fn raft_health(
+        &self,
+        m: &openraft::RaftMetrics<crate::raft::TypeConfig>,
+        membership: &openraft::Membership<crate::raft::NodeId, crate::raft::Node>,
+        st: &MonitorState,
+        threshold: u64,
+    ) -> RaftHealth {
+        let h = &self.health;
         let role = role_name(m.state);
         let leading = m.current_leader == Some(self.id) && m.state.is_leader();
         let voters = membership.voter_ids().count();
@@ -499,7 +545,7 @@ impl Replica {
         } else {
             None
         };
-        let raft = RaftHealth {
+        RaftHealth {
             healthy: raft_reason.is_none(),
             reason: raft_reason,
             role: role.into(),
@@ -516,9 +562,11 @@ impl Replica {
             elections_enabled: st.elections_enabled,
             unreachable_peers: unreachable_peers(self),
             unreachable_by: unreachable_by(self),
-        };
+        }
+    }
 
-        // Storage.
+    /// The storage part: the fsync thread's progress.
+    fn storage_health(&self, threshold: u64) -> StorageHealth {
         let fs = self.log.flush_stats();
         let in_flight = fs.in_flight_since.map(|t| ms(t.elapsed()));
         let storage_reason = match in_flight {
@@ -533,7 +581,7 @@ impl Replica {
             .last_ok_at
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(ms);
-        let storage = StorageHealth {
+        StorageHealth {
             healthy: storage_reason.is_none(),
             reason: storage_reason,
             last_fsync_at: fs.last_ok_at.map(rfc3339),
@@ -542,9 +590,18 @@ impl Replica {
             fsync_in_flight_ms: in_flight,
             fsyncs: fs.flushes,
             fsync_failures: fs.failures,
-        };
+        }
+    }
 
-        // Scheduler.
+    /// The scheduler part: the loop's progress and the apply backlog.
+    fn scheduler_health(
+        &self,
+        m: &openraft::RaftMetrics<crate::raft::TypeConfig>,
+        st: &MonitorState,
+        leading: bool,
+        threshold: u64,
+    ) -> SchedulerHealth {
+        let cfg = &self.config;
         let (iterations, last_ms) = self.scheduler.progress();
         let silence = loop_silence_ms(self);
         let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
@@ -572,7 +629,7 @@ impl Replica {
         } else {
             "standby"
         };
-        let scheduler = SchedulerHealth {
+        SchedulerHealth {
             healthy: sched_reason.is_none(),
             reason: sched_reason,
             state: state.into(),
@@ -585,73 +642,43 @@ impl Replica {
             mitigation: st.mitigation.clone(),
             apply_backlog,
             apply_idle_ms,
-        };
-        drop(st);
-
-        // Workers, as the leader knows them.
-        let workers = leading.then(|| {
-            let mono = self.clock.mono_ms();
-            let list = self
-                .scheduler
-                .core()
-                .workers()
-                .list(mono, cfg.scheduler.worker_liveness_timeout_ms);
-            let mut w = WorkersHealth {
-                active: 0,
-                draining: 0,
-                lost: 0,
-                free_slots: 0,
-                not_active: Vec::new(),
-            };
-            for (r, state) in list {
-                match state.as_str() {
-                    "active" => {
-                        w.active += 1;
-                        w.free_slots += u64::from(r.info.slots.saturating_sub(r.info.running));
-                        continue;
-                    }
-                    "draining" => w.draining += 1,
-                    _ => w.lost += 1,
-                }
-                w.not_active.push(WorkerBrief {
-                    id: r.info.id.0,
-                    name: r.info.name.clone(),
-                    state: state.as_str().into(),
-                    last_seen_ms_ago: mono.saturating_sub(r.last_seen_ms),
-                });
-            }
-            w
-        });
-
-        let reasons: Vec<String> = [&raft.reason, &storage.reason, &scheduler.reason]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
-        let mut report = HealthReport {
-            status: if reasons.is_empty() {
-                Status::Healthy
-            } else {
-                Status::Unhealthy
-            },
-            reasons,
-            node_id: self.id,
-            addr: self.addr.clone(),
-            http_addr: h.http_addr().map(|a| a.to_string()),
-            checked_at: rfc3339_ms(now),
-            checked_at_ms: now,
-            uptime_ms: ms(h.started.elapsed()),
-            raft,
-            storage,
-            scheduler,
-            workers,
-            fault_injection: h.faults.state(),
-            cluster: None,
-        };
-        if with_cluster {
-            report.cluster = Some(self.cluster_health(&report, &membership));
         }
-        report
+    }
+
+    /// The workers as the leader knows them.
+    fn workers_health(&self) -> WorkersHealth {
+        let cfg = &self.config;
+        let mono = self.clock.mono_ms();
+        let list = self
+            .scheduler
+            .core()
+            .workers()
+            .list(mono, cfg.scheduler.worker_liveness_timeout_ms);
+        let mut w = WorkersHealth {
+            active: 0,
+            draining: 0,
+            lost: 0,
+            free_slots: 0,
+            not_active: Vec::new(),
+        };
+        for (r, state) in list {
+            match state.as_str() {
+                "active" => {
+                    w.active += 1;
+                    w.free_slots += u64::from(r.info.slots.saturating_sub(r.info.running));
+                    continue;
+                }
+                "draining" => w.draining += 1,
+                _ => w.lost += 1,
+            }
+            w.not_active.push(WorkerBrief {
+                id: r.info.id.0,
+                name: r.info.name.clone(),
+                state: state.as_str().into(),
+                last_seen_ms_ago: mono.saturating_sub(r.last_seen_ms),
+            });
+        }
+        w
     }
 
     fn cluster_health(
