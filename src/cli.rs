@@ -11,10 +11,12 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
+pub mod cluster;
 pub mod health;
 pub mod logs;
 pub mod schedule;
 pub mod submit;
+pub mod task;
 pub mod up;
 pub mod worker;
 pub mod workflow;
@@ -24,9 +26,8 @@ pub use up::UpArgs;
 
 use crate::client::Client;
 use crate::config::{parse_peer_list, Config};
-use crate::rpc::{ClusterStatus, ReadMode};
 use crate::server::Replica;
-use crate::state::{TaskFilter, TaskId, TaskState};
+use crate::state::TaskState;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -346,298 +347,44 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Pool(cmd) => schedule::pool(&config, cmd).await,
         Command::Workflow(cmd) => workflow::workflow(&config, cmd).await,
         Command::Run(cmd) => workflow::run(&config, cmd).await,
-        Command::Task(TaskCommand::List {
-            client,
-            state,
-            queue,
-            limit,
-            after,
-            stale,
-        }) => {
-            if !(1..=10_000).contains(&limit) {
-                bail!("--limit {limit} is not valid: use 1 to 10000");
-            }
-            if let Some(q) = &queue {
-                crate::state::validate_queue_name(q)?;
-            }
-            let mut c = connect(&config, &client)?;
-            let filter = TaskFilter {
-                state,
-                queue,
-                after: after.map(TaskId),
-                limit,
-            };
-            let mode = if stale {
-                ReadMode::Local
-            } else {
-                ReadMode::Linearizable
-            };
-            let reply = c
-                .call(|cl, ctx| {
-                    let f = filter.clone();
-                    async move { cl.list_tasks(ctx, f, mode, 0).await }
-                })
-                .await?;
-            if client.output == Output::Json {
-                print_json(&reply)
-            } else {
-                if !reply.linearizable {
-                    eprintln!(
-                        "(served locally by node {} at applied index {}; may be stale)",
-                        reply.served_by, reply.applied_index
-                    );
-                }
-                println!(
-                    "{:<10} {:<10} {:<16} {:<24} COMMAND",
-                    "ID", "STATE", "QUEUE", "SUBMITTED"
-                );
-                for t in &reply.value {
-                    println!(
-                        "{:<10} {:<10} {:<16} {:<24} {}",
-                        t.id,
-                        t.state.as_str(),
-                        t.spec.queue,
-                        format_time_ms(t.submitted_at_ms),
-                        shell_words(&t.spec.command)
-                    );
-                }
-                Ok(())
-            }
-        }
-        Command::Task(TaskCommand::Show { client, id, stale }) => {
-            let mut c = connect(&config, &client)?;
-            let mode = if stale {
-                ReadMode::Local
-            } else {
-                ReadMode::Linearizable
-            };
-            let reply = c
-                .call(|cl, ctx| async move { cl.get_task(ctx, TaskId(id), mode, 0).await })
-                .await?;
-            let Some(task) = &reply.value else {
-                bail!("task {id} not found");
-            };
-            if client.output == Output::Json {
-                print_json(&reply)
-            } else {
-                if !reply.linearizable {
-                    eprintln!("(served locally by node {}; may be stale)", reply.served_by);
-                }
-                println!("id:         {}", task.id);
-                println!("state:      {}", task.state.as_str());
-                println!("queue:      {}", task.spec.queue);
-                println!("command:    {}", shell_words(&task.spec.command));
-                println!("submitted:  {}", format_time_ms(task.submitted_at_ms));
-                println!("log index:  {}", task.created_index);
-                println!("priority:   {}", task.spec.priority);
-                if matches!(task.state, TaskState::Queued | TaskState::Failed) {
-                    println!("ready at:   {}", format_time_ms(task.ready_at_ms));
-                }
-                if let Some(f) = task.finished_at_ms {
-                    println!("finished:   {}", format_time_ms(f));
-                }
-                println!(
-                    "timeouts:   execution {}, visibility {} ms",
-                    task.spec
-                        .execution_timeout_ms
-                        .map_or("none".to_string(), |t| format!("{t} ms")),
-                    task.spec.visibility_timeout_ms
-                );
-                let r = &task.spec.retry;
-                println!(
-                    "retry:      {} attempts, backoff {} ms x{:.1} up to {} ms",
-                    r.max_attempts,
-                    r.backoff_initial_ms,
-                    f64::from(r.backoff_multiplier_permille) / 1000.0,
-                    r.backoff_max_ms
-                );
-                if let Some(k) = &task.spec.idempotency_key {
-                    println!("idem. key:  {k}");
-                }
-                for (k, v) in &task.spec.env {
-                    println!("env:        {k}={v}");
-                }
-                println!(
-                    "attempts:   {} of {}",
-                    task.attempts_used(),
-                    task.spec.retry.max_attempts
-                );
-                for a in &task.attempts {
-                    println!(
-                        "  #{} worker {} token {} started {}{}: {}{}",
-                        a.number,
-                        a.worker_label(),
-                        a.fencing_token,
-                        format_time_ms(a.started_at_ms),
-                        a.ended_at_ms
-                            .map(|e| format!(
-                                " ran {:.3}s",
-                                e.saturating_sub(a.started_at_ms) as f64 / 1000.0
-                            ))
-                            .unwrap_or_default(),
-                        a.outcome
-                            .as_ref()
-                            .map(|o| o.to_string())
-                            .unwrap_or_else(|| "running".into()),
-                        if a.output_tail.is_empty() {
-                            String::new()
-                        } else {
-                            format!(
-                                " ({} bytes of output: fleet logs {})",
-                                a.output_tail.len(),
-                                task.id
-                            )
-                        }
-                    );
-                }
-                Ok(())
-            }
-        }
-        Command::Task(TaskCommand::Cancel { client, id }) => {
-            change_task(&config, &client, id, true).await
-        }
-        Command::Task(TaskCommand::Retry { client, id }) => {
-            change_task(&config, &client, id, false).await
-        }
+        Command::Task(cmd) => task::task(&config, cmd).await,
         Command::Queue(QueueCommand::Stats { client, stale }) => {
-            let mut c = connect(&config, &client)?;
-            let mode = if stale {
-                ReadMode::Local
-            } else {
-                ReadMode::Linearizable
-            };
-            let reply = c
-                .call(|cl, ctx| async move { cl.queue_stats(ctx, mode, 0).await })
-                .await?;
-            if client.output == Output::Json {
-                return print_json(&reply);
-            }
-            let now = crate::clock::system_wall_ms();
-            // Every state a task can be in, so a finished demo shows its succeeded tasks.
-            println!(
-                "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
-                "QUEUE",
-                "READY",
-                "DELAYED",
-                "RUNNING",
-                "FAILED",
-                "DEAD",
-                "SUCCEEDED",
-                "CANCELLED",
-                "OLDEST READY"
-            );
-            for (q, st) in &reply.value {
-                let age = st
-                    .oldest_ready_since_ms
-                    .map(|t| format!("{:.1}s", now.saturating_sub(t) as f64 / 1000.0))
-                    .unwrap_or_else(|| "-".into());
-                println!(
-                    "{:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
-                    q,
-                    st.ready,
-                    st.delayed,
-                    st.running,
-                    st.failed,
-                    st.dead,
-                    st.succeeded,
-                    st.cancelled,
-                    age
-                );
-            }
-            Ok(())
+            task::queue_stats(&config, &client, stale).await
         }
-        Command::Cluster(ClusterCommand::Status { client, local }) => {
-            let status = cluster_status(&config, &client, local).await?;
-            if client.output == Output::Json {
-                print_json(&status)
-            } else {
-                print_status(&status);
-                Ok(())
-            }
-        }
-        Command::Cluster(ClusterCommand::Remove { client, node }) => {
-            let mut c = connect(&config, &client)?;
-            c.call(|cl, ctx| async move { cl.remove_member(ctx, node, 0).await })
-                .await?;
-            report(
-                &client,
-                &serde_json::json!({"removed": node}),
-                &format!("node {node} removed"),
-            )
-        }
-        Command::Cluster(ClusterCommand::Leave { client }) => {
-            let peers = client_peers(&config, &client)?;
-            if peers.len() != 1 {
-                bail!(
-                    "cluster leave needs exactly one address in --peers (the node that leaves); got {}",
-                    peers.join(",")
-                );
-            }
-            let mut c = connect(&config, &client)?;
-            c.call(|cl, ctx| async move { cl.leave(ctx).await }).await?;
-            report(
-                &client,
-                &serde_json::json!({"left": peers[0]}),
-                &format!("node at {} left the cluster", peers[0]),
-            )
-        }
-        Command::Bench(args) => crate::bench::run(&config, args).await,
-        Command::Health(args) => health::health(&config, args).await,
-        Command::Fault(cmd) => health::fault(&config, cmd).await,
+        Command::Cluster(cmd) => cluster::cluster(&config, cmd).await,
         Command::Config(ConfigCommand::Show {
             defaults,
             node,
             output,
-        }) => {
-            let config = if defaults {
-                Config::default()
-            } else {
-                let mut config = config;
-                node.apply(&mut config)?;
-                config.validate()?;
-                config
-            };
-            let shown = crate::config::load::masked(&config)?;
-            if output == Output::Json {
-                print_json(&shown)
-            } else {
-                print!("{}", toml::to_string(&shown)?);
-                Ok(())
-            }
-        }
+        }) => config_show(config, defaults, node, output),
+        Command::Bench(args) => crate::bench::run(&config, args).await,
+        Command::Health(args) => health::health(&config, args).await,
+        Command::Fault(cmd) => health::fault(&config, cmd).await,
     }
 }
 
-/// The leader's view of the cluster from the first listed replica that can give it; without
-/// one (no quorum, or every listed replica cut off), the first replica's own view.
-async fn cluster_status(
-    config: &Config,
-    args: &ClientArgs,
-    local: bool,
-) -> anyhow::Result<ClusterStatus> {
-    // hop = 1 makes a replica answer with its own view instead of asking the leader.
-    let hop = u8::from(local);
-    let peers = client_peers(config, args)?;
-    let mut fallback: Option<anyhow::Result<ClusterStatus>> = None;
-    for peer in &peers {
-        let one = ClientArgs {
-            peers: Some(peer.clone()),
-            ..args.clone()
-        };
-        let mut c = connect(config, &one)?;
-        let r = c
-            .call(|cl, ctx| async move { cl.cluster_status(ctx, hop).await })
-            .await;
-        match r {
-            Ok(s) if s.leader_view || local => return Ok(s),
-            other => {
-                if fallback.as_ref().is_none_or(|f| f.is_err()) {
-                    fallback = Some(other);
-                }
-            }
-        }
+/// `fleet config show`: the effective configuration (secrets masked), or the defaults.
+fn config_show(
+    config: Config,
+    defaults: bool,
+    node: NodeFlags,
+    output: Output,
+) -> anyhow::Result<()> {
+    let config = if defaults {
+        Config::default()
+    } else {
+        let mut config = config;
+        node.apply(&mut config)?;
+        config.validate()?;
+        config
+    };
+    let shown = crate::config::load::masked(&config)?;
+    if output == Output::Json {
+        print_json(&shown)
+    } else {
+        print!("{}", toml::to_string(&shown)?);
+        Ok(())
     }
-    fallback.unwrap_or_else(|| Err(anyhow::anyhow!("no replica address given")))
 }
 
 /// The configuration file (`--config`, else `/etc/fleet/fleet.toml` when it exists) with the
@@ -686,88 +433,17 @@ pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(args: &ClientArgs, json: &serde_json::Value, text: &str) -> anyhow::Result<()> {
+pub(crate) fn report(
+    args: &ClientArgs,
+    json: &serde_json::Value,
+    text: &str,
+) -> anyhow::Result<()> {
     if args.output == Output::Json {
         print_json(json)
     } else {
         println!("{text}");
         Ok(())
     }
-}
-
-/// `task cancel` (`cancel = true`) or `task retry`: makes the change and prints the task's
-/// state afterwards.
-async fn change_task(
-    config: &Config,
-    args: &ClientArgs,
-    id: u64,
-    cancel: bool,
-) -> anyhow::Result<()> {
-    let mut c = connect(config, args)?;
-    let state = c
-        .call(|cl, ctx| async move {
-            if cancel {
-                cl.cancel_task(ctx, TaskId(id), 0).await
-            } else {
-                cl.retry_task(ctx, TaskId(id), 0).await
-            }
-        })
-        .await?;
-    report(
-        args,
-        &serde_json::json!({"id": id, "state": state}),
-        &format!("task {id} is {}", state.as_str()),
-    )
-}
-
-fn print_status(s: &ClusterStatus) {
-    let leader = match (s.leader_id, &s.leader_addr) {
-        (Some(id), Some(a)) => format!("node {id} at {a}"),
-        _ => "none (election in progress or no quorum)".into(),
-    };
-    println!(
-        "cluster:  {} ({})",
-        s.cluster_name,
-        s.cluster_id.as_deref().unwrap_or("not formed")
-    );
-    println!("leader:   {leader}");
-    println!("term:     {}", s.term);
-    println!(
-        "log:      last {}  committed {}  applied {}  snapshot {}  purged {}",
-        opt(s.last_log_index),
-        opt(s.commit_index),
-        opt(s.applied_index),
-        opt(s.snapshot_index),
-        opt(s.purged_index)
-    );
-    if !s.leader_view {
-        println!(
-            "(reported by node {} without a reachable leader: match index and contact unknown)",
-            s.reported_by
-        );
-    }
-    println!();
-    println!(
-        "{:<6} {:<22} {:<9} {:<6} {:>12} {:>14}",
-        "NODE", "ADDRESS", "ROLE", "VOTER", "MATCH INDEX", "LAST CONTACT"
-    );
-    for m in &s.members {
-        println!(
-            "{:<6} {:<22} {:<9} {:<6} {:>12} {:>14}",
-            m.id,
-            m.addr,
-            m.role,
-            if m.voter { "yes" } else { "no" },
-            opt(m.match_index),
-            m.last_contact_ms
-                .map(|ms| format!("{ms} ms ago"))
-                .unwrap_or_else(|| "-".into())
-        );
-    }
-}
-
-fn opt(v: Option<u64>) -> String {
-    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
 pub(crate) fn shell_words<S: AsRef<str>>(words: impl IntoIterator<Item = S>) -> String {
