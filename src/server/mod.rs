@@ -89,32 +89,7 @@ impl Replica {
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
         raise_open_file_limit();
-        // Before sled: a second process on this directory is told who holds it.
-        let data_lock =
-            crate::pidlock::PidLock::acquire(&data_dir.join("fleet.pid")).map_err(|e| {
-                anyhow::anyhow!(
-                    "data directory {} is {e}; stop that process first",
-                    data_dir.display()
-                )
-            })?;
-        let db = sled::Config::new()
-            .path(data_dir.join("db"))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
-                {
-                    anyhow::anyhow!(
-                        "data directory {} is in use by another fleet process ({io})",
-                        data_dir.display()
-                    )
-                }
-                other => anyhow::anyhow!(
-                    "cannot open the database in {}: {other}",
-                    data_dir.display()
-                ),
-            })?;
+        let (data_lock, db) = open_data_dir(&data_dir)?;
         let clock = crate::clock::Clock::system();
         let random = crate::random::Random::from_os();
         let health =
@@ -133,45 +108,7 @@ impl Replica {
         .map_err(|e| anyhow::anyhow!("cannot start the fsync thread: {e}"))?;
         let log = LogStore::open(db, flusher)?;
 
-        let identity = match log.identity()? {
-            Some(stored) => {
-                if let Some(id) = config.node.id {
-                    if id != stored.node_id {
-                        anyhow::bail!(
-                            "data directory {} belongs to node {}, but node id {id} was given; \
-                             use --node-id {} or an empty data directory",
-                            data_dir.display(),
-                            stored.node_id,
-                            stored.node_id
-                        );
-                    }
-                }
-                if stored.cluster_name != config.node.cluster_name {
-                    anyhow::bail!(
-                        "data directory {} belongs to cluster {:?}, but cluster name {:?} was \
-                         given; use an empty data directory for a new cluster",
-                        data_dir.display(),
-                        stored.cluster_name,
-                        config.node.cluster_name
-                    );
-                }
-                stored
-            }
-            None => {
-                // Ids up to 2^53 survive JSON tools that read numbers as doubles.
-                let node_id = config
-                    .node
-                    .id
-                    .unwrap_or_else(|| random.range(1..(1u64 << 53)));
-                let fresh = Identity {
-                    node_id,
-                    cluster_name: config.node.cluster_name.clone(),
-                    cluster_id: None,
-                };
-                log.save_identity(&fresh).await?;
-                fresh
-            }
-        };
+        let identity = load_identity(&log, &config, &random).await?;
         let id = identity.node_id;
         if config.node.id.is_none() {
             // A new node drew its id just now (`fleet join` records a configured one).
@@ -190,25 +127,7 @@ impl Replica {
         );
         let pool = PeerPool::new(local.clone());
 
-        let listener = TcpListener::bind(&config.node.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.node.listen))?;
-        let http_listener = if config.node.http_listen.is_empty() {
-            None
-        } else {
-            Some(
-                TcpListener::bind(&config.node.http_listen)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "cannot listen for HTTP on {} (node.http_listen, --http-listen; \
-                             port 0 picks a free port, an empty value turns HTTP off)",
-                            config.node.http_listen
-                        )
-                    })?,
-            )
-        };
-
+        let (listener, http_listener) = bind(&config).await?;
         let sm = StateMachineStore::open(&data_dir)?;
         let raft_config = crate::raft::openraft_config(&identity.cluster_name, &config.raft)?;
         let network = NetworkFactory::new(
@@ -255,21 +174,30 @@ impl Replica {
             data_dir = %data_dir.display(),
             "replica started"
         );
-        tokio::spawn(replica.clone().serve(listener).in_current_span());
+        replica.spawn_services(listener, http_listener)?;
+        Ok(replica)
+    }
+
+    /// Starts what serves and drives this replica: the RPC and HTTP listeners, the health
+    /// monitor, the scheduling loop, the ticker, the metrics sampler and cluster formation.
+    fn spawn_services(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        http_listener: Option<TcpListener>,
+    ) -> anyhow::Result<()> {
+        tokio::spawn(self.clone().serve(listener).in_current_span());
         if let Some(l) = http_listener {
             let addr = l.local_addr()?;
-            replica.health.set_http_addr(addr);
+            self.health.set_http_addr(addr);
             tracing::info!(%addr, "serving /health over HTTP");
-            tokio::spawn(crate::health::http::serve(replica.clone(), l).in_current_span());
+            tokio::spawn(crate::health::http::serve(self.clone(), l).in_current_span());
         }
-        crate::health::monitor::spawn(replica.clone());
-        tokio::spawn(replica.clone().watch_for_fatal().in_current_span());
-        tokio::spawn(
-            crate::scheduler::scheduling_loop::run(replica.loop_context()).in_current_span(),
-        );
-        tokio::spawn(crate::scheduler::ticker::run(replica.loop_context()).in_current_span());
-        tokio::spawn(crate::metrics::sampler::run(replica.clone()).in_current_span());
-        let r = replica.clone();
+        crate::health::monitor::spawn(self.clone());
+        tokio::spawn(self.clone().watch_for_fatal().in_current_span());
+        tokio::spawn(crate::scheduler::scheduling_loop::run(self.loop_context()).in_current_span());
+        tokio::spawn(crate::scheduler::ticker::run(self.loop_context()).in_current_span());
+        tokio::spawn(crate::metrics::sampler::run(self.clone()).in_current_span());
+        let r = self.clone();
         tokio::spawn(
             async move {
                 if let Err(e) = formation::run(r.clone()).await {
@@ -278,7 +206,7 @@ impl Replica {
             }
             .in_current_span(),
         );
-        Ok(replica)
+        Ok(())
     }
 
     /// What the scheduling loop and the ticker need of this replica.
@@ -655,3 +583,105 @@ fn raise_open_file_limit() {
 const OPEN_FILES_NEEDED: u64 = admission::Limits::DEFAULT.total() as u64 + 256;
 /// What the replica raises its soft limit to, when the hard limit allows.
 const OPEN_FILES_WANTED: u64 = 65_536;
+
+/// Locks the data directory for this process and opens its database.
+fn open_data_dir(
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(crate::pidlock::PidLock, sled::Db)> {
+    // Before sled: a second process on this directory is told who holds it.
+    let data_lock = crate::pidlock::PidLock::acquire(&data_dir.join("fleet.pid")).map_err(|e| {
+        anyhow::anyhow!(
+            "data directory {} is {e}; stop that process first",
+            data_dir.display()
+        )
+    })?;
+    let db = sled::Config::new()
+        .path(data_dir.join("db"))
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                anyhow::anyhow!(
+                    "data directory {} is in use by another fleet process ({io})",
+                    data_dir.display()
+                )
+            }
+            other => anyhow::anyhow!(
+                "cannot open the database in {}: {other}",
+                data_dir.display()
+            ),
+        })?;
+    Ok((data_lock, db))
+}
+
+/// This node's identity from its data directory, checked against the configuration; a new
+/// node's is drawn and saved (fsynced) here.
+async fn load_identity(
+    log: &LogStore,
+    config: &Config,
+    random: &crate::random::Random,
+) -> anyhow::Result<Identity> {
+    let data_dir = &config.node.data_dir;
+    let identity = match log.identity()? {
+        Some(stored) => {
+            if let Some(id) = config.node.id {
+                if id != stored.node_id {
+                    anyhow::bail!(
+                        "data directory {} belongs to node {}, but node id {id} was given; \
+                         use --node-id {} or an empty data directory",
+                        data_dir.display(),
+                        stored.node_id,
+                        stored.node_id
+                    );
+                }
+            }
+            if stored.cluster_name != config.node.cluster_name {
+                anyhow::bail!(
+                    "data directory {} belongs to cluster {:?}, but cluster name {:?} was \
+                     given; use an empty data directory for a new cluster",
+                    data_dir.display(),
+                    stored.cluster_name,
+                    config.node.cluster_name
+                );
+            }
+            stored
+        }
+        None => {
+            // Ids up to 2^53 survive JSON tools that read numbers as doubles.
+            let node_id = config
+                .node
+                .id
+                .unwrap_or_else(|| random.range(1..(1u64 << 53)));
+            let fresh = Identity {
+                node_id,
+                cluster_name: config.node.cluster_name.clone(),
+                cluster_id: None,
+            };
+            log.save_identity(&fresh).await?;
+            fresh
+        }
+    };
+    Ok(identity)
+}
+
+/// The RPC listener and, unless turned off, the HTTP one.
+async fn bind(config: &Config) -> anyhow::Result<(TcpListener, Option<TcpListener>)> {
+    let listener = TcpListener::bind(&config.node.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.node.listen))?;
+    if config.node.http_listen.is_empty() {
+        return Ok((listener, None));
+    }
+    let http = TcpListener::bind(&config.node.http_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for HTTP on {} (node.http_listen, --http-listen; port 0 picks a \
+                 free port, an empty value turns HTTP off)",
+                config.node.http_listen
+            )
+        })?;
+    Ok((listener, Some(http)))
+}

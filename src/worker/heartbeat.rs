@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use super::attempt::KillReason;
 use crate::client::Client;
-use crate::rpc::{HeldLease, LeaseVerdict, LeasedTask, WorkerInfo};
+use crate::rpc::{HeartbeatReply, HeldLease, LeaseVerdict, LeasedTask, WorkerInfo};
 use crate::state::TaskId;
 
 /// Messages from the worker to its heartbeat thread.
@@ -114,13 +114,22 @@ struct Held {
 
 /// Starts the heartbeat thread.
 pub fn spawn(
-    mut client: Client,
+    client: Client,
     base: WorkerInfo,
     shared: Arc<Shared>,
     interval: Duration,
     inbox: std_mpsc::Receiver<HeartbeatMsg>,
     adopt: mpsc::UnboundedSender<LeasedTask>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let mut beater = Beater {
+        client,
+        base,
+        shared,
+        inbox,
+        adopt,
+        held: BTreeMap::new(),
+        failures: 0,
+    };
     std::thread::Builder::new()
         .name("fleet-heartbeat".into())
         .spawn(move || {
@@ -129,147 +138,194 @@ pub fn spawn(
                 .build()
                 .expect("a current-thread runtime");
             rt.block_on(async move {
-                let mut held: BTreeMap<TaskId, Held> = BTreeMap::new();
                 let mut next = Instant::now();
-                let mut failures = 0u32;
-                while !shared.stop.load(Ordering::Acquire) {
+                while !beater.shared.stop.load(Ordering::Acquire) {
                     // Pace: one heartbeat per interval (a timer, not synchronization).
                     tokio::time::sleep_until(next.into()).await;
                     next = Instant::now() + interval;
-                    shared.beats.fetch_add(1, Ordering::Relaxed);
-                    shared.failures.store(failures, Ordering::Relaxed);
-                    while let Ok(msg) = inbox.try_recv() {
-                        match msg {
-                            HeartbeatMsg::Add {
-                                task,
-                                fencing_token,
-                                kill,
-                                received_at,
-                                visibility,
-                            } => {
-                                held.insert(
-                                    task,
-                                    Held {
-                                        fencing_token,
-                                        extended_at: received_at,
-                                        visibility,
-                                        kill,
-                                        killing: false,
-                                    },
-                                );
-                            }
-                            HeartbeatMsg::Remove { task } => {
-                                held.remove(&task);
-                            }
-                        }
-                    }
-                    let mut info = base.clone();
-                    info.running = shared.running.load(Ordering::Relaxed);
-                    info.draining = shared.draining.load(Ordering::Relaxed);
-                    let leases: Vec<HeldLease> = held
-                        .iter()
-                        .map(|(task, h)| HeldLease {
-                            task: *task,
-                            fencing_token: h.fencing_token,
-                        })
-                        .collect();
-                    let sent = leases.clone();
-                    let sent_at = Instant::now();
-                    // The call may not outlast the first lease to lapse: the lapse check below
-                    // must run in time even when the leader does not answer.
-                    let bound = held
-                        .values()
-                        .filter(|h| !h.killing)
-                        .map(|h| {
-                            (h.extended_at + lapse_after(h.visibility))
-                                .saturating_duration_since(sent_at)
-                        })
-                        .min()
-                        .unwrap_or(Duration::MAX)
-                        .max(Duration::from_millis(10));
-                    let call = client.call(|c, ctx| {
-                        let (info, leases) = (info.clone(), leases.clone());
-                        async move { c.heartbeat(ctx, info, leases, 0).await }
-                    });
-                    let result = match tokio::time::timeout(bound, call).await {
-                        Ok(r) => r.map_err(|e| e.to_string()),
-                        Err(_) => Err(format!(
-                            "no answer within {} ms, when a lease lapses",
-                            bound.as_millis()
-                        )),
-                    };
-                    // Heartbeats failed, or now reach another leader: a lease request waiting
-                    // at the old one is renewed (not on the first success: nothing moved).
-                    let now_at = client.connected_to().map(str::to_string);
-                    let before = shared.leader_addr();
-                    if result.is_err() || (before.is_some() && now_at != before) {
-                        shared.link_changed(now_at);
-                    } else if before.is_none() {
-                        *shared.leader_addr.lock().expect("leader addr lock") = now_at;
-                    }
-                    match result {
-                        Ok(reply) => {
-                            for a in reply.adopt {
-                                tracing::warn!(
-                                    task = %a.task,
-                                    fencing_token = a.fencing_token,
-                                    "the leader says this worker holds a lease it never received; adopting it"
-                                );
-                                let _ = adopt.send(a);
-                            }
-                            let verdicts = reply.verdicts;
-                            if failures > 0 {
-                                tracing::info!(after_failures = failures, "heartbeats go through again");
-                            }
-                            failures = 0;
-                            for (l, v) in sent.iter().zip(verdicts) {
-                                let reason = match v {
-                                    LeaseVerdict::Extended => {
-                                        if let Some(h) = held.get_mut(&l.task) {
-                                            if h.fencing_token == l.fencing_token {
-                                                h.extended_at = h.extended_at.max(sent_at);
-                                            }
-                                        }
-                                        continue;
-                                    }
-                                    LeaseVerdict::Cancelled => KillReason::Cancelled,
-                                    LeaseVerdict::Fenced => KillReason::Fenced,
-                                };
-                                if let Some(h) = held.get_mut(&l.task) {
-                                    if !h.killing {
-                                        h.killing = true;
-                                        tracing::warn!(
-                                            task = %l.task,
-                                            fencing_token = l.fencing_token,
-                                            ?reason,
-                                            "the leader no longer extends this lease: killing the attempt"
-                                        );
-                                        let _ = h.kill.send(reason);
-                                    }
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            failures += 1;
-                            tracing::warn!(error = %e, failures, "heartbeat failed");
-                        }
-                    }
-                    for task in lapsed(&held, Instant::now()) {
-                        let h = held.get_mut(&task).expect("listed");
-                        h.killing = true;
-                        tracing::warn!(
-                            %task,
-                            fencing_token = h.fencing_token,
-                            unextended_ms = h.extended_at.elapsed().as_millis() as u64,
-                            visibility_timeout_ms = h.visibility.as_millis() as u64,
-                            "no heartbeat extended this lease in time: killing the attempt before \
-                             the leader can hand the task to another worker"
-                        );
-                        let _ = h.kill.send(KillReason::Lapsed);
-                    }
+                    beater.beat().await;
                 }
             });
         })
+}
+
+/// The heartbeat thread's state: the leases it covers and how the link to the leader fares.
+struct Beater {
+    client: Client,
+    base: WorkerInfo,
+    shared: Arc<Shared>,
+    inbox: std_mpsc::Receiver<HeartbeatMsg>,
+    adopt: mpsc::UnboundedSender<LeasedTask>,
+    held: BTreeMap<TaskId, Held>,
+    /// Heartbeats failed in a row.
+    failures: u32,
+}
+
+impl Beater {
+    /// One heartbeat covering every held lease, then the verdicts and the lapse check.
+    async fn beat(&mut self) {
+        self.shared.beats.fetch_add(1, Ordering::Relaxed);
+        self.shared.failures.store(self.failures, Ordering::Relaxed);
+        self.take_inbox();
+        let sent: Vec<HeldLease> = self
+            .held
+            .iter()
+            .map(|(task, h)| HeldLease {
+                task: *task,
+                fencing_token: h.fencing_token,
+            })
+            .collect();
+        let sent_at = Instant::now();
+        let result = self.send(&sent, sent_at).await;
+        self.note_link(result.is_ok());
+        match result {
+            Ok(reply) => {
+                for a in reply.adopt {
+                    tracing::warn!(
+                        task = %a.task,
+                        fencing_token = a.fencing_token,
+                        "the leader says this worker holds a lease it never received; adopting it"
+                    );
+                    let _ = self.adopt.send(a);
+                }
+                if self.failures > 0 {
+                    tracing::info!(
+                        after_failures = self.failures,
+                        "heartbeats go through again"
+                    );
+                }
+                self.failures = 0;
+                self.apply_verdicts(&sent, reply.verdicts, sent_at);
+            }
+            Err(e) => {
+                self.failures += 1;
+                tracing::warn!(error = %e, failures = self.failures, "heartbeat failed");
+            }
+        }
+        self.kill_lapsed();
+    }
+
+    /// Takes the attempts started and ended since the last heartbeat.
+    fn take_inbox(&mut self) {
+        while let Ok(msg) = self.inbox.try_recv() {
+            match msg {
+                HeartbeatMsg::Add {
+                    task,
+                    fencing_token,
+                    kill,
+                    received_at,
+                    visibility,
+                } => {
+                    let h = Held {
+                        fencing_token,
+                        extended_at: received_at,
+                        visibility,
+                        kill,
+                        killing: false,
+                    };
+                    self.held.insert(task, h);
+                }
+                HeartbeatMsg::Remove { task } => {
+                    self.held.remove(&task);
+                }
+            }
+        }
+    }
+
+    /// The heartbeat call, bounded so that it does not outlast the first lease to lapse: the
+    /// lapse check must run in time even when the leader does not answer.
+    async fn send(
+        &mut self,
+        leases: &[HeldLease],
+        sent_at: Instant,
+    ) -> Result<HeartbeatReply, String> {
+        let mut info = self.base.clone();
+        info.running = self.shared.running.load(Ordering::Relaxed);
+        info.draining = self.shared.draining.load(Ordering::Relaxed);
+        let bound = self
+            .held
+            .values()
+            .filter(|h| !h.killing)
+            .map(|h| (h.extended_at + lapse_after(h.visibility)).saturating_duration_since(sent_at))
+            .min()
+            .unwrap_or(Duration::MAX)
+            .max(Duration::from_millis(10));
+        let call = self.client.call(|c, ctx| {
+            let (info, leases) = (info.clone(), leases.to_vec());
+            async move { c.heartbeat(ctx, info, leases, 0).await }
+        });
+        match tokio::time::timeout(bound, call).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {} ms, when a lease lapses",
+                bound.as_millis()
+            )),
+        }
+    }
+
+    /// Heartbeats failed, or now reach another leader: a lease request waiting at the old one
+    /// is renewed (not on the first success: nothing moved).
+    fn note_link(&self, ok: bool) {
+        let now_at = self.client.connected_to().map(str::to_string);
+        let before = self.shared.leader_addr();
+        if !ok || (before.is_some() && now_at != before) {
+            self.shared.link_changed(now_at);
+        } else if before.is_none() {
+            *self.shared.leader_addr.lock().expect("leader addr lock") = now_at;
+        }
+    }
+
+    /// Extends the leases the leader extended; kills the attempts of the others.
+    fn apply_verdicts(
+        &mut self,
+        sent: &[HeldLease],
+        verdicts: Vec<LeaseVerdict>,
+        sent_at: Instant,
+    ) {
+        for (l, v) in sent.iter().zip(verdicts) {
+            let Some(h) = self.held.get_mut(&l.task) else {
+                continue;
+            };
+            let reason = match v {
+                LeaseVerdict::Extended => {
+                    if h.fencing_token == l.fencing_token {
+                        h.extended_at = h.extended_at.max(sent_at);
+                    }
+                    continue;
+                }
+                LeaseVerdict::Cancelled => KillReason::Cancelled,
+                LeaseVerdict::Fenced => KillReason::Fenced,
+            };
+            if !h.killing {
+                h.killing = true;
+                tracing::warn!(
+                    task = %l.task,
+                    fencing_token = l.fencing_token,
+                    ?reason,
+                    "the leader no longer extends this lease: killing the attempt"
+                );
+                let _ = h.kill.send(reason);
+            }
+        }
+    }
+
+    /// Kills the attempts whose lease no heartbeat extended in time, before the leader can
+    /// hand their tasks to another worker.
+    fn kill_lapsed(&mut self) {
+        for task in lapsed(&self.held, Instant::now()) {
+            let h = self.held.get_mut(&task).expect("listed");
+            h.killing = true;
+            tracing::warn!(
+                %task,
+                fencing_token = h.fencing_token,
+                unextended_ms = h.extended_at.elapsed().as_millis() as u64,
+                visibility_timeout_ms = h.visibility.as_millis() as u64,
+                "no heartbeat extended this lease in time: killing the attempt before \
+                 the leader can hand the task to another worker"
+            );
+            let _ = h.kill.send(KillReason::Lapsed);
+        }
+    }
 }
 
 #[cfg(test)]

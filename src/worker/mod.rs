@@ -79,26 +79,20 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
         running: 0,
         draining: false,
     };
-    let client = |timeout: Duration| {
-        Client::new(opts.peers.clone(), &opts.cluster_name, timeout).map(|c| {
-            c.with_role(crate::rpc::Role::Worker)
-                .with_auth_token(&opts.auth_token)
-        })
-    };
     let poll_timeout = Duration::from_millis(cfg.poll_wait_ms) + Duration::from_secs(15);
-    let mut poll_client = client(poll_timeout)?;
+    let poll_client = cluster_client(&opts, poll_timeout)?;
     let hb_interval = Duration::from_millis(cfg.heartbeat_interval_ms);
     // One attempt per replica is bounded, so a frozen leader costs one second, not the whole
     // heartbeat deadline: the next attempt goes to another replica (and on to the new leader).
-    let hb_client = client((hb_interval * 3).max(Duration::from_secs(2)))?
+    let hb_client = cluster_client(&opts, (hb_interval * 3).max(Duration::from_secs(2)))?
         .with_attempt_timeout(HEARTBEAT_ATTEMPT_TIMEOUT);
-    let report_client = client(Duration::from_secs(30))?;
+    let report_client = cluster_client(&opts, Duration::from_secs(30))?;
 
     // Before any attempt: how the processes an attempt starts are kept track of.
     let containment = Arc::new(containment::Containment::setup(&cfg.containment)?);
     let shared = Arc::new(Shared::default());
     let (hb_tx, hb_rx) = std::sync::mpsc::channel();
-    let (adopt_tx, mut adopt_rx) = mpsc::unbounded_channel();
+    let (adopt_tx, adopt_rx) = mpsc::unbounded_channel();
     let hb_thread = heartbeat::spawn(
         hb_client,
         info.clone(),
@@ -120,9 +114,8 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
         "worker started"
     );
     let executors = Arc::new(persistent::Executors::new(opts.persistent.clone()));
-    let slots = Arc::new(Semaphore::new(cfg.concurrency as usize));
-    let (alive_tx, mut alive_rx) = watch::channel(0usize);
-    let mut launcher = Launcher {
+    let (alive_tx, alive_rx) = watch::channel(0usize);
+    let launcher = Launcher {
         ctx: Arc::new(AttemptContext {
             name: opts.name.clone(),
             cfg: cfg.clone(),
@@ -144,145 +137,27 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
     ));
     let watched = shared.clone();
     let slots_total = cfg.concurrency;
-    notifier.clone().spawn(move || {
-        let beats = watched.beats.load(Ordering::Relaxed);
-        let failures = watched.failures.load(Ordering::Relaxed);
-        let state = if watched.draining.load(Ordering::Relaxed) {
-            "draining"
-        } else {
-            "active"
-        };
-        let link = if failures == 0 {
-            "heartbeats ok".to_string()
-        } else {
-            format!("{failures} heartbeats failed in a row")
-        };
-        (
-            beats,
-            format!(
-                "{state}, running {} of {slots_total} attempts, {link}",
-                watched.running.load(Ordering::Relaxed)
-            ),
-        )
-    });
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut poll_pause = Duration::from_millis(100);
+    notifier
+        .clone()
+        .spawn(move || systemd_status(&watched, slots_total));
+    let mut leasing = Leasing {
+        client: poll_client,
+        info,
+        shared: shared.clone(),
+        slots: Arc::new(Semaphore::new(cfg.concurrency as usize)),
+        launcher,
+        adopt_rx,
+        signals: StopSignals::new()?,
+        poll_wait_ms: cfg.poll_wait_ms,
+    };
+    leasing.run().await;
 
-    // The lease loop, until the first signal.
-    'leasing: loop {
-        let first = tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            Some(a) = adopt_rx.recv() => {
-                let permit = slots.clone().try_acquire_owned().ok();
-                launcher.launch(a, permit);
-                continue;
-            }
-            p = slots.clone().acquire_owned() => p.expect("semaphore open"),
-        };
-        let free = 1 + slots.available_permits() as u32;
-        let mut me = info.clone();
-        me.running = shared.running.load(Ordering::Relaxed);
-        let wait_ms = cfg.poll_wait_ms;
-        let epoch = shared.link_epoch.load(Ordering::Acquire);
-        let polled = {
-            let poll = poll_client.call(|c, ctx| {
-                let me = me.clone();
-                async move { c.lease_tasks(ctx, me, free, wait_ms, 0).await }
-            });
-            tokio::pin!(poll);
-            loop {
-                let changed = shared.link_changed.notified();
-                tokio::pin!(changed);
-                changed.as_mut().enable();
-                if shared.link_epoch.load(Ordering::Acquire) != epoch {
-                    break None;
-                }
-                tokio::select! {
-                    r = &mut poll => break Some(r),
-                    _ = changed => {}
-                    _ = term.recv() => break 'leasing,
-                    _ = int.recv() => break 'leasing,
-                    Some(a) = adopt_rx.recv() => {
-                        let permit = slots.clone().try_acquire_owned().ok();
-                        launcher.launch(a, permit);
-                    }
-                }
-            }
-        };
-        let Some(polled) = polled else {
-            // Heartbeats failed or moved to another replica: this long poll may be stuck at a
-            // frozen or deposed leader. Ask again where heartbeats go now.
-            let to = shared.leader_addr();
-            tracing::info!(leader = ?to, "the leader link changed: renewing the lease request");
-            poll_client.reconnect(to);
-            drop(first);
-            continue;
-        };
-        let leases = match polled {
-            Ok(l) => {
-                poll_pause = Duration::from_millis(100);
-                l
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "lease request failed; retrying");
-                drop(first);
-                // A retry pause after a failure, not synchronization.
-                tokio::time::sleep(poll_pause).await;
-                poll_pause = (poll_pause * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        let mut first = Some(first);
-        for lease in leases {
-            // Adopted leases may have taken the slots this request was for: then the attempt
-            // runs over capacity rather than wait (its lease is already running down).
-            let permit = first
-                .take()
-                .or_else(|| slots.clone().try_acquire_owned().ok());
-            launcher.launch(lease, permit);
-        }
-    }
-
-    // Drain.
     shared.draining.store(true, Ordering::Release);
     notifier.stopping("draining: no new tasks; waiting for running attempts");
-    let busy = shared.running.load(Ordering::Relaxed);
-    tracing::info!(
-        running = busy,
-        drain_timeout_ms = cfg.drain_timeout_ms,
-        "draining: no new leases; waiting for running attempts (signal again to stop them now)"
-    );
-    let drained = tokio::select! {
-        r = tokio::time::timeout(
-            Duration::from_millis(cfg.drain_timeout_ms),
-            alive_rx.wait_for(|n| *n == 0),
-        ) => r.is_ok(),
-        _ = term.recv() => false,
-        _ = int.recv() => false,
-    };
-    if !drained {
-        let victims: Vec<_> = launcher
-            .ctx
-            .running
-            .lock()
-            .expect("running lock")
-            .values()
-            .cloned()
-            .collect();
-        tracing::warn!(
-            attempts = victims.len(),
-            "stopping running attempts; their leases are handed back"
-        );
-        for k in victims {
-            let _ = k.send(KillReason::Shutdown);
-        }
-        let _ = alive_rx.wait_for(|n| *n == 0).await;
-    }
+    drain(&cfg, &shared, &mut leasing, alive_rx).await;
     // Every attempt has ended; its report (if any) is queued. Flush the reports, and stop the
     // idle persistent executors meanwhile.
-    drop(launcher);
+    drop(leasing);
     executors
         .shutdown(&persistent::AttemptEnv {
             containment: &containment,
@@ -292,9 +167,221 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
         })
         .await;
     let _ = reporter.await;
-    // Hand back anything still leased to this worker (killed attempts, a lease whose grant
-    // reply was lost).
-    let mut leave_client = client(Duration::from_secs(10))?;
+    leave(&opts, id).await?;
+    shared.stop.store(true, Ordering::Release);
+    drop(hb_tx);
+    let _ = tokio::task::spawn_blocking(move || hb_thread.join()).await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// A client of the cluster in the worker role, giving up on one call after `timeout`.
+fn cluster_client(opts: &WorkerOptions, timeout: Duration) -> anyhow::Result<Client> {
+    Ok(
+        Client::new(opts.peers.clone(), &opts.cluster_name, timeout)?
+            .with_role(crate::rpc::Role::Worker)
+            .with_auth_token(&opts.auth_token),
+    )
+}
+
+/// The worker's line in `systemctl status`, and the progress counter the watchdog checks.
+fn systemd_status(shared: &Shared, slots_total: u32) -> (u64, String) {
+    let beats = shared.beats.load(Ordering::Relaxed);
+    let failures = shared.failures.load(Ordering::Relaxed);
+    let state = if shared.draining.load(Ordering::Relaxed) {
+        "draining"
+    } else {
+        "active"
+    };
+    let link = if failures == 0 {
+        "heartbeats ok".to_string()
+    } else {
+        format!("{failures} heartbeats failed in a row")
+    };
+    (
+        beats,
+        format!(
+            "{state}, running {} of {slots_total} attempts, {link}",
+            shared.running.load(Ordering::Relaxed)
+        ),
+    )
+}
+
+/// SIGTERM or SIGINT, whichever comes first.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// The lease loop: one long poll for as many tasks as there are free slots, one attempt per
+/// lease, until the first stop signal.
+struct Leasing {
+    client: Client,
+    info: WorkerInfo,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    launcher: Launcher,
+    /// Leases the heartbeat thread learned of that this worker never started (a lost reply).
+    adopt_rx: mpsc::UnboundedReceiver<LeasedTask>,
+    signals: StopSignals,
+    poll_wait_ms: u64,
+}
+
+/// How one lease request ended.
+enum Polled {
+    Stop,
+    /// The heartbeat path moved to another replica: this poll may be stuck at a deposed leader.
+    LinkChanged,
+    Reply(anyhow::Result<Vec<LeasedTask>>),
+}
+
+impl Leasing {
+    async fn run(&mut self) {
+        let mut poll_pause = Duration::from_millis(100);
+        loop {
+            let first = tokio::select! {
+                _ = self.signals.recv() => return,
+                Some(a) = self.adopt_rx.recv() => {
+                    self.adopt(a);
+                    continue;
+                }
+                p = self.slots.clone().acquire_owned() => p.expect("semaphore open"),
+            };
+            let free = 1 + self.slots.available_permits() as u32;
+            let leases = match self.poll(free).await {
+                Polled::Stop => return,
+                Polled::LinkChanged => {
+                    let to = self.shared.leader_addr();
+                    tracing::info!(leader = ?to, "the leader link changed: renewing the lease request");
+                    self.client.reconnect(to);
+                    continue;
+                }
+                Polled::Reply(Ok(l)) => {
+                    poll_pause = Duration::from_millis(100);
+                    l
+                }
+                Polled::Reply(Err(e)) => {
+                    tracing::warn!(error = %e, "lease request failed; retrying");
+                    drop(first);
+                    // A retry pause after a failure, not synchronization.
+                    tokio::time::sleep(poll_pause).await;
+                    poll_pause = (poll_pause * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            let mut first = Some(first);
+            for lease in leases {
+                // Adopted leases may have taken the slots this request was for: then the
+                // attempt runs over capacity rather than wait (its lease is already running
+                // down).
+                let permit = first
+                    .take()
+                    .or_else(|| self.slots.clone().try_acquire_owned().ok());
+                self.launcher.launch(lease, permit);
+            }
+        }
+    }
+
+    /// Starts an adopted lease, in a free slot if there is one.
+    fn adopt(&mut self, lease: LeasedTask) {
+        let permit = self.slots.clone().try_acquire_owned().ok();
+        self.launcher.launch(lease, permit);
+    }
+
+    /// One long poll for up to `free` leases, starting adopted leases while it waits.
+    async fn poll(&mut self, free: u32) -> Polled {
+        let mut me = self.info.clone();
+        me.running = self.shared.running.load(Ordering::Relaxed);
+        let wait_ms = self.poll_wait_ms;
+        let shared = self.shared.clone();
+        let epoch = shared.link_epoch.load(Ordering::Acquire);
+        let poll = self.client.call(|c, ctx| {
+            let me = me.clone();
+            async move { c.lease_tasks(ctx, me, free, wait_ms, 0).await }
+        });
+        tokio::pin!(poll);
+        loop {
+            let changed = shared.link_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if shared.link_epoch.load(Ordering::Acquire) != epoch {
+                return Polled::LinkChanged;
+            }
+            tokio::select! {
+                r = &mut poll => return Polled::Reply(r),
+                _ = changed => {}
+                _ = self.signals.recv() => return Polled::Stop,
+                Some(a) = self.adopt_rx.recv() => {
+                    let permit = self.slots.clone().try_acquire_owned().ok();
+                    self.launcher.launch(a, permit);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for running attempts to end, up to `worker.drain_timeout_ms` or a second signal;
+/// then stops the rest (their leases are handed back by [`leave`]).
+async fn drain(
+    cfg: &WorkerConfig,
+    shared: &Shared,
+    leasing: &mut Leasing,
+    mut alive_rx: watch::Receiver<usize>,
+) {
+    tracing::info!(
+        running = shared.running.load(Ordering::Relaxed),
+        drain_timeout_ms = cfg.drain_timeout_ms,
+        "draining: no new leases; waiting for running attempts (signal again to stop them now)"
+    );
+    let drained = tokio::select! {
+        r = tokio::time::timeout(
+            Duration::from_millis(cfg.drain_timeout_ms),
+            alive_rx.wait_for(|n| *n == 0),
+        ) => r.is_ok(),
+        _ = leasing.signals.recv() => false,
+    };
+    if drained {
+        return;
+    }
+    let victims: Vec<_> = leasing
+        .launcher
+        .ctx
+        .running
+        .lock()
+        .expect("running lock")
+        .values()
+        .cloned()
+        .collect();
+    tracing::warn!(
+        attempts = victims.len(),
+        "stopping running attempts; their leases are handed back"
+    );
+    for k in victims {
+        let _ = k.send(KillReason::Shutdown);
+    }
+    let _ = alive_rx.wait_for(|n| *n == 0).await;
+}
+
+/// Hands back anything still leased to this worker (killed attempts, a lease whose grant
+/// reply was lost).
+async fn leave(opts: &WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
+    let mut leave_client = cluster_client(opts, Duration::from_secs(10))?;
     match leave_client
         .call(|c, ctx| async move { c.worker_leave(ctx, id, 0).await })
         .await
@@ -305,10 +392,6 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
             "could not tell the cluster this worker left; its leases expire after the liveness timeout"
         ),
     }
-    shared.stop.store(true, Ordering::Release);
-    drop(hb_tx);
-    let _ = tokio::task::spawn_blocking(move || hb_thread.join()).await;
-    tracing::info!("worker stopped");
     Ok(())
 }
 
