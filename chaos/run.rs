@@ -266,26 +266,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         plans = (0..scenarios.len()).map(|_| planner.next_plan()).collect();
     }
 
-    // --- the seed and every fault parameter, first
-    println!("chaos: seed={seed}");
-    println!(
-        "chaos: replicas={} workers={}x{} rate={}/s hold={} scenarios={} duration={}",
-        args.replicas,
-        args.workers,
-        args.concurrency,
-        args.rate,
-        humantime::format_duration(args.hold),
-        args.scenario,
-        args.duration
-            .map_or("one round".to_string(), |d| humantime::format_duration(d)
-                .to_string())
-    );
-    for (i, p) in plans.iter().enumerate() {
-        println!("chaos: plan {:>2}: {}", i + 1, p.describe());
-    }
-    if args.duration.is_some() {
-        println!("chaos: soak: plans are drawn from the seed as the run goes");
-    }
+    print_header(&args, seed, &plans);
 
     if args.out.exists() {
         std::fs::remove_dir_all(&args.out)
@@ -305,129 +286,48 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         runs_started: Mutex::default(),
     });
 
-    // --- the fleet
-    let mut cluster = Cluster::new(&out, fleet_bin, args.replicas, args.concurrency).await?;
-    *shared.fronts.lock().expect("fronts") = cluster.fronts();
-    let ids: Vec<u64> = cluster.replicas.keys().copied().collect();
-    for id in &ids {
-        cluster.start_replica(*id)?;
-        shared
-            .observed
-            .lock()
-            .expect("observed")
-            .insert(*id, cluster.replicas[id].real.clone());
-    }
-    tokio::spawn(observer(shared.clone()));
-    let (leader, term) = wait_for(Duration::from_secs(60), || async {
-        current_leader(&cluster)
-            .await
-            .ok_or("no leader yet".to_string())
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("the cluster did not elect a leader: {e}"))?;
-    shared.say(format!("cluster up: leader node {leader}, term {term}"));
-    for _ in 0..args.workers {
-        cluster.add_worker()?;
-    }
-    converge(&cluster, &shared, 0, Duration::from_secs(60))
-        .await
-        .map_err(|e| anyhow::anyhow!("the fleet did not come up: {e}"))?;
-    shared.say(format!("{} workers active", args.workers));
+    let mut cluster = start_fleet(&args, &out, fleet_bin, &shared).await?;
 
-    // --- the workload, through every fault
-    let stop = Arc::new(AtomicBool::new(false));
-    let pooled = args.with_schedules();
-    let workload = tokio::spawn(workload(
-        shared.clone(),
-        seed,
-        args.rate,
-        pooled,
-        stop.clone(),
-    ));
-    let warmup_until = wall_ms() + 3000;
-    wait_for(Duration::from_secs(30), || async {
-        if wall_ms() >= warmup_until && completions_since(&shared, warmup_until - 3000) > 0 {
-            Ok(())
-        } else {
-            Err("no task completed during the warm-up".to_string())
-        }
-    })
-    .await
-    .map_err(anyhow::Error::msg)?;
-    shared.say("warm-up done: tasks complete");
-    if args.with_schedules() {
-        setup_schedules(&shared).await?;
-        shared.say(format!(
-            "{} schedules firing, pool {CHAOS_POOL} of {CHAOS_POOL_SLOTS} slots",
-            SCHEDULES.len()
-        ));
-    }
-    let runs_workload = if args.workflows {
-        crate::workflows::setup(&shared).await?;
-        shared.say("workflows applied: a diamond every second, a fan-out of 50 every 6 s");
-        Some(tokio::spawn(crate::workflows::workload(
-            shared.clone(),
-            seed,
-            stop.clone(),
-        )))
-    } else {
-        None
-    };
+    let workloads = Workloads::start(&args, seed, &shared).await?;
+    let results = run_plans(&args, &mut cluster, &shared, &mut planner, &plans).await;
 
-    // --- the scenarios
-    let started = Instant::now();
-    let mut results: Vec<ScenarioResult> = Vec::new();
-    let mut i = 0;
-    loop {
-        let plan = if let Some(d) = args.duration {
-            if started.elapsed() >= d {
-                break;
-            }
-            let p = planner.next_plan();
-            println!("chaos: plan {:>2}: {}", i + 1, p.describe());
-            p
-        } else if i < plans.len() {
-            plans[i].clone()
-        } else {
-            break;
-        };
-        i += 1;
-        let r = run_plan(&mut cluster, &shared, plan).await;
-        let failed = r.liveness_error.is_some();
-        results.push(r);
-        if failed {
-            shared.say("liveness failed: stopping the run here");
-            break;
-        }
-    }
-
-    // --- drain and judge (after a tail, so the last scenario has an "after" window too)
+    // After a tail, so the last scenario has an "after" window too.
     tokio::time::sleep(Duration::from_millis(crate::report::WINDOW_MS)).await;
-    stop.store(true, Ordering::SeqCst);
-    let _ = workload.await;
-    if let Some(w) = runs_workload {
-        let _ = w.await;
-    }
+    workloads.stop().await;
+    let ok = judge(&args, seed, &cluster, &shared, &out, results).await?;
+    drop(cluster);
+    Ok(ok)
+}
+
+/// Drains the fleet, checks the history and writes the report; true if the run passed.
+async fn judge(
+    args: &RunArgs,
+    seed: u64,
+    cluster: &Cluster,
+    shared: &Arc<Shared>,
+    out: &std::path::Path,
+    results: Vec<ScenarioResult>,
+) -> anyhow::Result<bool> {
     let (schedules, pools) = if args.with_schedules() {
-        finish_schedules(&shared).await?
+        finish_schedules(shared).await?
     } else {
         Default::default()
     };
     shared.say("workload stopped; waiting for every acknowledged task to finish");
     let runs = if args.workflows {
-        crate::workflows::finish(&shared).await
+        crate::workflows::finish(shared).await
     } else {
         Ok(Vec::new())
     };
-    let drain = drain(&shared).await;
+    let drain = drain(shared).await;
     let tasks = match &drain {
         Ok(t) => t.clone(),
         Err(e) => {
             shared.say(format!("drain incomplete: {e}"));
-            read_all_tasks(&shared).await.unwrap_or_default()
+            read_all_tasks(shared).await.unwrap_or_default()
         }
     };
-    let agree = replicas_agree(&cluster, &shared).await;
+    let agree = replicas_agree(cluster, shared).await;
     if let Err(e) = &agree {
         shared.say(format!("replicas disagree: {e}"));
     } else {
@@ -436,7 +336,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let (executions, torn) = crate::history::read_exec_log(&shared.exec_log);
     let run_records = match &runs {
         Ok(r) => r.clone(),
-        Err(_) => crate::workflows::read_runs(&shared)
+        Err(_) => crate::workflows::read_runs(shared)
             .await
             .unwrap_or_default(),
     };
@@ -475,10 +375,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         liveness.push(format!("convergence: {e}"));
     }
     let report = Report::build(
-        seed, &args, &shared, &history, results, violations, liveness, torn,
+        seed, args, shared, &history, results, violations, liveness, torn,
     );
-    report.write(&out)?;
-    report.print(&out);
+    report.write(out)?;
+    report.print(out);
     let ok = report.ok();
     if !ok {
         let failing = report.failing_scenarios();
@@ -498,8 +398,169 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
              interleaving may need a few reruns)"
         );
     }
-    drop(cluster);
     Ok(ok)
+}
+
+/// The task stream, and the schedules and workflow runs when the run has them.
+struct Workloads {
+    stop: Arc<AtomicBool>,
+    tasks: tokio::task::JoinHandle<()>,
+    runs: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Workloads {
+    /// Starts the task stream and waits until tasks complete; then the schedules and the
+    /// workflow runs.
+    async fn start(args: &RunArgs, seed: u64, shared: &Arc<Shared>) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let pooled = args.with_schedules();
+        let workload = tokio::spawn(workload(
+            shared.clone(),
+            seed,
+            args.rate,
+            pooled,
+            stop.clone(),
+        ));
+        let warmup_until = wall_ms() + 3000;
+        wait_for(Duration::from_secs(30), || async {
+            if wall_ms() >= warmup_until && completions_since(shared, warmup_until - 3000) > 0 {
+                Ok(())
+            } else {
+                Err("no task completed during the warm-up".to_string())
+            }
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
+        shared.say("warm-up done: tasks complete");
+        if args.with_schedules() {
+            setup_schedules(shared).await?;
+            shared.say(format!(
+                "{} schedules firing, pool {CHAOS_POOL} of {CHAOS_POOL_SLOTS} slots",
+                SCHEDULES.len()
+            ));
+        }
+        let runs_workload = if args.workflows {
+            crate::workflows::setup(shared).await?;
+            shared.say("workflows applied: a diamond every second, a fan-out of 50 every 6 s");
+            Some(tokio::spawn(crate::workflows::workload(
+                shared.clone(),
+                seed,
+                stop.clone(),
+            )))
+        } else {
+            None
+        };
+        Ok(Self {
+            stop,
+            tasks: workload,
+            runs: runs_workload,
+        })
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.tasks.await;
+        if let Some(w) = self.runs {
+            let _ = w.await;
+        }
+    }
+}
+
+/// The seed and every fault parameter, first.
+fn print_header(args: &RunArgs, seed: u64, plans: &[crate::scenario::Plan]) {
+    println!("chaos: seed={seed}");
+    println!(
+        "chaos: replicas={} workers={}x{} rate={}/s hold={} scenarios={} duration={}",
+        args.replicas,
+        args.workers,
+        args.concurrency,
+        args.rate,
+        humantime::format_duration(args.hold),
+        args.scenario,
+        args.duration
+            .map_or("one round".to_string(), |d| humantime::format_duration(d)
+                .to_string())
+    );
+    for (i, p) in plans.iter().enumerate() {
+        println!("chaos: plan {:>2}: {}", i + 1, p.describe());
+    }
+    if args.duration.is_some() {
+        println!("chaos: soak: plans are drawn from the seed as the run goes");
+    }
+}
+
+/// Starts the replicas and workers and waits until they are up.
+async fn start_fleet(
+    args: &RunArgs,
+    out: &std::path::Path,
+    fleet_bin: std::path::PathBuf,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<Cluster> {
+    let mut cluster = Cluster::new(out, fleet_bin, args.replicas, args.concurrency).await?;
+    *shared.fronts.lock().expect("fronts") = cluster.fronts();
+    let ids: Vec<u64> = cluster.replicas.keys().copied().collect();
+    for id in &ids {
+        cluster.start_replica(*id)?;
+        shared
+            .observed
+            .lock()
+            .expect("observed")
+            .insert(*id, cluster.replicas[id].real.clone());
+    }
+    tokio::spawn(observer(shared.clone()));
+    let (leader, term) = wait_for(Duration::from_secs(60), || async {
+        current_leader(&cluster)
+            .await
+            .ok_or("no leader yet".to_string())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the cluster did not elect a leader: {e}"))?;
+    shared.say(format!("cluster up: leader node {leader}, term {term}"));
+    for _ in 0..args.workers {
+        cluster.add_worker()?;
+    }
+    converge(&cluster, &shared, 0, Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("the fleet did not come up: {e}"))?;
+    shared.say(format!("{} workers active", args.workers));
+    Ok(cluster)
+}
+
+/// Runs the plans one after another (or draws them until `--duration` is up); stops at the
+/// first liveness failure.
+async fn run_plans(
+    args: &RunArgs,
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    planner: &mut Planner,
+    plans: &[crate::scenario::Plan],
+) -> Vec<ScenarioResult> {
+    let started = Instant::now();
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    let mut i = 0;
+    loop {
+        let plan = if let Some(d) = args.duration {
+            if started.elapsed() >= d {
+                break;
+            }
+            let p = planner.next_plan();
+            println!("chaos: plan {:>2}: {}", i + 1, p.describe());
+            p
+        } else if i < plans.len() {
+            plans[i].clone()
+        } else {
+            break;
+        };
+        i += 1;
+        let r = run_plan(cluster, shared, plan).await;
+        let failed = r.liveness_error.is_some();
+        results.push(r);
+        if failed {
+            shared.say("liveness failed: stopping the run here");
+            break;
+        }
+    }
+    results
 }
 
 /// Polls every observed replica's view of leadership (one loop per replica, so a frozen one
@@ -859,278 +920,38 @@ async fn run_plan(
     let before = current_leader(cluster).await;
     r.leader_before = before;
     let (leader, _) = before.unwrap_or((0, 0));
-    let hold = Duration::from_millis(plan.hold_ms);
     let ids: Vec<u64> = cluster.running().iter().map(|(id, _)| *id).collect();
-    let followers: Vec<u64> = ids.iter().copied().filter(|id| *id != leader).collect();
-    let pick = |v: &[u64]| v[(plan.pick % v.len().max(1) as u64) as usize];
-    let widx = (plan.pick % cluster.workers.len() as u64) as usize;
-    let name = plan.scenario.name();
+    let t = Targets {
+        leader,
+        followers: ids.iter().copied().filter(|id| *id != leader).collect(),
+        ids,
+        pick: plan.pick,
+        widx: (plan.pick % cluster.workers.len() as u64) as usize,
+        hold: Duration::from_millis(plan.hold_ms),
+        name: plan.scenario.name(),
+        plan: plan.clone(),
+    };
+    let name = t.name;
     r.fault_at_ms = wall_ms();
-    let outcome: anyhow::Result<()> = async {
-        match plan.scenario {
-            Scenario::KillLeader | Scenario::KillFollower => {
-                let target = if plan.scenario == Scenario::KillLeader {
-                    leader
-                } else {
-                    pick(&followers)
-                };
-                r.target = format!("node {target}");
-                shared.say(format!("FAULT {name}: SIGKILL node {target}"));
-                cluster.kill_replica(target);
-                hold_fault(&mut r, hold).await;
-                cluster.start_replica(target)?;
-                shared.say(format!("HEAL {name}: node {target} restarted"));
-            }
-            Scenario::KillMajority => {
-                let n = ids.len();
-                let start = (plan.pick % n as u64) as usize;
-                let victims: Vec<u64> = (0..n / 2 + 1).map(|k| ids[(start + k) % n]).collect();
-                r.target = format!("nodes {victims:?}");
-                shared.say(format!("FAULT {name}: SIGKILL nodes {victims:?}"));
-                for v in &victims {
-                    cluster.kill_replica(*v);
-                }
-                hold_fault(&mut r, hold).await;
-                for v in &victims {
-                    cluster.start_replica(*v)?;
-                }
-                shared.say(format!("HEAL {name}: nodes {victims:?} restarted"));
-            }
-            Scenario::KillWorker => {
-                let w = cluster.workers[widx].name.clone();
-                r.target = format!("worker {w}");
-                shared.say(format!("FAULT {name}: SIGKILL worker {w}"));
-                cluster.kill_worker(widx);
-                hold_fault(&mut r, hold).await;
-                cluster.start_worker(widx)?;
-                shared.say(format!("HEAL {name}: worker {w} restarted"));
-            }
-            Scenario::StopLeader => {
-                r.target = format!("node {leader}");
-                shared.say(format!("FAULT {name}: SIGSTOP node {leader}"));
-                cluster.stop_replica(leader);
-                hold_fault(&mut r, hold).await;
-                cluster.cont_replica(leader);
-                shared.say(format!("HEAL {name}: SIGCONT node {leader}"));
-            }
-            Scenario::StopWorker => {
-                let w = cluster.workers[widx].name.clone();
-                r.target = format!("worker {w}");
-                let from_ms = wall_ms();
-                cluster.stop_worker(widx);
-                shared.say(format!(
-                    "FAULT {name}: SIGSTOP worker {w} and its {} attempts",
-                    cluster.workers[widx].frozen_groups.len()
-                ));
-                hold_fault(&mut r, hold).await;
-                cluster.cont_worker(widx);
-                shared.isolated(vec![w.clone()], from_ms);
-                shared.say(format!("HEAL {name}: SIGCONT worker {w}"));
-            }
-            Scenario::StallLoop | Scenario::StallFsync => {
-                let (target, component) = if plan.scenario == Scenario::StallLoop {
-                    (leader, Component::Scheduler)
-                } else {
-                    (pick(&ids), Component::Storage)
-                };
-                r.target = format!("node {target}");
-                let addr = cluster.replicas[&target].real.clone();
-                shared.say(format!("FAULT {name}: stall {component} on node {target}"));
-                inject(
-                    &addr,
-                    FaultRequest::Stall {
-                        component,
-                        duration_ms: plan.hold_ms,
-                    },
-                )
-                .await?;
-                hold_fault(&mut r, hold).await;
-                inject(&addr, FaultRequest::Clear).await?;
-                shared.say(format!("HEAL {name}: stall cleared on node {target}"));
-            }
-            Scenario::PartitionLeader | Scenario::OneWayLoss => {
-                let mut rules = Rules::default();
-                let l = Endpoint::Replica(leader);
-                for f in &followers {
-                    if plan.scenario == Scenario::PartitionLeader {
-                        rules.cut(l, Endpoint::Replica(*f));
-                    } else {
-                        rules.block(l, Endpoint::Replica(*f));
-                    }
-                }
-                if plan.scenario == Scenario::PartitionLeader {
-                    rules.cut(l, Endpoint::Worker);
-                } else {
-                    rules.block(l, Endpoint::Worker);
-                }
-                r.target = format!("node {leader}");
-                shared.say(format!(
-                    "FAULT {name}: {} node {leader} (leader)",
-                    if plan.scenario == Scenario::PartitionLeader {
-                        "cut off"
-                    } else {
-                        "drop everything sent by"
-                    }
-                ));
-                cluster.net.set(rules);
-                hold_fault(&mut r, hold).await;
-                cluster.net.heal();
-                shared.say(format!("HEAL {name}: network healed"));
-            }
-            Scenario::PartitionWorkers => {
-                let mut rules = Rules::default();
-                for id in cluster.replicas.keys() {
-                    rules.cut(Endpoint::Worker, Endpoint::Replica(*id));
-                }
-                r.target = "all workers".into();
-                shared.say(format!("FAULT {name}: workers cut off from every replica"));
-                let from_ms = wall_ms();
-                cluster.net.set(rules);
-                hold_fault(&mut r, hold).await;
-                cluster.net.heal();
-                shared.isolated(
-                    cluster.workers.iter().map(|w| w.name.clone()).collect(),
-                    from_ms,
-                );
-                shared.say(format!("HEAL {name}: network healed"));
-            }
-            Scenario::Latency => {
-                let mut rules = Rules::default();
-                let all: Vec<u64> = cluster.replicas.keys().copied().collect();
-                for a in &all {
-                    for b in &all {
-                        if a != b {
-                            rules.delay(
-                                Endpoint::Replica(*a),
-                                Endpoint::Replica(*b),
-                                plan.latency_ms,
-                            );
-                        }
-                    }
-                    rules.delay(Endpoint::Worker, Endpoint::Replica(*a), plan.latency_ms);
-                    rules.delay(Endpoint::Replica(*a), Endpoint::Worker, plan.latency_ms);
-                }
-                r.target = "every link".into();
-                shared.say(format!(
-                    "FAULT {name}: {} ms added to every replica and worker link, each way",
-                    plan.latency_ms
-                ));
-                cluster.net.set(rules);
-                hold_fault(&mut r, hold).await;
-                cluster.net.heal();
-                shared.say(format!("HEAL {name}: latency removed"));
-            }
-            Scenario::RollingRestart => {
-                let mut order = followers.clone();
-                order.push(leader);
-                r.target = format!("nodes {order:?}");
-                shared.say(format!("FAULT {name}: restarting nodes {order:?} in turn"));
-                for id in order {
-                    let clean = cluster.terminate_replica(id, Duration::from_secs(20)).await;
-                    shared.say(format!(
-                        "  node {id} {}",
-                        if clean {
-                            "stopped on SIGTERM"
-                        } else {
-                            "did not stop within 20 s of SIGTERM: SIGKILLed"
-                        }
-                    ));
-                    if !clean {
-                        r.notes.push(format!("node {id} ignored SIGTERM for 20 s"));
-                    }
-                    cluster.start_replica(id)?;
-                    converge(cluster, shared, 0, CONVERGE_TIMEOUT)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("after restarting node {id}: {e}"))?;
-                    shared.say(format!("  node {id} back and caught up"));
-                }
-                r.heal_at_ms = wall_ms();
-                shared.say(format!("HEAL {name}: every replica restarted"));
-            }
-            Scenario::Membership => {
-                let new_id = cluster.replicas.keys().max().copied().unwrap_or(0) + 1;
-                let peers = cluster.fronts().join(",");
-                cluster.add_replica(new_id, Some(peers), None).await?;
-                let real = cluster.replicas[&new_id].real.clone();
-                cluster.start_replica(new_id)?;
-                shared
-                    .observed
-                    .lock()
-                    .expect("observed")
-                    .insert(new_id, real);
-                shared.say(format!("FAULT {name}: node {new_id} joins"));
-                let leader_addr = cluster.replicas[&leader].real.clone();
-                wait_for(Duration::from_secs(60), || async {
-                    let s = status_of(&leader_addr, Duration::from_secs(1))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if s.members.iter().any(|m| m.id == new_id && m.voter) {
-                        Ok(())
-                    } else {
-                        Err(format!("node {new_id} is not a voter yet"))
-                    }
-                })
-                .await
-                .map_err(|e| anyhow::anyhow!("node {new_id} did not become a voter: {e}"))?;
-                *shared.fronts.lock().expect("fronts") = cluster.fronts();
-                shared.say(format!("  node {new_id} is a voter"));
-                let leaving = pick(&followers);
-                let addr = cluster.replicas[&leaving].real.clone();
-                shared.say(format!("  node {leaving} leaves (fleet cluster leave)"));
-                let mut c = Client::new(vec![addr], "fleet", Duration::from_secs(20))?;
-                c.call(|cl, ctx| async move { cl.leave(ctx).await }).await?;
-                if !cluster
-                    .wait_replica_exit(leaving, Duration::from_secs(30))
-                    .await
-                {
-                    bail!("node {leaving} did not stop after leaving");
-                }
-                cluster.replicas.get_mut(&leaving).expect("replica").member = false;
-                shared.observed.lock().expect("observed").remove(&leaving);
-                *shared.fronts.lock().expect("fronts") = cluster.fronts();
-                r.target = format!("+node {new_id}, -node {leaving}");
-                r.heal_at_ms = wall_ms();
-                shared.say(format!("HEAL {name}: node {leaving} left and stopped"));
-            }
-            Scenario::InboundCut => {
-                // Raft still works (the leader's appends go out, the answers come back on its
-                // own connections); nobody can open a connection to it.
-                let mut rules = Rules::default();
-                rules.cut_inbound(leader);
-                r.target = format!("node {leader}");
-                shared.say(format!(
-                    "FAULT {name}: every connection to node {leader} (leader) is cut; its own \
-                     outgoing connections work"
-                ));
-                cluster.net.set(rules);
-                hold_fault(&mut r, hold).await;
-                cluster.net.heal();
-                shared.say(format!("HEAL {name}: node {leader} is reachable again"));
-            }
-            Scenario::ClockStep => {
-                // The leader: its clock times grants, heartbeats and expiries.
-                let target = leader;
-                let addr = cluster.replicas[&target].real.clone();
-                r.target = format!("node {target}");
-                shared.say(format!(
-                    "FAULT {name}: node {target}'s clock stepped {:+} ms",
-                    plan.clock_offset_ms
-                ));
-                inject(
-                    &addr,
-                    FaultRequest::ClockOffset {
-                        offset_ms: plan.clock_offset_ms,
-                    },
-                )
-                .await?;
-                hold_fault(&mut r, hold).await;
-                inject(&addr, FaultRequest::ClockOffset { offset_ms: 0 }).await?;
-                shared.say(format!("HEAL {name}: node {target}'s clock restored"));
-            }
+    let outcome = match plan.scenario {
+        Scenario::KillLeader | Scenario::KillFollower => {
+            kill_replica(cluster, shared, &mut r, &t).await
         }
-        Ok(())
-    }
-    .await;
+        Scenario::KillMajority => kill_majority(cluster, shared, &mut r, &t).await,
+        Scenario::KillWorker => kill_worker(cluster, shared, &mut r, &t).await,
+        Scenario::StopLeader => stop_leader(cluster, shared, &mut r, &t).await,
+        Scenario::StopWorker => stop_worker(cluster, shared, &mut r, &t).await,
+        Scenario::StallLoop | Scenario::StallFsync => stall(cluster, shared, &mut r, &t).await,
+        Scenario::PartitionLeader | Scenario::OneWayLoss => {
+            cut_leader(cluster, shared, &mut r, &t).await
+        }
+        Scenario::PartitionWorkers => partition_workers(cluster, shared, &mut r, &t).await,
+        Scenario::Latency => latency(cluster, shared, &mut r, &t).await,
+        Scenario::RollingRestart => rolling_restart(cluster, shared, &mut r, &t).await,
+        Scenario::Membership => membership(cluster, shared, &mut r, &t).await,
+        Scenario::InboundCut => inbound_cut(cluster, shared, &mut r, &t).await,
+        Scenario::ClockStep => clock_step(cluster, shared, &mut r, &t).await,
+    };
     if r.heal_at_ms == 0 {
         r.heal_at_ms = wall_ms();
     }
@@ -1143,25 +964,7 @@ async fn run_plan(
     match converge(cluster, shared, r.heal_at_ms, CONVERGE_TIMEOUT).await {
         Ok(()) => {
             r.converged_at_ms = Some(wall_ms());
-            let (events, _) = crate::history::read_exec_log(&shared.exec_log);
-            let leaders = shared.leaders.lock().expect("leaders").clone();
-            let subs = shared.submissions.lock().expect("subs").clone();
-            let f = crate::report::figures(&r, &leaders, &events, &subs, shared.t0_ms);
-            let s = |v: Option<u64>| v.map_or("-".into(), |v| format!("{:.2}s", v as f64 / 1000.0));
-            shared.say(format!(
-                "recovered: new leader {}, first lease {}, first acknowledged submission {}, \
-                 converged {} after the heal; tasks/s {:.1} before, {:.1} during",
-                match (f.new_leader_ms, f.new_leader) {
-                    (Some(ms), Some((n, t))) =>
-                        format!("node {n} term {t} after {:.2}s", ms as f64 / 1000.0),
-                    _ => "- (unchanged)".into(),
-                },
-                s(f.first_lease_ms),
-                s(f.first_ack_ms),
-                s(f.converged_ms),
-                f.tasks_per_s_before,
-                f.tasks_per_s_during
-            ));
+            say_recovery(shared, &r);
         }
         Err(e) => {
             shared.say(format!("NOT converged within {CONVERGE_TIMEOUT:?}: {e}"));
@@ -1169,6 +972,462 @@ async fn run_plan(
         }
     }
     r
+}
+
+/// Prints how the fleet recovered from a plan's fault.
+fn say_recovery(shared: &Shared, r: &ScenarioResult) {
+    let (events, _) = crate::history::read_exec_log(&shared.exec_log);
+    let leaders = shared.leaders.lock().expect("leaders").clone();
+    let subs = shared.submissions.lock().expect("subs").clone();
+    let f = crate::report::figures(r, &leaders, &events, &subs, shared.t0_ms);
+    let s = |v: Option<u64>| v.map_or("-".into(), |v| format!("{:.2}s", v as f64 / 1000.0));
+    shared.say(format!(
+        "recovered: new leader {}, first lease {}, first acknowledged submission {}, \
+         converged {} after the heal; tasks/s {:.1} before, {:.1} during",
+        match (f.new_leader_ms, f.new_leader) {
+            (Some(ms), Some((n, t))) =>
+                format!("node {n} term {t} after {:.2}s", ms as f64 / 1000.0),
+            _ => "- (unchanged)".into(),
+        },
+        s(f.first_lease_ms),
+        s(f.first_ack_ms),
+        s(f.converged_ms),
+        f.tasks_per_s_before,
+        f.tasks_per_s_during
+    ));
+}
+
+/// Who a plan's fault hits, fixed when the plan starts.
+struct Targets {
+    leader: u64,
+    /// The running replicas, and those of them that do not lead.
+    ids: Vec<u64>,
+    followers: Vec<u64>,
+    /// The plan's draw, to pick a replica from a list.
+    pick: u64,
+    /// The worker a worker fault hits.
+    widx: usize,
+    hold: Duration,
+    name: &'static str,
+    plan: crate::scenario::Plan,
+}
+
+impl Targets {
+    fn pick(&self, v: &[u64]) -> u64 {
+        v[(self.pick % v.len().max(1) as u64) as usize]
+    }
+}
+
+/// SIGKILL the leader or a follower; restart it after the hold.
+async fn kill_replica(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let plan = &t.plan;
+    let leader = t.leader;
+    let followers = &t.followers;
+    let hold = t.hold;
+    let name = t.name;
+    let pick = |v: &[u64]| t.pick(v);
+    let target = if plan.scenario == Scenario::KillLeader {
+        leader
+    } else {
+        pick(&followers)
+    };
+    r.target = format!("node {target}");
+    shared.say(format!("FAULT {name}: SIGKILL node {target}"));
+    cluster.kill_replica(target);
+    hold_fault(r, hold).await;
+    cluster.start_replica(target)?;
+    shared.say(format!("HEAL {name}: node {target} restarted"));
+    Ok(())
+}
+
+/// SIGKILL a majority of the replicas; restart them after the hold.
+async fn kill_majority(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let plan = &t.plan;
+    let ids = &t.ids;
+    let hold = t.hold;
+    let name = t.name;
+    let n = ids.len();
+    let start = (plan.pick % n as u64) as usize;
+    let victims: Vec<u64> = (0..n / 2 + 1).map(|k| ids[(start + k) % n]).collect();
+    r.target = format!("nodes {victims:?}");
+    shared.say(format!("FAULT {name}: SIGKILL nodes {victims:?}"));
+    for v in &victims {
+        cluster.kill_replica(*v);
+    }
+    hold_fault(r, hold).await;
+    for v in &victims {
+        cluster.start_replica(*v)?;
+    }
+    shared.say(format!("HEAL {name}: nodes {victims:?} restarted"));
+    Ok(())
+}
+
+/// SIGKILL a worker; restart it after the hold.
+async fn kill_worker(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let widx = t.widx;
+    let hold = t.hold;
+    let name = t.name;
+    let w = cluster.workers[widx].name.clone();
+    r.target = format!("worker {w}");
+    shared.say(format!("FAULT {name}: SIGKILL worker {w}"));
+    cluster.kill_worker(widx);
+    hold_fault(r, hold).await;
+    cluster.start_worker(widx)?;
+    shared.say(format!("HEAL {name}: worker {w} restarted"));
+    Ok(())
+}
+
+/// SIGSTOP the leader; SIGCONT it after the hold.
+async fn stop_leader(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let leader = t.leader;
+    let hold = t.hold;
+    let name = t.name;
+    r.target = format!("node {leader}");
+    shared.say(format!("FAULT {name}: SIGSTOP node {leader}"));
+    cluster.stop_replica(leader);
+    hold_fault(r, hold).await;
+    cluster.cont_replica(leader);
+    shared.say(format!("HEAL {name}: SIGCONT node {leader}"));
+    Ok(())
+}
+
+/// SIGSTOP a worker and its attempts; SIGCONT them after the hold.
+async fn stop_worker(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let widx = t.widx;
+    let hold = t.hold;
+    let name = t.name;
+    let w = cluster.workers[widx].name.clone();
+    r.target = format!("worker {w}");
+    let from_ms = wall_ms();
+    cluster.stop_worker(widx);
+    shared.say(format!(
+        "FAULT {name}: SIGSTOP worker {w} and its {} attempts",
+        cluster.workers[widx].frozen_groups.len()
+    ));
+    hold_fault(r, hold).await;
+    cluster.cont_worker(widx);
+    shared.isolated(vec![w.clone()], from_ms);
+    shared.say(format!("HEAL {name}: SIGCONT worker {w}"));
+    Ok(())
+}
+
+/// Stall the leader's scheduling loop or a replica's fsyncs for the hold.
+async fn stall(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let plan = &t.plan;
+    let leader = t.leader;
+    let ids = &t.ids;
+    let hold = t.hold;
+    let name = t.name;
+    let pick = |v: &[u64]| t.pick(v);
+    let (target, component) = if plan.scenario == Scenario::StallLoop {
+        (leader, Component::Scheduler)
+    } else {
+        (pick(&ids), Component::Storage)
+    };
+    r.target = format!("node {target}");
+    let addr = cluster.replicas[&target].real.clone();
+    shared.say(format!("FAULT {name}: stall {component} on node {target}"));
+    inject(
+        &addr,
+        FaultRequest::Stall {
+            component,
+            duration_ms: plan.hold_ms,
+        },
+    )
+    .await?;
+    hold_fault(r, hold).await;
+    inject(&addr, FaultRequest::Clear).await?;
+    shared.say(format!("HEAL {name}: stall cleared on node {target}"));
+    Ok(())
+}
+
+/// Cut the leader off (both ways, or only what it sends) from the followers and workers.
+async fn cut_leader(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let plan = &t.plan;
+    let leader = t.leader;
+    let followers = &t.followers;
+    let hold = t.hold;
+    let name = t.name;
+    let mut rules = Rules::default();
+    let l = Endpoint::Replica(leader);
+    for f in followers {
+        if plan.scenario == Scenario::PartitionLeader {
+            rules.cut(l, Endpoint::Replica(*f));
+        } else {
+            rules.block(l, Endpoint::Replica(*f));
+        }
+    }
+    if plan.scenario == Scenario::PartitionLeader {
+        rules.cut(l, Endpoint::Worker);
+    } else {
+        rules.block(l, Endpoint::Worker);
+    }
+    r.target = format!("node {leader}");
+    shared.say(format!(
+        "FAULT {name}: {} node {leader} (leader)",
+        if plan.scenario == Scenario::PartitionLeader {
+            "cut off"
+        } else {
+            "drop everything sent by"
+        }
+    ));
+    cluster.net.set(rules);
+    hold_fault(r, hold).await;
+    cluster.net.heal();
+    shared.say(format!("HEAL {name}: network healed"));
+    Ok(())
+}
+
+/// Cut every worker off from every replica.
+async fn partition_workers(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let hold = t.hold;
+    let name = t.name;
+    let mut rules = Rules::default();
+    for id in cluster.replicas.keys() {
+        rules.cut(Endpoint::Worker, Endpoint::Replica(*id));
+    }
+    r.target = "all workers".into();
+    shared.say(format!("FAULT {name}: workers cut off from every replica"));
+    let from_ms = wall_ms();
+    cluster.net.set(rules);
+    hold_fault(r, hold).await;
+    cluster.net.heal();
+    shared.isolated(
+        cluster.workers.iter().map(|w| w.name.clone()).collect(),
+        from_ms,
+    );
+    shared.say(format!("HEAL {name}: network healed"));
+    Ok(())
+}
+
+/// Add latency to every link, each way.
+async fn latency(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let plan = &t.plan;
+    let hold = t.hold;
+    let name = t.name;
+    let mut rules = Rules::default();
+    let all: Vec<u64> = cluster.replicas.keys().copied().collect();
+    for a in &all {
+        for b in &all {
+            if a != b {
+                rules.delay(
+                    Endpoint::Replica(*a),
+                    Endpoint::Replica(*b),
+                    plan.latency_ms,
+                );
+            }
+        }
+        rules.delay(Endpoint::Worker, Endpoint::Replica(*a), plan.latency_ms);
+        rules.delay(Endpoint::Replica(*a), Endpoint::Worker, plan.latency_ms);
+    }
+    r.target = "every link".into();
+    shared.say(format!(
+        "FAULT {name}: {} ms added to every replica and worker link, each way",
+        plan.latency_ms
+    ));
+    cluster.net.set(rules);
+    hold_fault(r, hold).await;
+    cluster.net.heal();
+    shared.say(format!("HEAL {name}: latency removed"));
+    Ok(())
+}
+
+/// SIGTERM and restart each replica in turn, the leader last.
+async fn rolling_restart(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let leader = t.leader;
+    let followers = &t.followers;
+    let name = t.name;
+    let mut order = followers.clone();
+    order.push(leader);
+    r.target = format!("nodes {order:?}");
+    shared.say(format!("FAULT {name}: restarting nodes {order:?} in turn"));
+    for id in order {
+        let clean = cluster.terminate_replica(id, Duration::from_secs(20)).await;
+        shared.say(format!(
+            "  node {id} {}",
+            if clean {
+                "stopped on SIGTERM"
+            } else {
+                "did not stop within 20 s of SIGTERM: SIGKILLed"
+            }
+        ));
+        if !clean {
+            r.notes.push(format!("node {id} ignored SIGTERM for 20 s"));
+        }
+        cluster.start_replica(id)?;
+        converge(cluster, shared, 0, CONVERGE_TIMEOUT)
+            .await
+            .map_err(|e| anyhow::anyhow!("after restarting node {id}: {e}"))?;
+        shared.say(format!("  node {id} back and caught up"));
+    }
+    r.heal_at_ms = wall_ms();
+    shared.say(format!("HEAL {name}: every replica restarted"));
+    Ok(())
+}
+
+/// A new node joins; then a follower leaves with `fleet cluster leave`.
+async fn membership(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let leader = t.leader;
+    let followers = &t.followers;
+    let name = t.name;
+    let pick = |v: &[u64]| t.pick(v);
+    let new_id = cluster.replicas.keys().max().copied().unwrap_or(0) + 1;
+    let peers = cluster.fronts().join(",");
+    cluster.add_replica(new_id, Some(peers), None).await?;
+    let real = cluster.replicas[&new_id].real.clone();
+    cluster.start_replica(new_id)?;
+    shared
+        .observed
+        .lock()
+        .expect("observed")
+        .insert(new_id, real);
+    shared.say(format!("FAULT {name}: node {new_id} joins"));
+    let leader_addr = cluster.replicas[&leader].real.clone();
+    wait_for(Duration::from_secs(60), || async {
+        let s = status_of(&leader_addr, Duration::from_secs(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        if s.members.iter().any(|m| m.id == new_id && m.voter) {
+            Ok(())
+        } else {
+            Err(format!("node {new_id} is not a voter yet"))
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("node {new_id} did not become a voter: {e}"))?;
+    *shared.fronts.lock().expect("fronts") = cluster.fronts();
+    shared.say(format!("  node {new_id} is a voter"));
+    let leaving = pick(&followers);
+    let addr = cluster.replicas[&leaving].real.clone();
+    shared.say(format!("  node {leaving} leaves (fleet cluster leave)"));
+    let mut c = Client::new(vec![addr], "fleet", Duration::from_secs(20))?;
+    c.call(|cl, ctx| async move { cl.leave(ctx).await }).await?;
+    if !cluster
+        .wait_replica_exit(leaving, Duration::from_secs(30))
+        .await
+    {
+        bail!("node {leaving} did not stop after leaving");
+    }
+    cluster.replicas.get_mut(&leaving).expect("replica").member = false;
+    shared.observed.lock().expect("observed").remove(&leaving);
+    *shared.fronts.lock().expect("fronts") = cluster.fronts();
+    r.target = format!("+node {new_id}, -node {leaving}");
+    r.heal_at_ms = wall_ms();
+    shared.say(format!("HEAL {name}: node {leaving} left and stopped"));
+    Ok(())
+}
+
+/// Cut every connection to the leader; its own outgoing connections work.
+async fn inbound_cut(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let leader = t.leader;
+    let hold = t.hold;
+    let name = t.name;
+    // Raft still works (the leader's appends go out, the answers come back on its
+    // own connections); nobody can open a connection to it.
+    let mut rules = Rules::default();
+    rules.cut_inbound(leader);
+    r.target = format!("node {leader}");
+    shared.say(format!(
+        "FAULT {name}: every connection to node {leader} (leader) is cut; its own \
+         outgoing connections work"
+    ));
+    cluster.net.set(rules);
+    hold_fault(r, hold).await;
+    cluster.net.heal();
+    shared.say(format!("HEAL {name}: node {leader} is reachable again"));
+    Ok(())
+}
+
+/// Step the leader's clock for the hold.
+async fn clock_step(
+    cluster: &mut Cluster,
+    shared: &Arc<Shared>,
+    r: &mut ScenarioResult,
+    t: &Targets,
+) -> anyhow::Result<()> {
+    let plan = &t.plan;
+    let leader = t.leader;
+    let hold = t.hold;
+    let name = t.name;
+    // The leader: its clock times grants, heartbeats and expiries.
+    let target = leader;
+    let addr = cluster.replicas[&target].real.clone();
+    r.target = format!("node {target}");
+    shared.say(format!(
+        "FAULT {name}: node {target}'s clock stepped {:+} ms",
+        plan.clock_offset_ms
+    ));
+    inject(
+        &addr,
+        FaultRequest::ClockOffset {
+            offset_ms: plan.clock_offset_ms,
+        },
+    )
+    .await?;
+    hold_fault(r, hold).await;
+    inject(&addr, FaultRequest::ClockOffset { offset_ms: 0 }).await?;
+    shared.say(format!("HEAL {name}: node {target}'s clock restored"));
+    Ok(())
 }
 
 /// The safety phase: the fault holds (this sleep is the scenario, not synchronization), then
