@@ -519,7 +519,7 @@ async fn start_fleet(
     for _ in 0..args.workers {
         cluster.add_worker()?;
     }
-    converge(&cluster, &shared, 0, Duration::from_secs(60))
+    converge(&cluster, shared, 0, Duration::from_secs(60))
         .await
         .map_err(|e| anyhow::anyhow!("the fleet did not come up: {e}"))?;
     shared.say(format!("{} workers active", args.workers));
@@ -1034,7 +1034,7 @@ async fn kill_replica(
     let target = if plan.scenario == Scenario::KillLeader {
         leader
     } else {
-        pick(&followers)
+        pick(followers)
     };
     r.target = format!("node {target}");
     shared.say(format!("FAULT {name}: SIGKILL node {target}"));
@@ -1152,7 +1152,7 @@ async fn stall(
     let (target, component) = if plan.scenario == Scenario::StallLoop {
         (leader, Component::Scheduler)
     } else {
-        (pick(&ids), Component::Storage)
+        (pick(ids), Component::Storage)
     };
     r.target = format!("node {target}");
     let addr = cluster.replicas[&target].real.clone();
@@ -1352,7 +1352,7 @@ async fn membership(
     .map_err(|e| anyhow::anyhow!("node {new_id} did not become a voter: {e}"))?;
     *shared.fronts.lock().expect("fronts") = cluster.fronts();
     shared.say(format!("  node {new_id} is a voter"));
-    let leaving = pick(&followers);
+    let leaving = pick(followers);
     let addr = cluster.replicas[&leaving].real.clone();
     shared.say(format!("  node {leaving} leaves (fleet cluster leave)"));
     let mut c = Client::new(vec![addr], "fleet", Duration::from_secs(20))?;

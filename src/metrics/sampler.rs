@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::metrics::names::*;
-use crate::scheduler::workers::WorkerState;
+use crate::rpc::ClusterStatus;
+use crate::scheduler::workers::{Registered, WorkerState};
 use crate::server::Replica;
 use crate::state::runs::RunCounts;
-use crate::state::RunId;
+use crate::state::{QueueStats, RunId};
 
 /// Runs until the replica stops.
 pub async fn run(replica: Arc<Replica>) {
@@ -41,7 +42,7 @@ struct Sampled {
     leader: Option<u64>,
     first: bool,
     /// Cluster gauges (name, labels) last set by this replica as leader.
-    cluster: BTreeSet<(&'static str, Vec<(&'static str, String)>)>,
+    cluster: BTreeSet<Series>,
     /// While leading: the replicated run counts per workflow counted so far, and the last run
     /// end whose duration was recorded (`None` until the first sample as leader sets them, so
     /// a new leader does not count again what its predecessor counted).
@@ -51,25 +52,34 @@ struct Sampled {
 /// Run counts per workflow, and the last run end recorded.
 type RunsSeen = (BTreeMap<String, RunCounts>, (u64, RunId));
 
+/// A gauge series: its name and labels.
+type Series = (&'static str, Vec<(&'static str, String)>);
+
+fn labels_of(labels: &[(&'static str, String)]) -> Vec<metrics::Label> {
+    labels
+        .iter()
+        .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+        .collect()
+}
+
+/// The cluster gauges set in one sample, to zero the ones that disappeared afterwards.
+#[derive(Default)]
+struct Gauges {
+    set: BTreeSet<Series>,
+}
+
+impl Gauges {
+    fn set(&mut self, name: &'static str, labels: Vec<(&'static str, String)>, v: f64) {
+        metrics::gauge!(name, labels_of(&labels)).set(v);
+        self.set.insert((name, labels));
+    }
+}
+
 async fn sample(replica: &Replica, sampled: &mut Sampled) {
     let node = crate::metrics::node();
     let status = replica.local_status();
-    metrics::gauge!(RAFT_TERM, "node" => node.clone()).set(status.term as f64);
     let leading = status.leader_id == Some(replica.id);
-    metrics::gauge!(RAFT_IS_LEADER, "node" => node.clone()).set(if leading { 1.0 } else { 0.0 });
-    for (name, v) in [
-        (RAFT_LAST_LOG_INDEX, status.last_log_index),
-        (RAFT_COMMIT_INDEX, status.commit_index),
-        (RAFT_APPLIED_INDEX, status.applied_index),
-    ] {
-        metrics::gauge!(name, "node" => node.clone()).set(v.unwrap_or(0) as f64);
-    }
-    metrics::counter!(RAFT_LEADER_CHANGES, "node" => node.clone()).increment(0);
-    if sampled.first && sampled.leader != status.leader_id {
-        metrics::counter!(RAFT_LEADER_CHANGES, "node" => node.clone()).increment(1);
-    }
-    sampled.first = true;
-    sampled.leader = status.leader_id;
+    own_gauges(&node, &status, leading, sampled);
     let (_, last_iteration_ms) = replica.scheduler.progress();
     let now = replica.clock.wall_ms();
     let lag = crate::metrics::seconds_between_ms(last_iteration_ms, now);
@@ -80,25 +90,61 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
         sampled.runs = None;
         // Zero what this replica reported while it led, once.
         for (name, labels) in std::mem::take(&mut sampled.cluster) {
-            let labels: Vec<metrics::Label> = labels
-                .into_iter()
-                .map(|(k, v)| metrics::Label::new(k, v))
-                .collect();
-            metrics::gauge!(name, labels).set(0.0);
+            metrics::gauge!(name, labels_of(&labels)).set(0.0);
         }
         return;
     }
-    let mut now_set: BTreeSet<(&'static str, Vec<(&'static str, String)>)> = BTreeSet::new();
-    let mut set = |name: &'static str, labels: Vec<(&'static str, String)>, v: f64| {
-        let l: Vec<metrics::Label> = labels
-            .iter()
-            .map(|(k, v)| metrics::Label::new(*k, v.clone()))
-            .collect();
-        metrics::gauge!(name, l).set(v);
-        now_set.insert((name, labels));
-    };
-    // Counters exist from the first sample, at 0, so rate() and alerts see them before the
-    // first event.
+    zero_counters();
+    let stall_ms = replica.config.health.stall_threshold_ms as f64;
+    if lag * 1000.0 < stall_ms && !replica.health.is_stalled() {
+        metrics::counter!(SCHEDULER_HEARTBEAT).increment(1);
+    }
+    let mut gauges = Gauges::default();
+    replication_gauges(&mut gauges, &node, &status, replica.id);
+    let (stats, pools) = replica.sm.read(|s| (s.queue_stats(), s.pool_views())).await;
+    count_runs(replica, &mut sampled.runs).await;
+    for p in &pools {
+        let l = || vec![("pool", p.name.clone())];
+        gauges.set(POOL_OPEN_SLOTS, l(), p.slots.saturating_sub(p.used) as f64);
+        gauges.set(POOL_RUNNING_SLOTS, l(), p.used as f64);
+        gauges.set(POOL_QUEUED_TASKS, l(), p.queued as f64);
+    }
+    let workers = replica.scheduler.core().workers().list(
+        replica.clock.mono_ms(),
+        replica.config.scheduler.worker_liveness_timeout_ms,
+    );
+    let free_per_queue = worker_gauges(&mut gauges, &workers);
+    queue_gauges(&mut gauges, &stats, &free_per_queue, now);
+    // Series that disappeared (a queue purged, a follower removed) go to 0.
+    for (name, labels) in sampled.cluster.difference(&gauges.set) {
+        metrics::gauge!(*name, labels_of(labels)).set(0.0);
+    }
+    sampled.cluster = gauges.set;
+}
+
+/// Every replica's own Raft position, and a leader change seen since the last sample.
+fn own_gauges(node: &str, status: &ClusterStatus, leading: bool, sampled: &mut Sampled) {
+    let node = node.to_string();
+    metrics::gauge!(RAFT_TERM, "node" => node.clone()).set(status.term as f64);
+    metrics::gauge!(RAFT_IS_LEADER, "node" => node.clone()).set(if leading { 1.0 } else { 0.0 });
+    for (name, v) in [
+        (RAFT_LAST_LOG_INDEX, status.last_log_index),
+        (RAFT_COMMIT_INDEX, status.commit_index),
+        (RAFT_APPLIED_INDEX, status.applied_index),
+    ] {
+        metrics::gauge!(name, "node" => node.clone()).set(v.unwrap_or(0) as f64);
+    }
+    metrics::counter!(RAFT_LEADER_CHANGES, "node" => node.clone()).increment(0);
+    if sampled.first && sampled.leader != status.leader_id {
+        metrics::counter!(RAFT_LEADER_CHANGES, "node" => node).increment(1);
+    }
+    sampled.first = true;
+    sampled.leader = status.leader_id;
+}
+
+/// Counters exist from the first sample, at 0, so rate() and alerts see them before the first
+/// event.
+fn zero_counters() {
     metrics::counter!(SCHEDULER_HEARTBEAT).increment(0);
     metrics::counter!(LEASE_EXTENDED).increment(0);
     for cause in ["visibility_timeout", "worker_lost", "handed_back"] {
@@ -107,40 +153,33 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
     for call in ["heartbeat", "report"] {
         metrics::counter!(LEASE_FENCED, "call" => call).increment(0);
     }
-    let stall_ms = replica.config.health.stall_threshold_ms as f64;
-    if lag * 1000.0 < stall_ms && !replica.health.is_stalled() {
-        metrics::counter!(SCHEDULER_HEARTBEAT).increment(1);
+}
+
+/// How many entries each follower is behind the leader's log.
+fn replication_gauges(gauges: &mut Gauges, node: &str, status: &ClusterStatus, me: u64) {
+    for m in status.members.iter().filter(|m| m.id != me) {
+        let behind = status
+            .last_log_index
+            .unwrap_or(0)
+            .saturating_sub(m.match_index.unwrap_or(0));
+        gauges.set(
+            RAFT_REPLICATION_LAG,
+            vec![("node", node.to_string()), ("follower", m.id.to_string())],
+            behind as f64,
+        );
     }
-    for m in &status.members {
-        if m.id != replica.id {
-            let behind = status
-                .last_log_index
-                .unwrap_or(0)
-                .saturating_sub(m.match_index.unwrap_or(0));
-            set(
-                RAFT_REPLICATION_LAG,
-                vec![("node", node.clone()), ("follower", m.id.to_string())],
-                behind as f64,
-            );
-        }
-    }
-    let (stats, pools) = replica.sm.read(|s| (s.queue_stats(), s.pool_views())).await;
-    count_runs(replica, &mut sampled.runs).await;
-    for p in &pools {
-        let l = || vec![("pool", p.name.clone())];
-        set(POOL_OPEN_SLOTS, l(), p.slots.saturating_sub(p.used) as f64);
-        set(POOL_RUNNING_SLOTS, l(), p.used as f64);
-        set(POOL_QUEUED_TASKS, l(), p.queued as f64);
-    }
-    let workers = replica.scheduler.core().workers().list(
-        replica.clock.mono_ms(),
-        replica.config.scheduler.worker_liveness_timeout_ms,
-    );
+}
+
+/// Workers by state and their open slots; returns the open slots per queue.
+fn worker_gauges<'a>(
+    gauges: &mut Gauges,
+    workers: &'a [(Registered, WorkerState)],
+) -> BTreeMap<&'a str, u64> {
     let mut by_state: BTreeMap<&'static str, u64> =
         [("active", 0), ("draining", 0), ("lost", 0)].into();
     let mut open_slots = 0u64;
     let mut free_per_queue: BTreeMap<&str, u64> = BTreeMap::new();
-    for (w, state) in &workers {
+    for (w, state) in workers {
         *by_state.entry(state.as_str()).or_default() += 1;
         if *state == WorkerState::Active {
             let free = u64::from(w.info.slots.saturating_sub(w.info.running));
@@ -151,10 +190,21 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
         }
     }
     for (state, n) in by_state {
-        set(WORKERS, vec![("state", state.to_string())], n as f64);
+        gauges.set(WORKERS, vec![("state", state.to_string())], n as f64);
     }
-    set(WORKERS_OPEN_SLOTS, vec![], open_slots as f64);
-    for (queue, st) in &stats {
+    gauges.set(WORKERS_OPEN_SLOTS, vec![], open_slots as f64);
+    free_per_queue
+}
+
+/// Tasks per queue and state, the oldest ready task's age, and the ready tasks no open slot
+/// could take (starving).
+fn queue_gauges(
+    gauges: &mut Gauges,
+    stats: &BTreeMap<String, QueueStats>,
+    free_per_queue: &BTreeMap<&str, u64>,
+    now: u64,
+) {
+    for (queue, st) in stats {
         for name in [
             TASKS_SUBMITTED,
             TASKS_DEAD,
@@ -174,7 +224,7 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
             ("dead", st.dead),
             ("cancelled", st.cancelled),
         ] {
-            set(
+            gauges.set(
                 TASKS,
                 vec![("queue", queue.clone()), ("state", state.to_string())],
                 n as f64,
@@ -183,23 +233,14 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
         let age = st
             .oldest_ready_since_ms
             .map_or(0.0, |t| crate::metrics::seconds_between_ms(t, now));
-        set(QUEUE_OLDEST_READY_AGE, vec![("queue", queue.clone())], age);
+        gauges.set(QUEUE_OLDEST_READY_AGE, vec![("queue", queue.clone())], age);
         let free = free_per_queue.get(queue.as_str()).copied().unwrap_or(0);
-        set(
+        gauges.set(
             SCHEDULER_TASKS_STARVING,
             vec![("queue", queue.clone())],
             st.ready.saturating_sub(free) as f64,
         );
     }
-    // Series that disappeared (a queue purged, a follower removed) go to 0.
-    for (name, labels) in sampled.cluster.difference(&now_set) {
-        let l: Vec<metrics::Label> = labels
-            .iter()
-            .map(|(k, v)| metrics::Label::new(*k, v.clone()))
-            .collect();
-        metrics::gauge!(*name, l).set(0.0);
-    }
-    sampled.cluster = now_set;
 }
 
 /// Counts run starts and ends (from the replicated per-workflow counts, by difference) and
