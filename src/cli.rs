@@ -33,6 +33,7 @@ use crate::state::TaskState;
 #[command(
     name = "fleet",
     version,
+    long_version = crate::formats::long_version(),
     about = "A distributed worker fleet with a Raft-replicated scheduler"
 )]
 pub struct Cli {

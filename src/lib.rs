@@ -20,6 +20,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod formats;
 pub mod health;
 pub mod logging;
 pub mod metrics;

@@ -57,3 +57,72 @@ fn a_data_directory_of_state_format_1_opens_with_its_tasks_and_new_attempts_get_
             .into_owned();
     assert!(logs.contains("(worker renamed, fencing token"), "{logs}");
 }
+
+/// Every file under `dir` with its bytes.
+fn files_under(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.insert(p.clone(), Vec::new());
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_data_directory_of_a_newer_format_is_refused_and_left_byte_for_byte_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/data-format-1.tar.gz"
+    );
+    let untar = std::process::Command::new("tar")
+        .args(["xzf", fixture, "-C"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(untar.success());
+    let port = free_ports(1)[0];
+    let mut node = TestNode::new(dir.path(), 1, port, vec![]);
+    let format_file = node.data_dir.join("FORMAT");
+    assert!(
+        !format_file.exists(),
+        "the fixture predates the FORMAT file"
+    );
+    // An old directory opens and is stamped with this build's format.
+    node.start();
+    wait_for_state(&node.addr.clone(), 1, "succeeded", Duration::from_secs(20));
+    node.process.signal(libc::SIGTERM);
+    assert_eq!(node.process.wait_exit(Duration::from_secs(30)), Some(0));
+    let stamped = std::fs::read_to_string(&format_file).unwrap();
+    assert!(stamped.contains("format 1\n"), "{stamped}");
+
+    // A newer fleet's directory: refused by name, and nothing in it changes.
+    std::fs::write(
+        &format_file,
+        "fleet data directory\nformat 99\nwritten by fleet 9.0.0\n",
+    )
+    .unwrap();
+    let before = files_under(&node.data_dir);
+    node.start();
+    let code = node.process.wait_exit(Duration::from_secs(30));
+    assert!(matches!(code, Some(c) if c != 0), "exit {code:?}");
+    let log = node.log_text();
+    assert!(
+        log.contains("is format 99, written by a newer fleet")
+            && log.contains("reads data directory formats up to 1")
+            && log.contains("Nothing in the directory was changed"),
+        "{log}"
+    );
+    assert!(
+        files_under(&node.data_dir) == before,
+        "the refused data directory changed"
+    );
+}

@@ -26,7 +26,8 @@ use crate::state::{Response, State};
 type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"FLEETSNP";
-const SNAPSHOT_FILE_FORMAT: u32 = 1;
+/// The layout of the snapshot file around the state bytes.
+pub const SNAPSHOT_FILE_FORMAT: u32 = 1;
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 /// The format of the state bytes. 4: the state, then its schedules, its pools and its
 /// workflows (with their runs). 3 (still read): no workflows. 2 (still read): the state only
@@ -350,10 +351,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
-/// Writes the snapshot atomically (see the module docs for the layout).
-fn write_snapshot_file(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+/// The snapshot file's bytes before the state bytes `data`: magic, format, checksum, length,
+/// and the body's head (see the module docs for the layout).
+fn snapshot_file_head(meta: &SnapshotMeta, data: &[u8]) -> io::Result<Vec<u8>> {
     // The body is `(meta, data)` as bincode encodes the pair: the metadata, the length of the
-    // data, the data. Written in pieces, so the state's bytes are not copied once more.
+    // data, the data.
     let cfg = bincode::config::standard();
     let err = |e| io::Error::new(io::ErrorKind::InvalidData, e);
     let mut head = bincode::serde::encode_to_vec(meta, cfg).map_err(err)?;
@@ -361,13 +363,29 @@ fn write_snapshot_file(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Res
     let mut crc = crc32fast::Hasher::new();
     crc.update(&head);
     crc.update(data);
+    let mut out = Vec::with_capacity(24 + head.len());
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&SNAPSHOT_FILE_FORMAT.to_le_bytes());
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&((head.len() + data.len()) as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    Ok(out)
+}
+
+/// A whole snapshot file in memory (its golden fixture; a backup).
+pub fn snapshot_file_bytes(meta: &SnapshotMeta, data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = snapshot_file_head(meta, data)?;
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
+/// Writes the snapshot atomically. Written in two pieces, so the state's bytes are not copied
+/// once more.
+fn write_snapshot_file(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+    let head = snapshot_file_head(meta, data)?;
     let tmp = path.with_extension("bin.tmp");
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        f.write_all(SNAPSHOT_MAGIC)?;
-        f.write_all(&SNAPSHOT_FILE_FORMAT.to_le_bytes())?;
-        f.write_all(&crc.finalize().to_le_bytes())?;
-        f.write_all(&((head.len() + data.len()) as u64).to_le_bytes())?;
         f.write_all(&head)?;
         f.write_all(data)?;
         // fsync: the snapshot is durable before the log entries it covers may be purged.

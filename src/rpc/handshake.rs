@@ -71,7 +71,8 @@ pub enum HandshakeError {
     Malformed(String),
 }
 
-pub async fn write_frame<T: Serialize>(s: &mut TcpStream, body: &T) -> Result<(), HandshakeError> {
+/// The bytes of one handshake frame carrying `body`.
+pub fn frame<T: Serialize>(body: &T) -> Result<Vec<u8>, HandshakeError> {
     let body = bincode::serde::encode_to_vec(body, bincode::config::standard())
         .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
     let mut buf = Vec::with_capacity(12 + body.len());
@@ -79,7 +80,11 @@ pub async fn write_frame<T: Serialize>(s: &mut TcpStream, body: &T) -> Result<()
     buf.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
     buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
     buf.extend_from_slice(&body);
-    s.write_all(&buf).await?;
+    Ok(buf)
+}
+
+pub async fn write_frame<T: Serialize>(s: &mut TcpStream, body: &T) -> Result<(), HandshakeError> {
+    s.write_all(&frame(body)?).await?;
     Ok(())
 }
 

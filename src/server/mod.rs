@@ -14,6 +14,7 @@
 //! raises its open-file limit to what the bounds need ([`raise_open_file_limit`]).
 
 pub mod admission;
+pub mod data_dir;
 pub mod formation;
 pub mod schedule_calls;
 pub mod service;
@@ -86,10 +87,18 @@ impl Replica {
     pub async fn start(config: Config) -> anyhow::Result<Arc<Replica>> {
         config.validate()?;
         let data_dir = config.node.data_dir.clone();
+        // Before anything writes to the directory: a newer fleet's data is left untouched.
+        let format = data_dir::check(&data_dir)?;
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
         raise_open_file_limit();
         let (data_lock, db) = open_data_dir(&data_dir)?;
+        data_dir::stamp(&data_dir, format).with_context(|| {
+            format!(
+                "cannot record the format in data directory {}",
+                data_dir.display()
+            )
+        })?;
         let clock = crate::clock::Clock::system();
         let random = crate::random::Random::from_os();
         let health =
