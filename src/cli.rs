@@ -127,6 +127,12 @@ pub enum ConfigCommand {
 pub struct JoinArgs {
     #[command(flatten)]
     pub node: NodeFlags,
+    /// Start a new one-node cluster from a backup (`fleet cluster snapshot save`): every task,
+    /// attempt, schedule, pool and workflow of the backup, this node the only voter, a new
+    /// cluster id. Needs an empty data directory; grow the cluster afterwards with `fleet
+    /// join --peers THIS_NODE` on the others.
+    #[arg(long, value_name = "FILE")]
+    pub restore: Option<PathBuf>,
 }
 
 /// The flags of a replica; each overrides one `[node]` or `[raft]` key (flags win over the
@@ -303,6 +309,30 @@ pub enum ClusterCommand {
     Leave {
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Backups: save the cluster's state to a file, or inspect one.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Save a consistent backup of the running cluster (taken by the leader after confirming
+    /// its leadership) to FILE: every task, attempt, schedule, pool and workflow, with a
+    /// checksum and the format version. Restore it with `fleet join --restore FILE`.
+    Save {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Where to write the backup (replaced atomically if it exists).
+        file: PathBuf,
+    },
+    /// Check a backup file (magic, format, checksum, decoding) and summarize what it holds.
+    Inspect {
+        /// The backup file.
+        file: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
 }
 
@@ -499,12 +529,12 @@ async fn join(mut config: Config, args: JoinArgs) -> anyhow::Result<()> {
         span.record("node", id);
     }
     use tracing::Instrument;
-    run_replica(config).instrument(span).await
+    run_replica(config, args.restore).instrument(span).await
 }
 
-async fn run_replica(config: Config) -> anyhow::Result<()> {
+async fn run_replica(config: Config, restore: Option<PathBuf>) -> anyhow::Result<()> {
     config.validate()?;
-    let replica = Replica::start(config).await?;
+    let replica = Replica::start_restoring(config, restore.as_deref()).await?;
     let notifier = crate::health::systemd::Notifier::from_env();
     notifier.ready(&format!("serving on {}", replica.addr));
     let watched = replica.clone();

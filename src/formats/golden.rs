@@ -464,6 +464,11 @@ fn rpc_messages_match_their_fixture() {
             worker: WorkerId(7),
             hop: 0,
         },
+        FleetServiceRequest::BackupChunk {
+            session: 77,
+            offset: 8 << 20,
+            hop: 0,
+        },
     ];
     let responses = [
         FleetServiceResponse::LeaseTasks(Ok(vec![lease.clone()])),
@@ -474,6 +479,12 @@ fn rpc_messages_match_their_fixture() {
         FleetServiceResponse::WorkerLeave(Err(crate::error::Error::NotLeader {
             leader_id: Some(2),
             leader_addr: Some("10.0.0.2:7101".into()),
+        })),
+        FleetServiceResponse::BackupChunk(Ok(crate::rpc::BackupChunk {
+            session: 77,
+            total: 10,
+            offset: 0,
+            data: b"FLEETSNP\x01\x00".to_vec(),
         })),
     ];
     let cfg = bincode::config::standard();

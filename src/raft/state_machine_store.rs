@@ -220,6 +220,18 @@ impl StateMachineStore {
         f(&self.inner.read().await.state)
     }
 
+    /// A snapshot file of the state as applied now, in memory (a backup). Encoded under the
+    /// read lock, so the state and its log id match; applying waits meanwhile.
+    pub async fn backup_bytes(&self) -> io::Result<Vec<u8>> {
+        let inner = self.inner.read().await;
+        let data = encode_state(&inner.state)?;
+        let meta = SnapshotMeta {
+            last_log_id: inner.last_applied,
+            last_membership: inner.last_membership.clone(),
+        };
+        snapshot_file_bytes(&meta, &data)
+    }
+
     /// The index of the last entry applied here.
     pub async fn applied_index(&self) -> u64 {
         self.inner
@@ -381,7 +393,7 @@ pub fn snapshot_file_bytes(meta: &SnapshotMeta, data: &[u8]) -> io::Result<Vec<u
 
 /// Writes the snapshot atomically. Written in two pieces, so the state's bytes are not copied
 /// once more.
-fn write_snapshot_file(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+pub fn write_snapshot_file(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
     let head = snapshot_file_head(meta, data)?;
     let tmp = path.with_extension("bin.tmp");
     {
@@ -397,7 +409,7 @@ fn write_snapshot_file(path: &Path, meta: &SnapshotMeta, data: &[u8]) -> io::Res
     Ok(())
 }
 
-fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
+pub fn read_snapshot_file(path: &Path) -> io::Result<Option<(SnapshotMeta, Vec<u8>)>> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),

@@ -19,8 +19,9 @@ pub const MAGIC: &[u8; 6] = b"FLEET\0";
 /// The wire protocol version. Bumped on any incompatible change of the handshake or of
 /// [`FleetService`](super::FleetService)'s messages. Version 2 added [`Role::Worker`] and the
 /// clock fault; version 3 the auth token; version 4 the reachability fields of the health
-/// report; version 5 schedules and pools; version 6 workflows, runs and `submit --after`.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// report; version 5 schedules and pools; version 6 workflows, runs and `submit --after`;
+/// version 7 backups (`backup_chunk`).
+pub const PROTOCOL_VERSION: u16 = 7;
 pub const MAX_HELLO_BYTES: u32 = 64 * 1024;
 /// How long either side waits for the other's handshake frame.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

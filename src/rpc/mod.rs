@@ -445,6 +445,28 @@ pub trait FleetService {
     async fn inject_fault(
         req: crate::health::fault::FaultRequest,
     ) -> Result<crate::health::fault::FaultState, Error>;
+
+    // --- backups (served by the leader; appended last: earlier messages keep their numbers) ---
+    /// A piece of a backup (`fleet cluster snapshot save`). `session` 0 starts one: the leader
+    /// confirms its leadership (ReadIndex), encodes its state as of that point into a snapshot
+    /// file, keeps it for [`BACKUP_IDLE`], and answers the first piece; later calls name the
+    /// session and the offset.
+    async fn backup_chunk(session: u64, offset: u64, hop: u8) -> Result<BackupChunk, Error>;
+}
+
+/// How long a leader keeps a backup nobody asks the next piece of.
+pub const BACKUP_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// The most bytes of a backup in one reply (well under [`MAX_FRAME_BYTES`]).
+pub const BACKUP_CHUNK_BYTES: usize = 8 << 20;
+
+/// One piece of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupChunk {
+    pub session: u64,
+    /// The whole backup's size.
+    pub total: u64,
+    pub offset: u64,
+    pub data: Vec<u8>,
 }
 
 /// A tarpc context whose deadline is `timeout` from now.

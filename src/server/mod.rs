@@ -14,6 +14,7 @@
 //! raises its open-file limit to what the bounds need ([`raise_open_file_limit`]).
 
 pub mod admission;
+pub mod backup;
 pub mod data_dir;
 pub mod formation;
 pub mod schedule_calls;
@@ -74,6 +75,8 @@ pub struct Replica {
     /// Whether the leader this replica follows looks dead (its connection closed).
     pub(crate) leader_loss: crate::raft::leader_loss::LeaderLoss,
     pub(crate) incoming_snapshot: tokio::sync::Mutex<Option<IncomingSnapshot>>,
+    /// The backup this replica serves as leader, between its pieces.
+    pub(crate) backups: backup::BackupCache,
     /// Set to true to stop the process (after `leave`, or on a fatal formation error).
     pub stop: watch::Sender<Option<String>>,
     started_at: Instant,
@@ -85,10 +88,22 @@ pub struct Replica {
 impl Replica {
     /// Opens the data directory, starts Raft and the listener, and begins cluster formation.
     pub async fn start(config: Config) -> anyhow::Result<Arc<Replica>> {
+        Self::start_restoring(config, None).await
+    }
+
+    /// [`Replica::start`], first restoring the backup `restore` (if given) into the empty data
+    /// directory as a new one-node cluster ([`backup::restore_into`]).
+    pub async fn start_restoring(
+        config: Config,
+        restore: Option<&std::path::Path>,
+    ) -> anyhow::Result<Arc<Replica>> {
         config.validate()?;
         let data_dir = config.node.data_dir.clone();
         // Before anything writes to the directory: a newer fleet's data is left untouched.
         let format = data_dir::check(&data_dir)?;
+        if let Some(file) = restore {
+            check_restore(&config, file, format)?;
+        }
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
         raise_open_file_limit();
@@ -117,7 +132,20 @@ impl Replica {
         .map_err(|e| anyhow::anyhow!("cannot start the fsync thread: {e}"))?;
         let log = LogStore::open(db, flusher)?;
 
-        let identity = load_identity(&log, &config, &random).await?;
+        let mut identity = load_identity(&log, &config, &random).await?;
+        if let Some(file) = restore {
+            let backup =
+                backup::restore_into(file, &data_dir, identity.node_id, &config.advertise_addr())?;
+            identity.cluster_id = Some(random.with(rand::Rng::random));
+            log.save_identity(&identity).await?;
+            tracing::warn!(
+                backup = %file.display(),
+                tasks = backup.state.all_tasks().count(),
+                backup_index = backup.meta.last_log_id.map_or(0, |l| l.index()),
+                cluster_id = %format!("{:032x}", identity.cluster_id.unwrap_or(0)),
+                "restored a backup as a new one-node cluster; add replicas with fleet join"
+            );
+        }
         let id = identity.node_id;
         if config.node.id.is_none() {
             // A new node drew its id just now (`fleet join` records a configured one).
@@ -171,6 +199,7 @@ impl Replica {
             health,
             leader_loss: Default::default(),
             incoming_snapshot: tokio::sync::Mutex::new(None),
+            backups: Default::default(),
             stop,
             started_at: Instant::now(),
             shutting_down: Mutex::new(false),
@@ -592,6 +621,29 @@ fn raise_open_file_limit() {
 const OPEN_FILES_NEEDED: u64 = admission::Limits::DEFAULT.total() as u64 + 256;
 /// What the replica raises its soft limit to, when the hard limit allows.
 const OPEN_FILES_WANTED: u64 = 65_536;
+
+/// Refuses `--restore` into a directory that holds data or with flags that form a cluster.
+fn check_restore(
+    config: &Config,
+    file: &std::path::Path,
+    format: data_dir::Found,
+) -> anyhow::Result<()> {
+    if format != data_dir::Found::Empty {
+        anyhow::bail!(
+            "--restore needs an empty data directory, and {} holds data; give a new --data-dir",
+            config.node.data_dir.display()
+        );
+    }
+    if config.node.bootstrap_expect.is_some() {
+        anyhow::bail!(
+            "--restore starts a one-node cluster from the backup; leave out --bootstrap-expect \
+             and join the other replicas to it afterwards"
+        );
+    }
+    // Checked before anything is created, so a bad file leaves no data directory behind.
+    backup::read_backup(file)?;
+    Ok(())
+}
 
 /// Locks the data directory for this process and opens its database.
 fn open_data_dir(

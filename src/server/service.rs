@@ -22,9 +22,9 @@ use crate::error::Error;
 use crate::raft::{Node, NodeId, TypeConfig};
 use crate::rpc::peer::is_transport_failure;
 use crate::rpc::{
-    AppendReq, AppendResp, ClusterStatus, FleetService, FleetServiceClient, MemberStatus, NodeInfo,
-    ReadMode, ReadReply, Role, SnapshotChunk, SnapshotResp, SubmitTask, Submitted, TransferReq,
-    TransferResp, VoteReq, VoteResp,
+    AppendReq, AppendResp, BackupChunk, ClusterStatus, FleetService, FleetServiceClient,
+    MemberStatus, NodeInfo, ReadMode, ReadReply, Role, SnapshotChunk, SnapshotResp, SubmitTask,
+    Submitted, TransferReq, TransferResp, VoteReq, VoteResp,
 };
 use crate::state::{Command, CommandOutput, QueueStats, Task, TaskFilter, TaskId, TaskState};
 
@@ -410,6 +410,16 @@ impl FleetService for Connection {
             .faults
             .apply(self.replica.id, &req)
             .map_err(Error::Rejected)
+    }
+
+    async fn backup_chunk(
+        self,
+        ctx: Context,
+        session: u64,
+        offset: u64,
+        hop: u8,
+    ) -> Result<BackupChunk, Error> {
+        self.replica.backup_chunk(ctx, session, offset, hop).await
     }
 }
 

@@ -53,6 +53,15 @@ pub struct Pools {
 }
 
 impl Pools {
+    /// How many pools there are.
+    pub fn len(&self) -> usize {
+        self.pools.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+    }
+
     pub fn get(&self, name: &str) -> Option<&Pool> {
         self.pools.get(name)
     }

@@ -215,6 +215,20 @@ pub struct Workflows {
 }
 
 impl Workflows {
+    /// How many workflows are defined.
+    pub fn len(&self) -> usize {
+        self.defs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.defs.is_empty()
+    }
+
+    /// How many runs are retained.
+    pub fn run_count(&self) -> usize {
+        self.runs.len()
+    }
+
     pub fn get(&self, name: &str) -> Option<&Workflow> {
         self.defs.get(name)
     }
