@@ -14,6 +14,7 @@ use serde::Serialize;
 pub mod cluster;
 pub mod health;
 pub mod logs;
+pub mod recover;
 pub mod schedule;
 pub mod submit;
 pub mod task;
@@ -48,6 +49,10 @@ pub struct Cli {
 pub enum Command {
     /// Run a scheduler replica: form a new cluster or join a running one.
     Join(JoinArgs),
+    /// Quorum-loss recovery: turn this stopped replica's data directory into a one-node
+    /// cluster from its own data, when a majority of the replicas is gone for good. Refuses
+    /// while a quorum is reachable. Then start it with `fleet join` and grow it back.
+    Recover(recover::RecoverArgs),
     /// Run a local fleet on loopback: 3 replicas, 2 workers and a demo batch (for trying fleet
     /// out).
     Up(UpArgs),
@@ -369,6 +374,7 @@ pub struct BenchArgs {
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Join(args) => join(config, args).await,
+        Command::Recover(args) => recover::recover(config, args).await,
         Command::Up(args) => up::up(&config, cli.config.as_deref(), args).await,
         Command::Down(args) => up::down(args).await,
         Command::Worker(args) => worker::worker(config, args).await,

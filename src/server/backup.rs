@@ -137,8 +137,7 @@ pub fn read_backup(path: &Path) -> anyhow::Result<Backup> {
 }
 
 /// Writes the backup at `file` as the snapshot of the fresh data directory `data_dir`, with
-/// `node` (at `addr`) as the only member. The snapshot keeps the backup's log index, so the
-/// state's indexes go on growing; its term is 0, below any term of the new cluster.
+/// `node` (at `addr`) as the only member.
 pub fn restore_into(
     file: &Path,
     data_dir: &Path,
@@ -147,6 +146,20 @@ pub fn restore_into(
 ) -> anyhow::Result<Backup> {
     let backup = read_backup(file)?;
     let index = backup.meta.last_log_id.as_ref().map_or(0, |l| l.index());
+    write_as_new_cluster(data_dir, node, addr, index, &backup.state)?;
+    Ok(backup)
+}
+
+/// Writes `state` as the snapshot of a one-node cluster of `node` at `addr` (restore and
+/// quorum-loss recovery). The snapshot keeps the log `index` the state was taken at, so the
+/// state's indexes go on growing; its term is 0, below any term of the new cluster.
+pub fn write_as_new_cluster(
+    data_dir: &Path,
+    node: NodeId,
+    addr: &str,
+    index: u64,
+    state: &State,
+) -> anyhow::Result<()> {
     let leader =
         <<TypeConfig as openraft::RaftTypeConfig>::LeaderId as RaftLeaderIdExt>::new_committed(
             0, node,
@@ -156,12 +169,12 @@ pub fn restore_into(
         vec![[node].into()],
         std::collections::BTreeMap::from([(node, Node { addr: addr.into() })]),
     )
-    .map_err(|e| anyhow::anyhow!("membership of the restored node: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("membership of the new cluster: {e}"))?;
     let meta = SnapshotMeta {
         last_log_id: Some(log_id),
         last_membership: StoredMembership::new(Some(log_id), membership),
     };
-    let data = crate::raft::state_machine_store::encode_state(&backup.state)?;
+    let data = crate::raft::state_machine_store::encode_state(state)?;
     write_snapshot_file(&data_dir.join("snapshot.bin"), &meta, &data)?;
-    Ok(backup)
+    Ok(())
 }

@@ -17,6 +17,7 @@ pub mod admission;
 pub mod backup;
 pub mod data_dir;
 pub mod formation;
+pub mod recover;
 pub mod schedule_calls;
 pub mod service;
 pub mod worker_calls;
