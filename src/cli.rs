@@ -53,6 +53,13 @@ pub enum Command {
     /// cluster from its own data, when a majority of the replicas is gone for good. Refuses
     /// while a quorum is reachable. Then start it with `fleet join` and grow it back.
     Recover(recover::RecoverArgs),
+    /// Write the man pages (DIR/man) and shell completions (DIR/completions) generated from
+    /// this CLI, for the package (cluster/debian/build.sh).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// The directory to write them into.
+        dir: PathBuf,
+    },
     /// Run a local fleet on loopback: 3 replicas, 2 workers and a demo batch (for trying fleet
     /// out).
     Up(UpArgs),
@@ -375,6 +382,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Join(args) => join(config, args).await,
         Command::Recover(args) => recover::recover(config, args).await,
+        Command::GenerateAssets { dir } => generate_assets(&dir),
         Command::Up(args) => up::up(&config, cli.config.as_deref(), args).await,
         Command::Down(args) => up::down(args).await,
         Command::Worker(args) => worker::worker(config, args).await,
@@ -398,6 +406,30 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Health(args) => health::health(&config, args).await,
         Command::Fault(cmd) => health::fault(&config, cmd).await,
     }
+}
+
+/// Man pages (one per command, `fleet.1`, `fleet-join.1`, ...) and bash, zsh and fish
+/// completions, from the CLI definition.
+fn generate_assets(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    clap_mangen::generate_to(Cli::command(), &man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "fleet", &completions)?;
+    }
+    println!(
+        "man pages in {}, completions in {}",
+        man.display(),
+        completions.display()
+    );
+    Ok(())
 }
 
 /// `fleet config show`: the effective configuration (secrets masked), or the defaults.

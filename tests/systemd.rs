@@ -206,7 +206,7 @@ fn replica_and_worker_notify_ready_status_and_watchdog() {
 }
 
 /// The shipped units pass systemd's own checker (`systemd-analyze verify`), with the binary
-/// path pointed at the built `fleet` (the units name /usr/local/bin/fleet, absent here), and
+/// path pointed at the built `fleet` (the units name /usr/bin/fleet, absent here), and
 /// the `ExecStartPre` config check they run accepts the example configuration.
 #[test]
 fn shipped_units_pass_systemd_analyze_verify() {
@@ -228,9 +228,9 @@ fn shipped_units_pass_systemd_analyze_verify() {
     let mut units = Vec::new();
     for unit in ["fleet.service", "fleet-worker.service"] {
         let text = std::fs::read_to_string(format!("{root}/cluster/{unit}")).unwrap();
-        assert!(text.contains("/usr/local/bin/fleet"), "{unit}");
+        assert!(text.contains("/usr/bin/fleet"), "{unit}");
         let path = dir.path().join(unit);
-        std::fs::write(&path, text.replace("/usr/local/bin/fleet", fleet_bin())).unwrap();
+        std::fs::write(&path, text.replace("/usr/bin/fleet", fleet_bin())).unwrap();
         units.push(path);
     }
     let out = Command::new("systemd-analyze")
