@@ -61,13 +61,19 @@ pub async fn recover(mut config: Config, args: RecoverArgs) -> anyhow::Result<()
     let me_voter = s.voters.iter().any(|(id, _)| *id == me);
     if up.len() + usize::from(me_voter) >= majority {
         let names: Vec<String> = up.iter().map(|(id, a)| format!("{id} at {a}")).collect();
+        let others = s.voters.len() - usize::from(me_voter);
         bail!(
-            "refusing: {} of the {} voters answer ({}), which with this node is a quorum of {majority}: \
-             the cluster is not lost, and recovering this node would split it. Start this replica \
-             again with fleet join; replace lost replicas with fleet cluster remove and fleet join",
+            "refusing: this node and {} of the {others} other voters ({}) make a quorum of \
+             {majority} of {}: the cluster is not lost, and recovering this node would split it. \
+             Start this replica again with fleet join; replace lost replicas with fleet cluster \
+             remove and fleet join",
             up.len(),
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            },
             s.voters.len(),
-            names.join(", ")
         );
     }
     eprintln!();
