@@ -261,23 +261,15 @@ mod tests {
     }
 
     fn worker_hello() -> Vec<u8> {
-        let body = bincode::serde::encode_to_vec(
-            Hello {
-                cluster_name: "fleet".into(),
-                cluster_id: None,
-                role: Role::Worker,
-                from_node: None,
-                expect_node: None,
-                auth_token: String::new(),
-            },
-            bincode::config::standard(),
-        )
-        .unwrap();
-        let mut f = MAGIC.to_vec();
-        f.extend_from_slice(&fleet::rpc::handshake::PROTOCOL_VERSION.to_be_bytes());
-        f.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        f.extend_from_slice(&body);
-        f
+        let hello = Hello {
+            cluster_name: "fleet".into(),
+            cluster_id: None,
+            role: Role::Worker,
+            from_node: None,
+            expect_node: None,
+            auth_token: String::new(),
+        };
+        fleet::rpc::handshake::frame(&hello, fleet::rpc::handshake::PROTOCOL_VERSION).unwrap()
     }
 
     /// Real sockets on loopback: a blocked direction holds bytes until healed; nothing is lost

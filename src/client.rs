@@ -35,6 +35,9 @@ pub struct Client {
     identity: Arc<LocalIdentity>,
     current: Option<(String, FleetServiceClient)>,
     next_peer: usize,
+    /// The oldest protocol version the calls of this client need (a replica that negotiates
+    /// an older one is not sent them).
+    needs: u16,
 }
 
 impl Client {
@@ -62,6 +65,7 @@ impl Client {
             next_peer: 0,
             attempt_timeout: None,
             prefer: None,
+            needs: crate::rpc::handshake::MIN_PROTOCOL_VERSION,
         })
     }
 
@@ -91,6 +95,13 @@ impl Client {
     /// Bounds each attempt against one replica (see [`Client::call`]).
     pub fn with_attempt_timeout(mut self, timeout: Duration) -> Client {
         self.attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// Makes calls only over connections that negotiated at least protocol `version` (for calls
+    /// that version added, which an older replica cannot decode).
+    pub fn with_min_protocol(mut self, version: u16) -> Client {
+        self.needs = version;
         self
     }
 
@@ -145,6 +156,11 @@ impl Client {
             let more = !order.as_slice().is_empty();
             tokio::select! {
                 Some((addr, r)) = dials.next() => match r {
+                    Ok(c) if c.protocol < self.needs => errors.push(format!(
+                        "{addr} speaks fleet protocol {}, and this call needs {}: upgrade that \
+                         replica first",
+                        c.protocol, self.needs
+                    )),
                     Ok(c) => {
                         self.current = Some((addr, c.client.clone()));
                         return Some(c.client);

@@ -63,7 +63,8 @@ pub async fn cluster(config: &Config, cmd: ClusterCommand) -> anyhow::Result<()>
 /// `fleet cluster snapshot save`: fetches the backup piece by piece, writes it to a temporary
 /// file, fsyncs it, checks it, and renames it over `file`.
 async fn save(config: &Config, client: &ClientArgs, file: &Path) -> anyhow::Result<()> {
-    let mut c = connect(config, client)?;
+    // Backups came with protocol 7; a replica of an older version cannot take the call.
+    let mut c = connect(config, client)?.with_min_protocol(7);
     let first = c
         .call(|cl, ctx| async move { cl.backup_chunk(ctx, 0, 0, 0).await })
         .await?;

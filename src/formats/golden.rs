@@ -369,7 +369,10 @@ fn handshake_frames_match_their_fixture() {
         node_id: 2,
         cluster_id: Some(0xfeed_f00d),
     };
-    let items = vec![frame(&hello).unwrap(), frame(&reply).unwrap()];
+    let items = vec![
+        frame(&hello, super::PROTOCOL_VERSION).unwrap(),
+        frame(&reply, super::PROTOCOL_VERSION).unwrap(),
+    ];
     check(
         "handshake",
         "PROTOCOL_VERSION",

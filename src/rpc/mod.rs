@@ -446,7 +446,8 @@ pub trait FleetService {
         req: crate::health::fault::FaultRequest,
     ) -> Result<crate::health::fault::FaultState, Error>;
 
-    // --- backups (served by the leader; appended last: earlier messages keep their numbers) ---
+    // --- backups (protocol 7; served by the leader, not forwarded: a follower answers
+    // NotLeader with the leader's address. Appended last: earlier messages keep their numbers) ---
     /// A piece of a backup (`fleet cluster snapshot save`). `session` 0 starts one: the leader
     /// confirms its leadership (ReadIndex), encodes its state as of that point into a snapshot
     /// file, keeps it for [`BACKUP_IDLE`], and answers the first piece; later calls name the

@@ -92,6 +92,8 @@ pub struct Connected {
     pub client: FleetServiceClient,
     pub node_id: NodeId,
     pub cluster_id: Option<u128>,
+    /// The protocol version the connection speaks (negotiated in the handshake).
+    pub protocol: u16,
 }
 
 /// Dials `addr`, runs the handshake and starts a tarpc client.
@@ -116,10 +118,14 @@ pub async fn dial(
     stream
         .set_nodelay(true)
         .map_err(|e| unreachable(e.to_string()))?;
-    handshake::write_frame(&mut stream, &me.hello(expect_node))
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let reply: HelloReply = handshake::read_frame(&mut stream)
+    handshake::write_frame(
+        &mut stream,
+        &me.hello(expect_node),
+        handshake::PROTOCOL_VERSION,
+    )
+    .await
+    .map_err(|e| unreachable(e.to_string()))?;
+    let received = handshake::read_frame::<HelloReply>(&mut stream)
         .await
         .map_err(|e| match e {
             handshake::HandshakeError::Io(io) => {
@@ -128,7 +134,9 @@ pub async fn dial(
             handshake::HandshakeError::Timeout => unreachable(e.to_string()),
             other => rejected(other.to_string()),
         })?;
-    match reply {
+    // A reply's trailer is the version the callee chose; fleet 6 writes none (its header, 6).
+    let protocol = received.trailer.min(handshake::PROTOCOL_VERSION);
+    match received.body {
         HelloReply::Rejected { reason } => Err(rejected(reason)),
         HelloReply::Accepted {
             node_id,
@@ -149,6 +157,7 @@ pub async fn dial(
                 client,
                 node_id,
                 cluster_id,
+                protocol,
             })
         }
     }

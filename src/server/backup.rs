@@ -48,12 +48,12 @@ impl Replica {
         offset: u64,
         hop: u8,
     ) -> Result<BackupChunk, Error> {
+        // Not forwarded: the client follows the hint to the leader itself, over a connection
+        // whose negotiated version it checks (a forward could reach a leader of an older
+        // version, which cannot decode this call). The pieces come from the one leader.
+        let _ = (ctx, hop);
         if !self.raft.is_leader() {
-            return self
-                .forward(ctx, hop, |c, ctx| async move {
-                    c.backup_chunk(ctx, session, offset, hop + 1).await
-                })
-                .await;
+            return Err(crate::raft::not_leader_of(&self.raft));
         }
         let (session, bytes) = if session == 0 {
             self.start_backup().await?

@@ -357,15 +357,17 @@ impl Replica {
         ticket: &admission::Ticket,
     ) {
         let _ = stream.set_nodelay(true);
-        let hello: Hello = match handshake::read_frame(&mut stream).await {
+        let received = handshake::read_frame::<Hello>(&mut stream)
+            .await
+            .and_then(|r| handshake::negotiate(r.oldest, r.trailer).map(|v| (r.body, v)));
+        let (hello, protocol) = match received {
             Ok(h) => h,
-            Err(handshake::HandshakeError::Version(v)) => {
-                tracing::warn!(%remote, version = v, "refused connection: incompatible protocol version");
-                let reason = format!(
-                    "this node speaks fleet protocol version {}, the caller {v}",
-                    handshake::PROTOCOL_VERSION
-                );
-                let _ = handshake::write_frame(&mut stream, &HelloReply::Rejected { reason }).await;
+            Err(e @ handshake::HandshakeError::Version(..)) => {
+                tracing::warn!(%remote, error = %e, "refused connection: incompatible protocol version");
+                let reason = format!("incompatible protocol version: {e}");
+                let reply = HelloReply::Rejected { reason };
+                let _ =
+                    handshake::write_frame(&mut stream, &reply, handshake::PROTOCOL_VERSION).await;
                 return;
             }
             Err(e) => {
@@ -388,10 +390,15 @@ impl Replica {
             }
         };
         let accepted = matches!(reply, HelloReply::Accepted { .. });
-        if handshake::write_frame(&mut stream, &reply).await.is_err() || !accepted {
+        if handshake::write_frame(&mut stream, &reply, protocol)
+            .await
+            .is_err()
+            || !accepted
+        {
             return;
         }
         let transport = crate::rpc::codec::transport(stream, remote.to_string());
+        tracing::debug!(%remote, protocol, "connection accepted");
         let conn = service::Connection {
             replica: self.clone(),
             role: hello.role,
