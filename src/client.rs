@@ -188,11 +188,21 @@ impl Client {
         // replica without a pause, but never more times in a row than there are replicas
         // (two replicas with stale views must not bounce a call between them in a busy loop).
         let mut quick = 0usize;
+        // Replicas passed over because their protocol is too old for this call: said at the
+        // end, since the replicas that do answer only point back at them.
+        let mut too_old: Option<String> = None;
         loop {
             // Whether the next attempt goes to another replica at once (no pause).
             let mut elsewhere = false;
             let mut dial_errors = Vec::new();
-            match self.connect(prefer.as_deref(), &mut dial_errors).await {
+            let connected = self.connect(prefer.as_deref(), &mut dial_errors).await;
+            if let Some(e) = dial_errors
+                .iter()
+                .find(|e| e.contains("speaks fleet protocol"))
+            {
+                too_old = Some(e.clone());
+            }
+            match connected {
                 None => {
                     dial_errors.dedup();
                     last_error = format!("no fleet replica reachable ({})", dial_errors.join("; "));
@@ -245,8 +255,12 @@ impl Client {
                 }
             }
             if Instant::now() + pause >= deadline {
+                let why = too_old
+                    .filter(|e| !last_error.contains(e.as_str()))
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
                 return Err(anyhow!(
-                    "gave up after {:.1}s: {last_error}",
+                    "gave up after {:.1}s: {last_error}{why}",
                     started.elapsed().as_secs_f64()
                 ));
             }
