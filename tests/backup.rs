@@ -163,17 +163,7 @@ fn a_backup_under_load_restores_into_a_new_cluster_with_everything_intact() {
         n.start();
     }
     let all = format!("{},{},{}", rpeers, others[0].addr, others[1].addr);
-    wait_until("three voters", Duration::from_secs(60), || {
-        let s = cluster_status(&rpeers)?;
-        let voters = s["members"]
-            .as_array()
-            .map_or(0, |m| m.iter().filter(|m| m["voter"] == true).count());
-        if voters == 3 {
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
+    wait_for_voters(&rpeers, 3, Duration::from_secs(60));
     let _w2 = TestWorker::start(restored_dir.path(), "w2", &all, &rconfig, &[]);
     let id = submit_task(&all, &[], &["true".into()]);
     wait_for_state(&all, id, "succeeded", Duration::from_secs(30));

@@ -9,19 +9,24 @@ use std::time::Duration;
 
 use common::*;
 
-#[test]
-fn a_data_directory_of_state_format_1_opens_with_its_tasks_and_new_attempts_get_names() {
-    let dir = tempfile::tempdir().unwrap();
+/// Unpacks the format-1 data directory fixture (node 1's) into `dir`.
+fn untar_format_1(dir: &std::path::Path) {
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/data-format-1.tar.gz"
     );
     let untar = std::process::Command::new("tar")
         .args(["xzf", fixture, "-C"])
-        .arg(dir.path())
+        .arg(dir)
         .status()
         .unwrap();
     assert!(untar.success());
+}
+
+#[test]
+fn a_data_directory_of_state_format_1_opens_with_its_tasks_and_new_attempts_get_names() {
+    let dir = tempfile::tempdir().unwrap();
+    untar_format_1(dir.path());
     let port = free_ports(1)[0];
     let mut node = TestNode::new(dir.path(), 1, port, vec![]);
     node.start();
@@ -79,16 +84,7 @@ fn files_under(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::P
 #[test]
 fn a_data_directory_of_a_newer_format_is_refused_and_left_byte_for_byte_untouched() {
     let dir = tempfile::tempdir().unwrap();
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/data-format-1.tar.gz"
-    );
-    let untar = std::process::Command::new("tar")
-        .args(["xzf", fixture, "-C"])
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    assert!(untar.success());
+    untar_format_1(dir.path());
     let port = free_ports(1)[0];
     let mut node = TestNode::new(dir.path(), 1, port, vec![]);
     let format_file = node.data_dir.join("FORMAT");

@@ -131,17 +131,7 @@ fn a_survivor_recovers_as_a_one_node_cluster_grows_back_and_serves() {
     for n in &mut fresh {
         n.start();
     }
-    wait_until("three voters", Duration::from_secs(60), || {
-        let s = cluster_status(&survivor)?;
-        let voters = s["members"]
-            .as_array()
-            .map_or(0, |m| m.iter().filter(|m| m["voter"] == true).count());
-        if voters == 3 {
-            Ok(())
-        } else {
-            Err(s.to_string())
-        }
-    });
+    wait_for_voters(&survivor, 3, Duration::from_secs(60));
     let all = format!("{survivor},{},{}", fresh[0].addr, fresh[1].addr);
     let _w2 = TestWorker::start(&dir, "w2", &all, &config, &[]);
     wait_for_state(&all, queued, "succeeded", Duration::from_secs(30));

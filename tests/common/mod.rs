@@ -701,3 +701,18 @@ pub fn rfc3339(ms: u64) -> String {
         .trim()
         .to_string()
 }
+
+/// Waits until the cluster at `peers` has `n` voters; its status.
+pub fn wait_for_voters(peers: &str, n: usize, timeout: Duration) -> Value {
+    wait_until(&format!("{n} voters"), timeout, || {
+        let s = cluster_status(peers)?;
+        let voters = s["members"]
+            .as_array()
+            .map_or(0, |m| m.iter().filter(|m| m["voter"] == true).count());
+        if voters == n {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+}
