@@ -286,6 +286,31 @@ fn remote<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<T, RPCError<TypeCo
 /// plus a slow fsync (see `fleet::raft::network`).
 const APPEND_TIMEOUT: Duration = Duration::from_millis(300);
 
+impl SimNetwork {
+    /// One Raft message to the target through the fabric; a failure or an error of the target
+    /// is `Unreachable`, as the real network maps it.
+    async fn raft_call<Req, Resp, F, Fut>(
+        &self,
+        kind: &'static str,
+        ttl: Duration,
+        req: Req,
+        handle: F,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: Clone + Send + 'static,
+        Resp: Send + 'static,
+        F: Fn(Arc<Node>, Req) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Resp, String>> + Send + 'static,
+    {
+        let r = self
+            .fabric
+            .call(kind, self.from, self.target, ttl, req, handle)
+            .await
+            .map_err(|f| rpc_err::<String>(f, None))?;
+        remote(r)
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for SimNetwork {
     type SnapshotData = Cursor<Vec<u8>>;
 
@@ -295,19 +320,10 @@ impl RaftNetworkV2<TypeConfig> for SimNetwork {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let ttl = option.soft_ttl().max(APPEND_TIMEOUT);
-        let r = self
-            .fabric
-            .call(
-                "append",
-                self.from,
-                self.target,
-                ttl,
-                req,
-                |n, req| async move { n.raft.append_entries(req).await.map_err(|e| e.to_string()) },
-            )
-            .await
-            .map_err(|f| rpc_err::<String>(f, None))?;
-        remote(r)
+        self.raft_call("append", ttl, req, |n, req| async move {
+            n.raft.append_entries(req).await.map_err(|e| e.to_string())
+        })
+        .await
     }
 
     async fn vote(
@@ -315,19 +331,10 @@ impl RaftNetworkV2<TypeConfig> for SimNetwork {
         req: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let r = self
-            .fabric
-            .call(
-                "vote",
-                self.from,
-                self.target,
-                option.soft_ttl(),
-                req,
-                |n, req| async move { n.raft.vote(req).await.map_err(|e| e.to_string()) },
-            )
-            .await
-            .map_err(|f| rpc_err::<String>(f, None))?;
-        remote(r)
+        self.raft_call("vote", option.soft_ttl(), req, |n, req| async move {
+            n.raft.vote(req).await.map_err(|e| e.to_string())
+        })
+        .await
     }
 
     async fn pre_vote(
@@ -335,19 +342,10 @@ impl RaftNetworkV2<TypeConfig> for SimNetwork {
         req: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let r = self
-            .fabric
-            .call(
-                "pre_vote",
-                self.from,
-                self.target,
-                option.soft_ttl(),
-                req,
-                |n, req| async move { n.raft.pre_vote(req).await.map_err(|e| e.to_string()) },
-            )
-            .await
-            .map_err(|f| rpc_err::<String>(f, None))?;
-        remote(r)
+        self.raft_call("pre_vote", option.soft_ttl(), req, |n, req| async move {
+            n.raft.pre_vote(req).await.map_err(|e| e.to_string())
+        })
+        .await
     }
 
     async fn transfer_leader(
@@ -355,24 +353,13 @@ impl RaftNetworkV2<TypeConfig> for SimNetwork {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let r = self
-            .fabric
-            .call(
-                "transfer",
-                self.from,
-                self.target,
-                option.soft_ttl(),
-                req,
-                |n, req| async move {
-                    n.raft
-                        .handle_transfer_leader(req)
-                        .await
-                        .map_err(|e| e.to_string())
-                },
-            )
-            .await
-            .map_err(|f| rpc_err::<String>(f, None))?;
-        remote(r)
+        self.raft_call("transfer", option.soft_ttl(), req, |n, req| async move {
+            n.raft
+                .handle_transfer_leader(req)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
     }
 
     async fn full_snapshot(
