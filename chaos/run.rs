@@ -1206,9 +1206,7 @@ async fn cut_leader(
             "drop everything sent by"
         }
     ));
-    cluster.net.set(rules);
-    hold_fault(r, hold).await;
-    cluster.net.heal();
+    hold_network(cluster, r, hold, rules).await;
     shared.say(format!("HEAL {name}: network healed"));
     Ok(())
 }
@@ -1229,9 +1227,7 @@ async fn partition_workers(
     r.target = "all workers".into();
     shared.say(format!("FAULT {name}: workers cut off from every replica"));
     let from_ms = wall_ms();
-    cluster.net.set(rules);
-    hold_fault(r, hold).await;
-    cluster.net.heal();
+    hold_network(cluster, r, hold, rules).await;
     shared.isolated(
         cluster.workers.iter().map(|w| w.name.clone()).collect(),
         from_ms,
@@ -1270,9 +1266,7 @@ async fn latency(
         "FAULT {name}: {} ms added to every replica and worker link, each way",
         plan.latency_ms
     ));
-    cluster.net.set(rules);
-    hold_fault(r, hold).await;
-    cluster.net.heal();
+    hold_network(cluster, r, hold, rules).await;
     shared.say(format!("HEAL {name}: latency removed"));
     Ok(())
 }
@@ -1391,9 +1385,7 @@ async fn inbound_cut(
         "FAULT {name}: every connection to node {leader} (leader) is cut; its own \
          outgoing connections work"
     ));
-    cluster.net.set(rules);
-    hold_fault(r, hold).await;
-    cluster.net.heal();
+    hold_network(cluster, r, hold, rules).await;
     shared.say(format!("HEAL {name}: node {leader} is reachable again"));
     Ok(())
 }
@@ -1428,6 +1420,13 @@ async fn clock_step(
     inject(&addr, FaultRequest::ClockOffset { offset_ms: 0 }).await?;
     shared.say(format!("HEAL {name}: node {target}'s clock restored"));
     Ok(())
+}
+
+/// A network fault: `rules` hold for the plan's hold, then the network heals.
+async fn hold_network(cluster: &Cluster, r: &mut ScenarioResult, hold: Duration, rules: Rules) {
+    cluster.net.set(rules);
+    hold_fault(r, hold).await;
+    cluster.net.heal();
 }
 
 /// The safety phase: the fault holds (this sleep is the scenario, not synchronization), then
