@@ -189,6 +189,9 @@ pub struct SchedulerConfig {
     /// Workers not heard from for this long disappear from `fleet worker list` (ms).
     #[serde(deserialize_with = "load::duration_ms")]
     pub forget_workers_after_ms: u64,
+    /// Bytes of running attempts' live output this replica keeps in memory for `fleet logs
+    /// --follow`, all attempts together (soft state; see docs/tasks.md, "Output").
+    pub live_output_bytes: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -200,6 +203,7 @@ impl Default for SchedulerConfig {
             retention_ms: 24 * 3600 * 1000,
             max_leases_per_request: 256,
             forget_workers_after_ms: 3600 * 1000,
+            live_output_bytes: 64 << 20,
         }
     }
 }
@@ -412,8 +416,13 @@ pub struct WorkerConfig {
     /// leases handed back (ms).
     #[serde(deserialize_with = "load::duration_ms")]
     pub drain_timeout_ms: u64,
-    /// Bytes of each attempt's output (stdout and stderr together) kept and reported.
+    /// Bytes of each attempt's output (stdout and stderr together) the worker keeps: streamed
+    /// live to the replicas while the attempt runs, and reported with its end, when they are
+    /// replicated and kept with the task.
     pub output_tail_bytes: usize,
+    /// The most output per second of one attempt streamed live (`fleet logs --follow`);
+    /// a task printing faster shows gaps live, and its kept tail is unaffected.
+    pub output_stream_bytes_per_sec: usize,
     /// How the processes an attempt starts are ended with it, even those that left its process
     /// group: "cgroup" (a cgroup v2 per attempt; needs a writable cgroup tree: root or
     /// systemd's Delegate=yes), "subreaper" (PR_SET_CHILD_SUBREAPER and the attempt's fencing
@@ -430,7 +439,8 @@ impl Default for WorkerConfig {
             poll_wait_ms: 10_000,
             kill_grace_ms: 5_000,
             drain_timeout_ms: 60_000,
-            output_tail_bytes: 4 * 1024,
+            output_tail_bytes: 1 << 20,
+            output_stream_bytes_per_sec: 256 << 10,
             containment: "auto".into(),
         }
     }
@@ -620,6 +630,12 @@ impl Config {
             1_000,
             30 * 24 * 3_600_000,
         )?;
+        check_range(
+            "scheduler.live_output_bytes",
+            s.live_output_bytes as u64,
+            1 << 20,
+            16 << 30,
+        )?;
         Ok(())
     }
 
@@ -705,6 +721,12 @@ impl Config {
             self.worker.output_tail_bytes as u64,
             0,
             1 << 20,
+        )?;
+        check_range(
+            "worker.output_stream_bytes_per_sec",
+            self.worker.output_stream_bytes_per_sec as u64,
+            1024,
+            64 << 20,
         )?;
         Ok(())
     }

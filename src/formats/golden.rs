@@ -393,6 +393,23 @@ fn the_fixtures_of_earlier_versions_still_decode() {
     }
     let packed = std::fs::read(fixture("raft-log", super::ENTRY_FORMAT)).unwrap();
     assert_eq!(unpack(&packed).len(), 6);
+    // Every message of every protocol version this build speaks still decodes (new calls and
+    // fields are appended, so older messages keep their bytes).
+    use crate::rpc::{FleetServiceRequest, FleetServiceResponse};
+    let cfg = bincode::config::standard();
+    for v in crate::rpc::handshake::MIN_PROTOCOL_VERSION..super::PROTOCOL_VERSION {
+        let packed = std::fs::read(fixture("rpc", v)).unwrap();
+        for (i, item) in unpack(&packed).iter().enumerate() {
+            let request =
+                bincode::serde::decode_from_slice::<FleetServiceRequest, _>(item, cfg).is_ok();
+            let response =
+                bincode::serde::decode_from_slice::<FleetServiceResponse, _>(item, cfg).is_ok();
+            assert!(
+                request || response,
+                "rpc-v{v} message {i} no longer decodes"
+            );
+        }
+    }
 }
 
 #[test]
@@ -472,6 +489,23 @@ fn rpc_messages_match_their_fixture() {
             offset: 8 << 20,
             hop: 0,
         },
+        FleetServiceRequest::AppendOutput {
+            worker: WorkerId(7),
+            chunks: vec![crate::rpc::OutputChunk {
+                task: TaskId(1),
+                fencing_token: 3,
+                offset: 4096,
+                tail_start: 1024,
+                data: b"line 7\n".to_vec(),
+                last: true,
+            }],
+        },
+        FleetServiceRequest::ReadOutput {
+            task: TaskId(1),
+            fencing_token: 3,
+            offset: 100,
+            hop: 0,
+        },
     ];
     let responses = [
         FleetServiceResponse::LeaseTasks(Ok(vec![lease.clone()])),
@@ -489,6 +523,17 @@ fn rpc_messages_match_their_fixture() {
             offset: 0,
             data: b"FLEETSNP\x01\x00".to_vec(),
         })),
+        FleetServiceResponse::AppendOutput(Ok(vec![
+            Ok(4103),
+            Err(crate::error::Error::StaleToken("task 1".into())),
+        ])),
+        FleetServiceResponse::ReadOutput(Ok(Some(crate::rpc::OutputRead {
+            start: 1024,
+            from: 1024,
+            end: 4103,
+            data: b"line 1\n".to_vec(),
+            complete: false,
+        }))),
     ];
     let cfg = bincode::config::standard();
     let mut items: Vec<Vec<u8>> = requests

@@ -27,8 +27,8 @@ pub const MAGIC: &[u8; 6] = b"FLEET\0";
 /// [`FleetService`](super::FleetService)'s messages. Version 2 added [`Role::Worker`] and the
 /// clock fault; version 3 the auth token; version 4 the reachability fields of the health
 /// report; version 5 schedules and pools; version 6 workflows, runs and `submit --after`;
-/// version 7 backups (`backup_chunk`).
-pub const PROTOCOL_VERSION: u16 = 7;
+/// version 7 backups (`backup_chunk`); version 8 live output (`append_output`, `read_output`).
+pub const PROTOCOL_VERSION: u16 = 8;
 /// The oldest protocol version this build still speaks: a cluster can be upgraded (and rolled
 /// back) one node at a time between builds whose ranges overlap. A connection uses the newest
 /// version both ends speak; a call that the other end's version lacks is not sent to it.
@@ -182,11 +182,15 @@ mod tests {
         assert_eq!(negotiate(6, 6).unwrap(), 6, "a fleet 6 peer");
         assert_eq!(negotiate(6, 7).unwrap(), 7);
         assert_eq!(negotiate(6, 9).unwrap(), PROTOCOL_VERSION, "a newer peer");
-        assert!(negotiate(8, 9).is_err(), "a peer that dropped our versions");
-        assert!(negotiate(1, 5).is_err(), "a peer older than we speak");
-        let e = negotiate(8, 9).unwrap_err().to_string();
+        assert_eq!(negotiate(6, 8).unwrap(), 8);
         assert!(
-            e.contains("versions 8 to 9") && e.contains("versions 6 to 7"),
+            negotiate(9, 10).is_err(),
+            "a peer that dropped our versions"
+        );
+        assert!(negotiate(1, 5).is_err(), "a peer older than we speak");
+        let e = negotiate(9, 10).unwrap_err().to_string();
+        assert!(
+            e.contains("versions 9 to 10") && e.contains("versions 6 to 8"),
             "{e}"
         );
     }

@@ -453,6 +453,58 @@ pub trait FleetService {
     /// file, keeps it for [`BACKUP_IDLE`], and answers the first piece; later calls name the
     /// session and the offset.
     async fn backup_chunk(session: u64, offset: u64, hop: u8) -> Result<BackupChunk, Error>;
+
+    // --- live output of running attempts (protocol 8; soft state, `server::live_output`.
+    // Answered by the contacted replica: no leader needed, so following survives elections) ---
+    /// New output of running attempts, from the worker that holds their leases. Answers, per
+    /// chunk, the end offset the replica now holds (0: send from your oldest byte), or why the
+    /// chunk was refused (a stale fencing token: the attempt was given to another worker).
+    async fn append_output(
+        worker: WorkerId,
+        chunks: Vec<OutputChunk>,
+    ) -> Result<Vec<Result<u64, Error>>, Error>;
+    /// An attempt's live output from `offset`. With `hop` 0 the replica also asks the others
+    /// (with `hop` 1) and answers with the buffer that reaches furthest; `None` when no replica
+    /// holds any (the attempt has not printed yet, or ended and its buffers were dropped: its
+    /// kept tail is in the task's record).
+    async fn read_output(
+        task: TaskId,
+        fencing_token: u64,
+        offset: u64,
+        hop: u8,
+    ) -> Result<Option<OutputRead>, Error>;
+}
+
+/// The protocol version that added `append_output` and `read_output`.
+pub const LIVE_OUTPUT_PROTOCOL: u16 = 8;
+
+/// New output of one running attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    pub task: TaskId,
+    pub fencing_token: u64,
+    /// Where `data` starts in the attempt's output (bytes since the attempt started).
+    pub offset: u64,
+    /// The oldest offset the worker still holds (its tail, `worker.output_tail_bytes`).
+    pub tail_start: u64,
+    pub data: Vec<u8>,
+    /// `data` ends the attempt's output.
+    pub last: bool,
+}
+
+/// A piece of an attempt's live output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRead {
+    /// The oldest offset the answering buffer holds.
+    pub start: u64,
+    /// Where `data` starts: the offset asked for, or `start` if that is later (the bytes in
+    /// between were dropped: `from - offset` of them).
+    pub from: u64,
+    /// The end of the output received so far.
+    pub end: u64,
+    pub data: Vec<u8>,
+    /// The worker sent the attempt's last byte: nothing follows `end`.
+    pub complete: bool,
 }
 
 /// How long a leader keeps a backup nobody asks the next piece of.

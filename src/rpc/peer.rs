@@ -164,7 +164,8 @@ pub async fn dial(
 }
 
 struct PeerState {
-    client: Option<FleetServiceClient>,
+    /// The connection and the protocol version it negotiated.
+    client: Option<(FleetServiceClient, u16)>,
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<DialError>,
@@ -195,6 +196,12 @@ impl Peer {
 
     /// The live client, dialling if there is none (unless backing off).
     pub async fn client(&self) -> Result<FleetServiceClient, DialError> {
+        Ok(self.connected().await?.0)
+    }
+
+    /// The live client and the protocol version its connection speaks, dialling if there is
+    /// none (unless backing off).
+    pub async fn connected(&self) -> Result<(FleetServiceClient, u16), DialError> {
         let mut st = self.state.lock().await;
         if let Some(c) = &st.client {
             return Ok(c.clone());
@@ -214,11 +221,11 @@ impl Peer {
         }
         match dial(&self.addr, &self.me, self.expect_node).await {
             Ok(c) => {
-                st.client = Some(c.client.clone());
+                st.client = Some((c.client.clone(), c.protocol));
                 st.failures = 0;
                 st.retry_at = None;
                 st.last_error = None;
-                Ok(c.client)
+                Ok((c.client, c.protocol))
             }
             Err(e) => {
                 st.failures = st.failures.saturating_add(1);

@@ -17,6 +17,8 @@ pub mod admission;
 pub mod backup;
 pub mod data_dir;
 pub mod formation;
+pub mod live_output;
+pub mod output_calls;
 pub mod recover;
 pub mod schedule_calls;
 pub mod service;
@@ -78,6 +80,8 @@ pub struct Replica {
     pub(crate) incoming_snapshot: tokio::sync::Mutex<Option<IncomingSnapshot>>,
     /// The backup this replica serves as leader, between its pieces.
     pub(crate) backups: backup::BackupCache,
+    /// Running attempts' live output streamed to this replica (soft state).
+    pub(crate) live_output: Mutex<live_output::LiveOutput>,
     /// Set to true to stop the process (after `leave`, or on a fatal formation error).
     pub stop: watch::Sender<Option<String>>,
     started_at: Instant,
@@ -183,6 +187,7 @@ impl Replica {
             crate::scheduler::core::CoreConfig::from_config(&config),
         ));
 
+        let live_output_cap = config.scheduler.live_output_bytes;
         let replica = Arc::new(Replica {
             id,
             addr,
@@ -201,6 +206,7 @@ impl Replica {
             leader_loss: Default::default(),
             incoming_snapshot: tokio::sync::Mutex::new(None),
             backups: Default::default(),
+            live_output: Mutex::new(live_output::LiveOutput::new(live_output_cap)),
             stop,
             started_at: Instant::now(),
             shutting_down: Mutex::new(false),

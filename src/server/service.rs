@@ -421,6 +421,28 @@ impl FleetService for Connection {
     ) -> Result<BackupChunk, Error> {
         self.replica.backup_chunk(ctx, session, offset, hop).await
     }
+
+    async fn append_output(
+        self,
+        _: Context,
+        worker: crate::state::WorkerId,
+        chunks: Vec<crate::rpc::OutputChunk>,
+    ) -> Result<Vec<Result<u64, Error>>, Error> {
+        self.replica.append_output(worker, chunks).await
+    }
+
+    async fn read_output(
+        self,
+        ctx: Context,
+        task: TaskId,
+        fencing_token: u64,
+        offset: u64,
+        hop: u8,
+    ) -> Result<Option<crate::rpc::OutputRead>, Error> {
+        self.replica
+            .read_output(ctx, task, fencing_token, offset, hop)
+            .await
+    }
 }
 
 impl Replica {

@@ -62,46 +62,81 @@ pub struct Ended {
     pub pid: Option<u32>,
 }
 
-/// The last `cap` bytes written to it.
-pub(super) struct Tail {
+/// The last `cap` bytes of an attempt's output, and how many were written in all. Cloned
+/// handles share one buffer: the attempt writes, the live-output stream ([`super::stream`])
+/// reads.
+#[derive(Clone)]
+pub struct Tail(Arc<Mutex<TailBuf>>);
+
+struct TailBuf {
     buf: VecDeque<u8>,
     cap: usize,
+    /// Bytes written since the attempt started: the offset of the next byte.
+    total: u64,
 }
 
 impl Tail {
-    pub(super) fn new(cap: usize) -> Tail {
-        Tail {
+    pub fn new(cap: usize) -> Tail {
+        Tail(Arc::new(Mutex::new(TailBuf {
             buf: VecDeque::new(),
             cap,
-        }
+            total: 0,
+        })))
     }
 
-    pub(super) fn push(&mut self, data: &[u8]) {
-        if self.cap == 0 {
+    pub fn push(&self, data: &[u8]) {
+        let mut t = self.0.lock().expect("tail lock");
+        t.total += data.len() as u64;
+        if t.cap == 0 {
             return;
         }
-        let data = if data.len() > self.cap {
-            &data[data.len() - self.cap..]
+        let data = if data.len() > t.cap {
+            &data[data.len() - t.cap..]
         } else {
             data
         };
-        let overflow = (self.buf.len() + data.len()).saturating_sub(self.cap);
-        self.buf.drain(..overflow);
-        self.buf.extend(data);
+        let overflow = (t.buf.len() + data.len()).saturating_sub(t.cap);
+        t.buf.drain(..overflow);
+        t.buf.extend(data);
     }
 
-    pub(super) fn text(&self) -> String {
-        let bytes: Vec<u8> = self.buf.iter().copied().collect();
-        String::from_utf8_lossy(&bytes).into_owned()
+    /// The kept bytes as text (invalid UTF-8 replaced), at most `cap` bytes of it: replacement
+    /// characters are longer than the bytes they replace, so the oldest text goes first.
+    pub fn text(&self) -> String {
+        let t = self.0.lock().expect("tail lock");
+        let bytes: Vec<u8> = t.buf.iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes);
+        let mut cut = text.len().saturating_sub(t.cap);
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text[cut..].to_string()
+    }
+
+    /// The oldest offset still kept, and the offset of the next byte.
+    pub fn span(&self) -> (u64, u64) {
+        let t = self.0.lock().expect("tail lock");
+        (t.total - t.buf.len() as u64, t.total)
+    }
+
+    /// Up to `max` kept bytes from `offset` (from the oldest kept byte, if that is later), and
+    /// where they start.
+    pub fn read(&self, offset: u64, max: usize) -> (u64, Vec<u8>) {
+        let t = self.0.lock().expect("tail lock");
+        let start = t.total - t.buf.len() as u64;
+        let from = offset.clamp(start, t.total);
+        let skip = (from - start) as usize;
+        let n = (t.buf.len() - skip).min(max);
+        (from, t.buf.range(skip..skip + n).copied().collect())
     }
 }
 
-async fn drain_into(mut r: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
+async fn drain_into(mut r: impl AsyncRead + Unpin, tail: Tail) {
     let mut buf = vec![0u8; 8192];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => tail.lock().expect("tail lock").push(&buf[..n]),
+            Ok(n) => tail.push(&buf[..n]),
         }
     }
 }
@@ -119,12 +154,11 @@ pub async fn run(
     lease: &LeasedTask,
     containment: &Containment,
     worker_name: &str,
-    output_tail_bytes: usize,
+    tail: Tail,
     kill_grace: Duration,
     mut kill: mpsc::UnboundedReceiver<KillReason>,
 ) -> Ended {
     let spec = &lease.spec;
-    let tail = Arc::new(Mutex::new(Tail::new(output_tail_bytes)));
     let spawned = containment
         .prepare(format!("FLEET_FENCING_TOKEN={}", lease.fencing_token))
         .and_then(|c| {
@@ -196,7 +230,7 @@ pub async fn run(
         // A process that left the group may still hold the pipe: do not wait for it forever.
         let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
     }
-    let output_tail = tail.lock().expect("tail lock").text();
+    let output_tail = tail.text();
     let outcome = match stopped_by {
         Some(Err(())) => Some(AttemptOutcome::TimedOut),
         Some(Ok(reason)) => reason.outcome(),
@@ -273,14 +307,33 @@ mod tests {
 
     #[test]
     fn tail_keeps_the_last_bytes() {
-        let mut t = Tail::new(5);
+        let t = Tail::new(5);
         t.push(b"abc");
         t.push(b"defg");
         assert_eq!(t.text(), "cdefg");
+        assert_eq!(t.span(), (2, 7));
+        assert_eq!(
+            t.read(0, 100),
+            (2, b"cdefg".to_vec()),
+            "from the oldest kept"
+        );
+        assert_eq!(t.read(5, 1), (5, b"f".to_vec()));
+        assert_eq!(t.read(9, 1), (7, vec![]), "past the end");
         t.push(b"0123456789");
         assert_eq!(t.text(), "56789");
-        let mut z = Tail::new(0);
+        assert_eq!(t.span(), (12, 17));
+        let z = Tail::new(0);
         z.push(b"abc");
         assert_eq!(z.text(), "");
+        assert_eq!(z.span(), (3, 3));
+    }
+
+    #[test]
+    fn tail_text_of_invalid_utf8_stays_within_the_bound() {
+        let t = Tail::new(8);
+        t.push(&[0xff; 8]);
+        let text = t.text();
+        assert!(text.len() <= 8, "{} bytes", text.len());
+        assert_eq!(text, "\u{fffd}\u{fffd}");
     }
 }

@@ -20,6 +20,7 @@ pub mod containment;
 pub mod heartbeat;
 pub mod persistent;
 pub mod spawn;
+pub mod stream;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -37,6 +38,8 @@ use crate::state::{TaskId, WorkerId};
 use attempt::KillReason;
 use heartbeat::{HeartbeatMsg, Shared};
 
+/// The longest one live-output call may take (it is retried on the next send anyway).
+const STREAM_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most reports sent in one call.
 const REPORT_BATCH: usize = 1000;
 /// How long the reporter keeps retrying one batch before giving it up (the leases will have
@@ -87,6 +90,9 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
     let hb_client = cluster_client(&opts, (hb_interval * 3).max(Duration::from_secs(2)))?
         .with_attempt_timeout(HEARTBEAT_ATTEMPT_TIMEOUT);
     let report_client = cluster_client(&opts, Duration::from_secs(30))?;
+    let stream_client = cluster_client(&opts, STREAM_CALL_TIMEOUT)?
+        .with_attempt_timeout(HEARTBEAT_ATTEMPT_TIMEOUT)
+        .with_min_protocol(crate::rpc::LIVE_OUTPUT_PROTOCOL);
 
     // Before any attempt: how the processes an attempt starts are kept track of.
     let containment = Arc::new(containment::Containment::setup(&cfg.containment)?);
@@ -103,6 +109,15 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
     )?;
     let (report_tx, report_rx) = mpsc::unbounded_channel();
     let reporter = tokio::spawn(report_loop(report_client, id, report_rx));
+    let streams = stream::Streams::default();
+    let stream_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let streamer = tokio::spawn(stream::run(
+        stream_client,
+        id,
+        streams.clone(),
+        cfg.output_stream_bytes_per_sec,
+        stream_stop.clone(),
+    ));
 
     tracing::info!(
         worker = id.0,
@@ -123,6 +138,7 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
             executors: executors.clone(),
             hb_tx: hb_tx.clone(),
             report_tx,
+            streams,
             running: Arc::default(),
             shared: shared.clone(),
         }),
@@ -162,11 +178,13 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
         .shutdown(&persistent::AttemptEnv {
             containment: &containment,
             worker_name: &opts.name,
-            output_tail_bytes: 0,
             kill_grace: Duration::from_millis(cfg.kill_grace_ms),
         })
         .await;
     let _ = reporter.await;
+    stream_stop.store(true, Ordering::Release);
+    // The last output of the last attempts, if the cluster takes it soon; reports are out.
+    let _ = tokio::time::timeout(STREAM_CALL_TIMEOUT * 2, streamer).await;
     leave(&opts, id).await?;
     shared.stop.store(true, Ordering::Release);
     drop(hb_tx);
@@ -476,6 +494,7 @@ struct AttemptContext {
     executors: Arc<persistent::Executors>,
     hb_tx: std::sync::mpsc::Sender<HeartbeatMsg>,
     report_tx: mpsc::UnboundedSender<AttemptReport>,
+    streams: stream::Streams,
     running: Arc<Mutex<HashMap<TaskId, mpsc::UnboundedSender<KillReason>>>>,
     shared: Arc<Shared>,
 }
@@ -493,25 +512,32 @@ impl AttemptContext {
             "attempt started"
         );
         let kill_grace = Duration::from_millis(self.cfg.kill_grace_ms);
+        let tail = attempt::Tail::new(self.cfg.output_tail_bytes);
+        self.streams.open(
+            lease.task,
+            lease.fencing_token,
+            tail.clone(),
+            self.cfg.output_stream_bytes_per_sec,
+        );
         let ended = if persistent {
             let env = persistent::AttemptEnv {
                 containment: &self.containment,
                 worker_name: &self.name,
-                output_tail_bytes: self.cfg.output_tail_bytes,
                 kill_grace,
             };
-            self.executors.run(&lease, &env, kill_rx).await
+            self.executors.run(&lease, &env, tail, kill_rx).await
         } else {
             attempt::run(
                 &lease,
                 &self.containment,
                 &self.name,
-                self.cfg.output_tail_bytes,
+                tail,
                 kill_grace,
                 kill_rx,
             )
             .await
         };
+        self.streams.end(lease.task, lease.fencing_token);
         tracing::info!(
             task = %lease.task,
             attempt = lease.attempt,

@@ -71,7 +71,6 @@ struct Executor {
 pub struct AttemptEnv<'a> {
     pub containment: &'a Containment,
     pub worker_name: &'a str,
-    pub output_tail_bytes: usize,
     pub kill_grace: Duration,
 }
 
@@ -197,10 +196,10 @@ impl Executors {
         &self,
         lease: &LeasedTask,
         env: &AttemptEnv<'_>,
+        mut tail: Tail,
         mut kill: mpsc::UnboundedReceiver<KillReason>,
     ) -> Ended {
         let pool = &self.pools[&lease.spec.queue];
-        let mut tail = Tail::new(env.output_tail_bytes);
         let idle = self.idle_process(pool, env).await;
         let mut exec = match idle {
             Some(e) => e,
