@@ -48,6 +48,8 @@ pub enum HeartbeatMsg {
 pub struct Shared {
     /// Heartbeat loop iterations (the worker's progress watermark, for the systemd watchdog).
     pub beats: AtomicU64,
+    /// Heartbeats the leader answered (a drain waits for one sent after it began).
+    pub answered: AtomicU64,
     /// Consecutive failed heartbeats.
     pub failures: AtomicU32,
     pub running: AtomicU32,
@@ -65,6 +67,7 @@ impl Default for Shared {
     fn default() -> Shared {
         Shared {
             beats: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
             failures: AtomicU32::new(0),
             running: AtomicU32::new(0),
             draining: AtomicBool::new(false),
@@ -196,6 +199,9 @@ impl Beater {
                 }
                 self.failures = 0;
                 self.apply_verdicts(&sent, reply.verdicts, sent_at);
+                // After the leases to adopt were passed on: a drain waiting for this answer
+                // finds them queued.
+                self.shared.answered.fetch_add(1, Ordering::Release);
             }
             Err(e) => {
                 self.failures += 1;

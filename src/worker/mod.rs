@@ -165,6 +165,7 @@ async fn run_as(opts: WorkerOptions, id: WorkerId) -> anyhow::Result<()> {
         adopt_rx,
         signals: StopSignals::new()?,
         poll_wait_ms: cfg.poll_wait_ms,
+        stop_now: false,
     };
     leasing.run().await;
 
@@ -259,6 +260,8 @@ struct Leasing {
     adopt_rx: mpsc::UnboundedReceiver<LeasedTask>,
     signals: StopSignals,
     poll_wait_ms: u64,
+    /// A second stop signal came while the first was handled: stop attempts without draining.
+    stop_now: bool,
 }
 
 /// How one lease request ended.
@@ -323,6 +326,12 @@ impl Leasing {
     }
 
     /// One long poll for up to `free` leases, starting adopted leases while it waits.
+    ///
+    /// A stop signal during the poll does not drop it: the leader may be granting leases for
+    /// it right now, and a dropped reply would leave them to be handed back (another attempt
+    /// spent). The worker says it is draining (its next heartbeat tells the leader, which then
+    /// answers the poll at once), and leases the poll still brings run within the drain. A
+    /// second signal stops waiting.
     async fn poll(&mut self, free: u32) -> Polled {
         let mut me = self.info.clone();
         me.running = self.shared.running.load(Ordering::Relaxed);
@@ -334,17 +343,35 @@ impl Leasing {
             async move { c.lease_tasks(ctx, me, free, wait_ms, 0).await }
         });
         tokio::pin!(poll);
+        let mut stopping = false;
         loop {
             let changed = shared.link_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if shared.link_epoch.load(Ordering::Acquire) != epoch {
+            if !stopping && shared.link_epoch.load(Ordering::Acquire) != epoch {
                 return Polled::LinkChanged;
             }
             tokio::select! {
-                r = &mut poll => return Polled::Reply(r),
-                _ = changed => {}
-                _ = self.signals.recv() => return Polled::Stop,
+                r = &mut poll => {
+                    if !stopping {
+                        return Polled::Reply(r);
+                    }
+                    for lease in r.unwrap_or_default() {
+                        let permit = self.slots.clone().try_acquire_owned().ok();
+                        self.launcher.launch(lease, permit);
+                    }
+                    return Polled::Stop;
+                }
+                _ = changed, if !stopping => {}
+                _ = self.signals.recv() => {
+                    if stopping {
+                        self.stop_now = true;
+                        return Polled::Stop;
+                    }
+                    stopping = true;
+                    shared.draining.store(true, Ordering::Release);
+                    tracing::info!("stopping: waiting for the lease request in flight (the leader answers a draining worker at once)");
+                }
                 Some(a) = self.adopt_rx.recv() => {
                     let permit = self.slots.clone().try_acquire_owned().ok();
                     self.launcher.launch(a, permit);
@@ -355,7 +382,10 @@ impl Leasing {
 }
 
 /// Waits for running attempts to end, up to `worker.drain_timeout_ms` or a second signal;
-/// then stops the rest (their leases are handed back by [`leave`]).
+/// then stops the rest (their leases are handed back by [`leave`]). Leases the leader says
+/// this worker holds but never received (a grant whose reply was lost just before the stop)
+/// run within the drain too: the drain ends only after a heartbeat sent after it began was
+/// answered (bounded by a few heartbeat intervals, for a worker cut off from the cluster).
 async fn drain(
     cfg: &WorkerConfig,
     shared: &Shared,
@@ -367,13 +397,26 @@ async fn drain(
         drain_timeout_ms = cfg.drain_timeout_ms,
         "draining: no new leases; waiting for running attempts (signal again to stop them now)"
     );
-    let drained = tokio::select! {
-        r = tokio::time::timeout(
-            Duration::from_millis(cfg.drain_timeout_ms),
-            alive_rx.wait_for(|n| *n == 0),
-        ) => r.is_ok(),
-        _ = leasing.signals.recv() => false,
-    };
+    let answered_before = shared.answered.load(Ordering::Acquire);
+    let heard_by = Instant::now() + Duration::from_millis(cfg.heartbeat_interval_ms * 3);
+    let deadline = Instant::now() + Duration::from_millis(cfg.drain_timeout_ms);
+    let mut drained = false;
+    while !leasing.stop_now && Instant::now() < deadline {
+        // One more answered heartbeat (two: one may have been in flight when the drain began).
+        let heard = shared.answered.load(Ordering::Acquire) >= answered_before + 2
+            || Instant::now() >= heard_by;
+        if heard && *alive_rx.borrow() == 0 {
+            drained = true;
+            break;
+        }
+        tokio::select! {
+            _ = alive_rx.changed() => {}
+            Some(a) = leasing.adopt_rx.recv() => leasing.adopt(a),
+            _ = leasing.signals.recv() => leasing.stop_now = true,
+            // Re-checks the heartbeat count; the drain's own pace, not synchronization.
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
     if drained {
         return;
     }

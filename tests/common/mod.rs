@@ -115,6 +115,8 @@ pub struct TestNode {
     pub log: PathBuf,
     pub args: Vec<String>,
     pub process: Proc,
+    /// The `fleet` binary it runs ([`fleet_bin`] unless set: an upgrade test runs others).
+    pub bin: PathBuf,
     starts: u32,
 }
 
@@ -194,6 +196,7 @@ impl TestNode {
             log: dir.join(format!("node-{id}")),
             args,
             process: Proc::new(&format!("node {id}"), None),
+            bin: PathBuf::from(fleet_bin()),
             starts: 0,
         }
     }
@@ -208,7 +211,7 @@ impl TestNode {
         self.starts += 1;
         let log_path = self.data_dir.with_extension(format!("{}.log", self.starts));
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(fleet_bin())
+        let child = Command::new(&self.bin)
             .arg("join")
             .args(["--node-id", &self.id.to_string(), "--listen", &self.addr])
             .args(["--http-listen", "127.0.0.1:0"])
@@ -414,9 +417,21 @@ pub struct TestWorker {
 
 impl TestWorker {
     pub fn start(dir: &Path, name: &str, peers: &str, config: &Path, extra: &[&str]) -> TestWorker {
+        Self::start_bin(Path::new(fleet_bin()), dir, name, peers, config, extra)
+    }
+
+    /// [`TestWorker::start`] running the `fleet` binary at `bin`.
+    pub fn start_bin(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        peers: &str,
+        config: &Path,
+        extra: &[&str],
+    ) -> TestWorker {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("worker log");
-        let child = Command::new(fleet_bin())
+        let child = Command::new(bin)
             .args(["worker", "--peers", peers, "--name", name])
             .arg("--config")
             .arg(config)
