@@ -460,10 +460,20 @@ fn config_show(
 /// `FLEET__*` environment on top; flags are applied by each command.
 pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
     let default = std::path::Path::new("/etc/fleet/fleet.toml");
-    let file = match path {
-        Some(p) => Some(p),
-        None if default.exists() => Some(default),
-        None => None,
+    let file = match (path, std::fs::metadata(default)) {
+        (Some(p), _) => Some(p),
+        (None, Ok(_)) => Some(default),
+        (None, Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            // The package makes /etc/fleet readable by the fleet group only (it may hold the
+            // token): say why its settings (peers, token) are missing instead of failing later.
+            eprintln!(
+                "note: {} is not readable by this user ({e}); using the defaults and FLEET__* \
+                 variables. Run as root or a member of the fleet group, or pass --config FILE.",
+                default.display()
+            );
+            None
+        }
+        (None, Err(_)) => None,
     };
     Config::load(file)
 }

@@ -27,7 +27,7 @@ pub async fn recover(mut config: Config, args: RecoverArgs) -> anyhow::Result<()
             dir.display()
         );
     }
-    let _lock = crate::pidlock::PidLock::acquire(&dir.join("fleet.pid")).map_err(|e| {
+    let lock = crate::pidlock::PidLock::acquire(&dir.join("fleet.pid")).map_err(|e| {
         anyhow::anyhow!(
             "data directory {} is {e}: stop that replica first",
             dir.display()
@@ -101,6 +101,23 @@ pub async fn recover(mut config: Config, args: RecoverArgs) -> anyhow::Result<()
     }
     let cluster_id: u128 = rand::random();
     let kept = rewrite(&dir, &s, &config.advertise_addr(), cluster_id).await?;
+    drop(lock);
+    // Run as root on a replica that runs as `fleet` (the package's unit): the new files must
+    // be the replica's, or it cannot open them.
+    let given = data_dir::give_to_owner(&dir).map_err(|e| {
+        anyhow::anyhow!(
+            "recovered, but the files in {} could not be given to the directory's owner: {e}; \
+             chown them (chown -R OWNER {}) before starting the replica",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    if given > 0 {
+        eprintln!(
+            "gave {given} new files in {} to the data directory's owner",
+            dir.display()
+        );
+    }
     println!(
         "recovered: node {me} is a one-node cluster ({cluster_id:032x}) holding {} tasks as of index \
          {last}; old data kept in {}",

@@ -95,6 +95,32 @@ pub fn stamp(dir: &Path, found: Found) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Gives everything in `dir` to `dir`'s owner. For the commands an operator runs as root on
+/// a replica's data directory while the replica itself runs as another user (`fleet recover`
+/// on a packaged replica, which runs as `fleet`): files they create would otherwise be root's,
+/// and the replica could not open them. Returns how many entries changed owner.
+pub fn give_to_owner(dir: &Path) -> std::io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(dir)?;
+    let (uid, gid) = (owner.uid(), owner.gid());
+    let mut changed = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            let m = std::fs::symlink_metadata(&path)?;
+            if m.uid() != uid || m.gid() != gid {
+                std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+                changed += 1;
+            }
+            if m.is_dir() {
+                todo.push(path);
+            }
+        }
+    }
+    Ok(changed)
+}
+
 fn parse(text: &str) -> Option<u32> {
     text.lines()
         .find_map(|l| l.trim().strip_prefix("format "))
