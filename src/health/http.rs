@@ -36,8 +36,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
 
+use super::monitor::HealthContext;
 use super::report::HealthReport;
-use crate::server::Replica;
 
 /// Most HTTP connections open at once; the oldest is closed for a new one.
 pub const MAX_HTTP_CONNECTIONS: usize = 128;
@@ -46,7 +46,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one connection may live, requests included.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
-pub async fn serve(replica: Arc<Replica>, listener: TcpListener) {
+pub async fn serve(replica: Arc<HealthContext>, listener: TcpListener) {
     let app = Router::new()
         .route("/health", get(replica_health))
         .route("/health/cluster", get(cluster_health))
@@ -106,14 +106,14 @@ fn json(ok: bool, report: &HealthReport) -> Response {
 }
 
 async fn replica_health(
-    axum::extract::State(replica): axum::extract::State<Arc<Replica>>,
+    axum::extract::State(replica): axum::extract::State<Arc<HealthContext>>,
 ) -> Response {
     let report = replica.health_report(true).await;
     json(report.status.is_healthy(), &report)
 }
 
 async fn cluster_health(
-    axum::extract::State(replica): axum::extract::State<Arc<Replica>>,
+    axum::extract::State(replica): axum::extract::State<Arc<HealthContext>>,
 ) -> Response {
     let report = replica.health_report(true).await;
     let ok = report

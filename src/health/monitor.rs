@@ -49,8 +49,36 @@ use tokio::sync::watch;
 
 use super::fault::FaultInjector;
 use super::report::*;
+use crate::clock::Clock;
+use crate::config::HealthConfig;
+use crate::raft::log_store::LogStore;
+use crate::raft::{NodeId, Raft};
 use crate::rpc::context_with_timeout;
-use crate::server::Replica;
+use crate::rpc::peer::PeerPool;
+use crate::scheduler::Scheduler;
+
+/// What the health module reads and acts on, and nothing else of its replica. Shared by the
+/// monitor's two tasks, the HTTP endpoint and the `health` RPC.
+pub struct HealthContext {
+    pub node_id: NodeId,
+    pub addr: String,
+    /// Raft's metrics, its runtime switches (elections) and leadership transfer.
+    pub raft: Raft,
+    /// The fsync statistics.
+    pub log: LogStore,
+    /// The scheduling loop's progress and term (cleared on a stall).
+    pub scheduler: Arc<Scheduler>,
+    pub clock: Clock,
+    /// Connections to the other members, for their reports.
+    pub pool: PeerPool,
+    pub health: Arc<Health>,
+    pub config: HealthConfig,
+    pub election_timeout_max: Duration,
+    /// `scheduler.tick_ms`: the loop's expected cadence (its lag is measured beyond it).
+    pub tick_ms: u64,
+    /// `scheduler.worker_liveness_timeout_ms`, for the workers' part of the report.
+    pub worker_liveness_timeout_ms: u64,
+}
 
 /// Peers that have not answered for this many poll intervals are unreachable.
 const UNREACHABLE_AFTER_POLLS: u32 = 3;
@@ -155,6 +183,11 @@ impl Health {
         *self.stalled.borrow()
     }
 
+    /// Follows whether the loop is stalled (for the metrics sampler).
+    pub fn stalled_watch(&self) -> watch::Receiver<bool> {
+        self.stalled.subscribe()
+    }
+
     /// Resolves when the loop is (or becomes) stalled.
     pub async fn wait_stalled(&self) {
         let mut rx = self.stalled.subscribe();
@@ -185,10 +218,10 @@ fn role_name(s: ServerState) -> &'static str {
 }
 
 /// Runs the monitor and the peer poller until the replica stops.
-pub fn spawn(replica: Arc<Replica>) {
-    let r = replica.clone();
+pub fn spawn(cx: Arc<HealthContext>) {
+    let r = cx.clone();
     tokio::spawn(tracing::Instrument::in_current_span(async move {
-        let every = Duration::from_millis(r.config.health.check_interval_ms);
+        let every = Duration::from_millis(r.config.check_interval_ms);
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -197,18 +230,18 @@ pub fn spawn(replica: Arc<Replica>) {
         }
     }));
     tokio::spawn(tracing::Instrument::in_current_span(async move {
-        let every = Duration::from_millis(replica.config.health.peer_poll_interval_ms);
+        let every = Duration::from_millis(cx.config.peer_poll_interval_ms);
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            poll_peers(&replica, every).await;
+            poll_peers(&cx, every).await;
         }
     }));
 }
 
 /// Milliseconds since the scheduling loop's last iteration (since start if none yet).
-fn loop_silence_ms(replica: &Replica) -> u64 {
+fn loop_silence_ms(replica: &HealthContext) -> u64 {
     let (_, last) = replica.scheduler.progress();
     let uptime = ms(replica.health.started.elapsed());
     if last == 0 {
@@ -219,13 +252,13 @@ fn loop_silence_ms(replica: &Replica) -> u64 {
 }
 
 /// One check of the watermarks, and the mitigation it calls for.
-async fn check(replica: &Arc<Replica>) {
+async fn check(replica: &HealthContext) {
     let h = &replica.health;
-    let threshold = replica.config.health.stall_threshold_ms;
+    let threshold = replica.config.stall_threshold_ms;
     let m = replica.raft.metrics().borrow_watched().clone();
     let silence = loop_silence_ms(replica);
     let stalled = silence > threshold;
-    let leading = m.current_leader == Some(replica.id) && m.state.is_leader();
+    let leading = m.current_leader == Some(replica.node_id) && m.state.is_leader();
     let mut hand_over = false;
     {
         let mut st = h.monitor.lock().expect("monitor lock");
@@ -323,8 +356,9 @@ async fn check(replica: &Arc<Replica>) {
             })
             .map(|(id, _)| id)
             .collect();
-        let wait = replica.config.raft.election_timeout_max() * 2;
-        let moved = replica.hand_over_leadership(wait, &healthy).await;
+        let wait = replica.election_timeout_max * 2;
+        let moved =
+            crate::raft::hand_over_leadership(&replica.raft, replica.node_id, wait, &healthy).await;
         let note = if moved {
             let to = replica.raft.metrics().borrow_watched().current_leader;
             format!(
@@ -348,19 +382,19 @@ async fn check(replica: &Arc<Replica>) {
 
 /// How long a peer may go unanswered before it counts as unreachable, and how fresh a report
 /// must be to count as evidence.
-fn peer_window(replica: &Replica) -> Duration {
-    Duration::from_millis(replica.config.health.peer_poll_interval_ms) * UNREACHABLE_AFTER_POLLS
+fn peer_window(replica: &HealthContext) -> Duration {
+    Duration::from_millis(replica.config.peer_poll_interval_ms) * UNREACHABLE_AFTER_POLLS
 }
 
 /// The voters whose fresh reports say they cannot reach this replica, when they leave fewer
 /// than a quorum of voters (this one included) able to reach it; `None` otherwise.
 fn cut_off_by(
-    replica: &Replica,
+    replica: &HealthContext,
     m: &openraft::RaftMetrics<crate::raft::TypeConfig>,
 ) -> Option<Vec<u64>> {
     let membership = m.membership_config.membership();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
-    if voters.len() < 2 || !voters.contains(&replica.id) {
+    if voters.len() < 2 || !voters.contains(&replica.node_id) {
         return None;
     }
     let by: Vec<u64> = unreachable_by(replica)
@@ -372,20 +406,20 @@ fn cut_off_by(
 }
 
 /// Members this replica has not reached for the peer window.
-fn unreachable_peers(replica: &Replica) -> Vec<u64> {
+fn unreachable_peers(replica: &HealthContext) -> Vec<u64> {
     peers_where(replica, |v, window| v.unreachable(window))
 }
 
 /// Members whose fresh reports say they cannot reach this replica.
-fn unreachable_by(replica: &Replica) -> Vec<u64> {
+fn unreachable_by(replica: &HealthContext) -> Vec<u64> {
     peers_where(replica, |v, window| {
         v.fresh_report(window)
-            .is_some_and(|r| r.raft.unreachable_peers.contains(&replica.id))
+            .is_some_and(|r| r.raft.unreachable_peers.contains(&replica.node_id))
     })
 }
 
 /// The members whose view (and the peer window) passes `keep`.
-fn peers_where(replica: &Replica, keep: impl Fn(&PeerView, Duration) -> bool) -> Vec<u64> {
+fn peers_where(replica: &HealthContext, keep: impl Fn(&PeerView, Duration) -> bool) -> Vec<u64> {
     let window = peer_window(replica);
     replica
         .health
@@ -399,13 +433,13 @@ fn peers_where(replica: &Replica, keep: impl Fn(&PeerView, Duration) -> bool) ->
 }
 
 /// Asks every other member for its own report.
-async fn poll_peers(replica: &Arc<Replica>, timeout: Duration) {
+async fn poll_peers(replica: &Arc<HealthContext>, timeout: Duration) {
     let members: Vec<(u64, String)> = {
         let m = replica.raft.metrics().borrow_watched().clone();
         m.membership_config
             .membership()
             .nodes()
-            .filter(|(id, _)| **id != replica.id)
+            .filter(|(id, _)| **id != replica.node_id)
             .map(|(id, n)| (*id, n.addr.clone()))
             .collect()
     };
@@ -445,15 +479,15 @@ async fn poll_peers(replica: &Arc<Replica>, timeout: Duration) {
     }
 }
 
-impl Replica {
+impl HealthContext {
     /// This replica's health report, with the cluster view when `with_cluster`.
     pub async fn health_report(&self, with_cluster: bool) -> HealthReport {
         let h = &self.health;
-        let threshold = self.config.health.stall_threshold_ms;
+        let threshold = self.config.stall_threshold_ms;
         let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership().clone();
         let now = self.clock.wall_ms();
-        let leading = m.current_leader == Some(self.id) && m.state.is_leader();
+        let leading = m.current_leader == Some(self.node_id) && m.state.is_leader();
         let (raft, scheduler) = {
             let st = h.monitor.lock().expect("monitor lock");
             (
@@ -475,7 +509,7 @@ impl Replica {
                 Status::Unhealthy
             },
             reasons,
-            node_id: self.id,
+            node_id: self.node_id,
             addr: self.addr.clone(),
             http_addr: h.http_addr().map(|a| a.to_string()),
             checked_at: rfc3339_ms(now),
@@ -504,7 +538,7 @@ impl Replica {
     ) -> RaftHealth {
         let h = &self.health;
         let role = role_name(m.state);
-        let leading = m.current_leader == Some(self.id) && m.state.is_leader();
+        let leading = m.current_leader == Some(self.node_id) && m.state.is_leader();
         let voters = membership.voter_ids().count();
         let quorum_ack_ms_ago = if leading {
             m.last_quorum_acked.as_ref().map(|t| ms(t.elapsed()))
@@ -601,7 +635,6 @@ impl Replica {
         leading: bool,
         threshold: u64,
     ) -> SchedulerHealth {
-        let cfg = &self.config;
         let (iterations, last_ms) = self.scheduler.progress();
         let silence = loop_silence_ms(self);
         let applied = m.last_applied.as_ref().map_or(0, |l| l.index);
@@ -635,7 +668,7 @@ impl Replica {
             state: state.into(),
             latest_scheduler_heartbeat: (last_ms > 0).then(|| rfc3339_ms(last_ms)),
             latest_scheduler_heartbeat_ms: last_ms,
-            loop_lag_ms: silence.saturating_sub(cfg.scheduler.tick_ms),
+            loop_lag_ms: silence.saturating_sub(self.tick_ms),
             iterations,
             longest_gap_ms: self.scheduler.longest_gap_ms(),
             stalled_since: st.stalled_since.map(|(_, t)| rfc3339(t)),
@@ -647,13 +680,12 @@ impl Replica {
 
     /// The workers as the leader knows them.
     fn workers_health(&self) -> WorkersHealth {
-        let cfg = &self.config;
         let mono = self.clock.mono_ms();
         let list = self
             .scheduler
             .core()
             .workers()
-            .list(mono, cfg.scheduler.worker_liveness_timeout_ms);
+            .list(mono, self.worker_liveness_timeout_ms);
         let mut w = WorkersHealth {
             active: 0,
             draining: 0,
@@ -686,15 +718,15 @@ impl Replica {
         own: &HealthReport,
         membership: &openraft::Membership<crate::raft::NodeId, crate::raft::Node>,
     ) -> ClusterHealth {
-        let fresh = Duration::from_millis(self.config.health.peer_poll_interval_ms)
-            * UNREACHABLE_AFTER_POLLS;
+        let fresh =
+            Duration::from_millis(self.config.peer_poll_interval_ms) * UNREACHABLE_AFTER_POLLS;
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let peers = self.health.peers.lock().expect("peers lock");
         let now = own.checked_at_ms;
         let mut members = Vec::new();
         let mut reports: BTreeMap<u64, &HealthReport> = BTreeMap::new();
         for (id, node) in membership.nodes() {
-            let (report, answered, error) = if *id == self.id {
+            let (report, answered, error) = if *id == self.node_id {
                 (Some(own), Some(Duration::ZERO), None)
             } else {
                 match peers.get(id) {
@@ -801,7 +833,7 @@ impl Replica {
         ClusterHealth {
             status,
             reasons,
-            reported_by: self.id,
+            reported_by: self.node_id,
             leader_id: leader,
             term,
             voters: voters.len() as u32,

@@ -12,26 +12,51 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
+use crate::clock::Clock;
 use crate::metrics::names::*;
+use crate::raft::state_machine_store::StateMachineStore;
+use crate::raft::{NodeId, Raft};
+use crate::rpc::peer::LocalIdentity;
 use crate::rpc::ClusterStatus;
 use crate::scheduler::workers::{Registered, WorkerState};
-use crate::server::Replica;
+use crate::scheduler::Scheduler;
 use crate::state::runs::RunCounts;
 use crate::state::{QueueStats, RunId};
 
+/// What the sampler reads of its replica, and nothing more.
+pub struct SamplerContext {
+    pub node_id: NodeId,
+    /// Raft's metrics: this replica's position and view of the cluster.
+    pub raft: Raft,
+    pub identity: Arc<LocalIdentity>,
+    /// The scheduling loop's progress, term and worker registry.
+    pub scheduler: Arc<Scheduler>,
+    /// The replicated state (queue, pool and run counts).
+    pub sm: StateMachineStore,
+    pub clock: Clock,
+    /// True while the health module has the scheduling loop stalled.
+    pub stalled: watch::Receiver<bool>,
+    /// Set when the replica stops.
+    pub stop: watch::Receiver<Option<String>>,
+    pub interval: Duration,
+    pub stall_threshold_ms: u64,
+    pub worker_liveness_timeout_ms: u64,
+}
+
 /// Runs until the replica stops.
-pub async fn run(replica: Arc<Replica>) {
-    let interval = Duration::from_millis(replica.config.metrics.interval_ms);
-    let mut ticker = tokio::time::interval(interval);
+pub async fn run(mut cx: SamplerContext) {
+    let mut ticker = tokio::time::interval(cx.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stop = replica.stop.subscribe();
+    let mut stop = cx.stop.clone();
     let mut state = Sampled::default();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.wait_for(|s| s.is_some()) => return,
         }
-        sample(&replica, &mut state).await;
+        sample(&mut cx, &mut state).await;
         crate::metrics::upkeep();
     }
 }
@@ -75,17 +100,17 @@ impl Gauges {
     }
 }
 
-async fn sample(replica: &Replica, sampled: &mut Sampled) {
+async fn sample(cx: &mut SamplerContext, sampled: &mut Sampled) {
     let node = crate::metrics::node();
-    let status = replica.local_status();
-    let leading = status.leader_id == Some(replica.id);
+    let status = ClusterStatus::of(&cx.raft, cx.node_id, &cx.identity);
+    let leading = status.leader_id == Some(cx.node_id);
     own_gauges(&node, &status, leading, sampled);
-    let (_, last_iteration_ms) = replica.scheduler.progress();
-    let now = replica.clock.wall_ms();
+    let (_, last_iteration_ms) = cx.scheduler.progress();
+    let now = cx.clock.wall_ms();
     let lag = crate::metrics::seconds_between_ms(last_iteration_ms, now);
     metrics::gauge!(SCHEDULER_LOOP_LAG, "node" => node.clone()).set(lag);
 
-    let scheduling = leading && replica.scheduler.ready_term() == Some(status.term);
+    let scheduling = leading && cx.scheduler.ready_term() == Some(status.term);
     if !scheduling {
         sampled.runs = None;
         // Zero what this replica reported while it led, once.
@@ -95,24 +120,25 @@ async fn sample(replica: &Replica, sampled: &mut Sampled) {
         return;
     }
     zero_counters();
-    let stall_ms = replica.config.health.stall_threshold_ms as f64;
-    if lag * 1000.0 < stall_ms && !replica.health.is_stalled() {
+    let stall_ms = cx.stall_threshold_ms as f64;
+    if lag * 1000.0 < stall_ms && !*cx.stalled.borrow_and_update() {
         metrics::counter!(SCHEDULER_HEARTBEAT).increment(1);
     }
     let mut gauges = Gauges::default();
-    replication_gauges(&mut gauges, &node, &status, replica.id);
-    let (stats, pools) = replica.sm.read(|s| (s.queue_stats(), s.pool_views())).await;
-    count_runs(replica, &mut sampled.runs).await;
+    replication_gauges(&mut gauges, &node, &status, cx.node_id);
+    let (stats, pools) = cx.sm.read(|s| (s.queue_stats(), s.pool_views())).await;
+    count_runs(&cx.sm, &mut sampled.runs).await;
     for p in &pools {
         let l = || vec![("pool", p.name.clone())];
         gauges.set(POOL_OPEN_SLOTS, l(), p.slots.saturating_sub(p.used) as f64);
         gauges.set(POOL_RUNNING_SLOTS, l(), p.used as f64);
         gauges.set(POOL_QUEUED_TASKS, l(), p.queued as f64);
     }
-    let workers = replica.scheduler.core().workers().list(
-        replica.clock.mono_ms(),
-        replica.config.scheduler.worker_liveness_timeout_ms,
-    );
+    let workers = cx
+        .scheduler
+        .core()
+        .workers()
+        .list(cx.clock.mono_ms(), cx.worker_liveness_timeout_ms);
     let free_per_queue = worker_gauges(&mut gauges, &workers);
     queue_gauges(&mut gauges, &stats, &free_per_queue, now);
     // Series that disappeared (a queue purged, a follower removed) go to 0.
@@ -245,12 +271,11 @@ fn queue_gauges(
 
 /// Counts run starts and ends (from the replicated per-workflow counts, by difference) and
 /// records the duration of each run that ended since the last sample.
-async fn count_runs(replica: &Replica, seen: &mut Option<RunsSeen>) {
+async fn count_runs(sm: &StateMachineStore, seen: &mut Option<RunsSeen>) {
     let first = seen.is_none();
     let (counts, cursor) = seen.get_or_insert_with(Default::default);
     let from = *cursor;
-    let (now_counts, ended) = replica
-        .sm
+    let (now_counts, ended) = sm
         .read(|s| {
             let w = s.workflows();
             let counts: BTreeMap<String, RunCounts> =

@@ -121,3 +121,44 @@ pub fn not_leader_of(raft: &Raft) -> crate::error::Error {
         leader_addr,
     }
 }
+
+/// Asks Raft to hand leadership from `me` to another voter: one in `prefer` if any, the most
+/// up to date among them; waits up to `wait` for the leadership to move. Whether it moved.
+pub async fn hand_over_leadership(
+    raft: &Raft,
+    me: NodeId,
+    wait: std::time::Duration,
+    prefer: &std::collections::BTreeSet<NodeId>,
+) -> bool {
+    use openraft::async_runtime::WatchReceiver;
+    let metrics = raft.metrics().borrow_watched().clone();
+    let membership = metrics.membership_config.membership().clone();
+    let replication = metrics.replication.clone().unwrap_or_default();
+    let target = membership.voter_ids().filter(|v| *v != me).max_by_key(|v| {
+        (
+            prefer.contains(v),
+            replication.get(v).cloned().flatten().map(|l| l.index()),
+        )
+    });
+    let Some(target) = target else {
+        return false;
+    };
+    tracing::info!(to = target, "handing over leadership");
+    if raft.trigger().transfer_leader(target).await.is_err() {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + wait;
+    let mut rx = raft.metrics();
+    loop {
+        let leader = rx.borrow_watched().current_leader;
+        if leader.is_some() && leader != Some(me) {
+            tracing::info!(to = ?leader, "leadership handed over");
+            return true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
+            tracing::warn!("leadership did not move before the deadline");
+            return false;
+        }
+    }
+}

@@ -330,6 +330,76 @@ pub struct MemberStatus {
     pub last_contact_ms: Option<u64>,
 }
 
+impl ClusterStatus {
+    /// The cluster as the replica `me` sees it through its Raft metrics; complete (match
+    /// index, contact) on the leader.
+    pub fn of(
+        raft: &crate::raft::Raft,
+        me: NodeId,
+        identity: &crate::rpc::peer::LocalIdentity,
+    ) -> ClusterStatus {
+        use openraft::async_runtime::WatchReceiver;
+        use openraft::Instant as _;
+        let m = raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let leader_view = m.current_leader == Some(me);
+        let members = membership
+            .nodes()
+            .map(|(id, node)| {
+                let role = if Some(*id) == m.current_leader {
+                    "leader"
+                } else if voters.contains(id) {
+                    "follower"
+                } else {
+                    "learner"
+                };
+                let match_index = if *id == me {
+                    m.last_log_index
+                } else {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(id).cloned().flatten())
+                        .map(|l| l.index())
+                };
+                let last_contact_ms = if *id == me && leader_view {
+                    Some(0)
+                } else {
+                    m.heartbeat
+                        .as_ref()
+                        .and_then(|h| h.get(id).cloned().flatten())
+                        .map(|at| at.elapsed().as_millis() as u64)
+                };
+                MemberStatus {
+                    id: *id,
+                    addr: node.addr.clone(),
+                    role: role.into(),
+                    voter: voters.contains(id),
+                    match_index,
+                    last_contact_ms,
+                }
+            })
+            .collect();
+        ClusterStatus {
+            cluster_name: identity.cluster_name.clone(),
+            cluster_id: identity.cluster_id().map(|c| format!("{c:032x}")),
+            reported_by: me,
+            leader_view,
+            leader_id: m.current_leader,
+            leader_addr: m
+                .current_leader
+                .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone())),
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            commit_index: m.local_committed.as_ref().map(|l| l.index()),
+            applied_index: m.last_applied.as_ref().map(|l| l.index()),
+            snapshot_index: m.snapshot.as_ref().map(|l| l.index()),
+            purged_index: m.purged.as_ref().map(|l| l.index()),
+            members,
+        }
+    }
+}
+
 #[tarpc::service]
 pub trait FleetService {
     // --- replica-to-replica calls (refused unless the handshake said Role::Replica) ---
@@ -477,6 +547,11 @@ pub trait FleetService {
 
 /// The protocol version that added `append_output` and `read_output`.
 pub const LIVE_OUTPUT_PROTOCOL: u16 = 8;
+
+/// The largest output chunk a worker may send.
+pub const MAX_CHUNK_BYTES: usize = 256 << 10;
+/// Most output chunks (attempts) in one `append_output` call.
+pub const MAX_CHUNKS_PER_CALL: usize = 256;
 
 /// New output of one running attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

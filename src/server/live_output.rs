@@ -25,10 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use crate::rpc::{OutputChunk, OutputRead};
 use crate::state::TaskId;
 
-/// The largest chunk a worker may send.
-pub const MAX_CHUNK_BYTES: usize = 256 << 10;
-/// Most chunks (attempts) in one `append_output` call.
-pub const MAX_CHUNKS_PER_CALL: usize = 256;
+pub use crate::rpc::{MAX_CHUNKS_PER_CALL, MAX_CHUNK_BYTES};
 /// The most one attempt's buffer holds; older output is dropped first.
 pub const ATTEMPT_BUFFER_BYTES: usize = 1 << 20;
 /// A buffer nobody appended to for this long is dropped (its worker is gone; the attempt's

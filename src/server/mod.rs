@@ -74,7 +74,9 @@ pub struct Replica {
     pub random: crate::random::Random,
     /// Fired by [`Replica::shutdown`]: the replica's own loops return.
     pub(crate) stopping: crate::shutdown::Trigger,
-    pub health: crate::health::monitor::Health,
+    pub health: Arc<crate::health::monitor::Health>,
+    /// What the health module works with (its monitor, `/health`, the `health` RPC).
+    pub health_cx: Arc<crate::health::monitor::HealthContext>,
     /// Whether the leader this replica follows looks dead (its connection closed).
     pub(crate) leader_loss: crate::raft::leader_loss::LeaderLoss,
     pub(crate) incoming_snapshot: tokio::sync::Mutex<Option<IncomingSnapshot>>,
@@ -121,8 +123,10 @@ impl Replica {
         })?;
         let clock = crate::clock::Clock::system();
         let random = crate::random::Random::from_os();
-        let health =
-            crate::health::monitor::Health::new(config.fault_injection.enabled, clock.clone());
+        let health = Arc::new(crate::health::monitor::Health::new(
+            config.fault_injection.enabled,
+            clock.clone(),
+        ));
         if config.fault_injection.enabled {
             tracing::warn!(
                 "fault injection is enabled ([fault_injection] enabled = true): `fleet fault` can \
@@ -188,6 +192,20 @@ impl Replica {
         ));
 
         let live_output_cap = config.scheduler.live_output_bytes;
+        let health_cx = Arc::new(crate::health::monitor::HealthContext {
+            node_id: id,
+            addr: addr.clone(),
+            raft: raft.clone(),
+            log: log.clone(),
+            scheduler: scheduler.clone(),
+            clock: clock.clone(),
+            pool: pool.clone(),
+            health: health.clone(),
+            config: config.health.clone(),
+            election_timeout_max: config.raft.election_timeout_max(),
+            tick_ms: config.scheduler.tick_ms,
+            worker_liveness_timeout_ms: config.scheduler.worker_liveness_timeout_ms,
+        });
         let replica = Arc::new(Replica {
             id,
             addr,
@@ -203,6 +221,7 @@ impl Replica {
             random,
             stopping,
             health,
+            health_cx,
             leader_loss: Default::default(),
             incoming_snapshot: tokio::sync::Mutex::new(None),
             backups: Default::default(),
@@ -235,13 +254,14 @@ impl Replica {
             let addr = l.local_addr()?;
             self.health.set_http_addr(addr);
             tracing::info!(%addr, "serving /health over HTTP");
-            tokio::spawn(crate::health::http::serve(self.clone(), l).in_current_span());
+            let cx = self.health_cx.clone();
+            tokio::spawn(crate::health::http::serve(cx, l).in_current_span());
         }
-        crate::health::monitor::spawn(self.clone());
+        crate::health::monitor::spawn(self.health_cx.clone());
         tokio::spawn(self.clone().watch_for_fatal().in_current_span());
         tokio::spawn(crate::scheduler::scheduling_loop::run(self.loop_context()).in_current_span());
         tokio::spawn(crate::scheduler::ticker::run(self.loop_context()).in_current_span());
-        tokio::spawn(crate::metrics::sampler::run(self.clone()).in_current_span());
+        tokio::spawn(crate::metrics::sampler::run(self.sampler_context()).in_current_span());
         let r = self.clone();
         tokio::spawn(
             async move {
@@ -266,6 +286,23 @@ impl Replica {
             random: self.random.clone(),
             stall: self.health.faults.scheduler.clone(),
             shutdown: self.stopping.subscribe(),
+        }
+    }
+
+    /// What the metrics sampler needs of this replica.
+    pub fn sampler_context(&self) -> crate::metrics::sampler::SamplerContext {
+        crate::metrics::sampler::SamplerContext {
+            node_id: self.id,
+            raft: self.raft.clone(),
+            identity: self.identity.clone(),
+            scheduler: self.scheduler.clone(),
+            sm: self.sm.clone(),
+            clock: self.clock.clone(),
+            stalled: self.health.stalled_watch(),
+            stop: self.stop.subscribe(),
+            interval: Duration::from_millis(self.config.metrics.interval_ms),
+            stall_threshold_ms: self.config.health.stall_threshold_ms,
+            worker_liveness_timeout_ms: self.config.scheduler.worker_liveness_timeout_ms,
         }
     }
 
@@ -546,47 +583,13 @@ impl Replica {
         );
     }
 
-    /// Transfers leadership to the voter with the highest match index, among `prefer` when any
-    /// of them is a voter, and waits (bounded) for another node to lead. Returns whether
-    /// leadership moved.
+    /// Hands leadership to another voter (see [`crate::raft::hand_over_leadership`]).
     pub async fn hand_over_leadership(
         &self,
         wait: Duration,
         prefer: &std::collections::BTreeSet<NodeId>,
     ) -> bool {
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        let membership = metrics.membership_config.membership().clone();
-        let replication = metrics.replication.clone().unwrap_or_default();
-        let target = membership
-            .voter_ids()
-            .filter(|v| *v != self.id)
-            .max_by_key(|v| {
-                (
-                    prefer.contains(v),
-                    replication.get(v).cloned().flatten().map(|l| l.index()),
-                )
-            });
-        let Some(target) = target else {
-            return false;
-        };
-        tracing::info!(to = target, "handing over leadership");
-        if self.raft.trigger().transfer_leader(target).await.is_err() {
-            return false;
-        }
-        let deadline = Instant::now() + wait;
-        let mut rx = self.raft.metrics();
-        loop {
-            let leader = rx.borrow_watched().current_leader;
-            if leader.is_some() && leader != Some(self.id) {
-                tracing::info!(to = ?leader, "leadership handed over");
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
-                tracing::warn!("leadership did not move before the deadline");
-                return false;
-            }
-        }
+        crate::raft::hand_over_leadership(&self.raft, self.id, wait, prefer).await
     }
 }
 

@@ -13,7 +13,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::Instant as _;
 use openraft::{ChangeMembers, ReadPolicy};
 use tarpc::context::Context;
 
@@ -22,9 +21,9 @@ use crate::error::Error;
 use crate::raft::{Node, NodeId, TypeConfig};
 use crate::rpc::peer::is_transport_failure;
 use crate::rpc::{
-    AppendReq, AppendResp, BackupChunk, ClusterStatus, FleetService, FleetServiceClient,
-    MemberStatus, NodeInfo, ReadMode, ReadReply, Role, SnapshotChunk, SnapshotResp, SubmitTask,
-    Submitted, TransferReq, TransferResp, VoteReq, VoteResp,
+    AppendReq, AppendResp, BackupChunk, ClusterStatus, FleetService, FleetServiceClient, NodeInfo,
+    ReadMode, ReadReply, Role, SnapshotChunk, SnapshotResp, SubmitTask, Submitted, TransferReq,
+    TransferResp, VoteReq, VoteResp,
 };
 use crate::state::{Command, CommandOutput, QueueStats, Task, TaskFilter, TaskId, TaskState};
 
@@ -396,7 +395,7 @@ impl FleetService for Connection {
     }
 
     async fn health(self, _: Context, cluster: bool) -> crate::health::report::HealthReport {
-        self.replica.health_report(cluster).await
+        self.replica.health_cx.health_report(cluster).await
     }
 
     async fn inject_fault(
@@ -740,63 +739,7 @@ impl Replica {
 
     /// The cluster as this replica sees it; complete (match index, contact) on the leader.
     pub fn local_status(&self) -> ClusterStatus {
-        let m = self.raft.metrics().borrow_watched().clone();
-        let membership = m.membership_config.membership();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let leader_view = m.current_leader == Some(self.id);
-        let members = membership
-            .nodes()
-            .map(|(id, node)| {
-                let role = if Some(*id) == m.current_leader {
-                    "leader"
-                } else if voters.contains(id) {
-                    "follower"
-                } else {
-                    "learner"
-                };
-                let match_index = if *id == self.id {
-                    m.last_log_index
-                } else {
-                    m.replication
-                        .as_ref()
-                        .and_then(|r| r.get(id).cloned().flatten())
-                        .map(|l| l.index())
-                };
-                let last_contact_ms = if *id == self.id && leader_view {
-                    Some(0)
-                } else {
-                    m.heartbeat
-                        .as_ref()
-                        .and_then(|h| h.get(id).cloned().flatten())
-                        .map(|at| at.elapsed().as_millis() as u64)
-                };
-                MemberStatus {
-                    id: *id,
-                    addr: node.addr.clone(),
-                    role: role.into(),
-                    voter: voters.contains(id),
-                    match_index,
-                    last_contact_ms,
-                }
-            })
-            .collect();
-        ClusterStatus {
-            cluster_name: self.identity.cluster_name.clone(),
-            cluster_id: self.identity.cluster_id().map(|c| format!("{c:032x}")),
-            reported_by: self.id,
-            leader_view,
-            leader_id: m.current_leader,
-            leader_addr: m
-                .current_leader
-                .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone())),
-            term: m.current_term,
-            last_log_index: m.last_log_index,
-            commit_index: m.local_committed.as_ref().map(|l| l.index()),
-            applied_index: m.last_applied.as_ref().map(|l| l.index()),
-            snapshot_index: m.snapshot.as_ref().map(|l| l.index()),
-            purged_index: m.purged.as_ref().map(|l| l.index()),
-            members,
-        }
+        ClusterStatus::of(&self.raft, self.id, &self.identity)
     }
 
     async fn add_member(

@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 use super::attempt::Tail;
 use crate::client::Client;
 use crate::error::Error;
-use crate::rpc::OutputChunk;
-use crate::server::live_output::{MAX_CHUNKS_PER_CALL, MAX_CHUNK_BYTES};
+use crate::rpc::{OutputChunk, MAX_CHUNKS_PER_CALL, MAX_CHUNK_BYTES};
 use crate::state::{TaskId, WorkerId};
 
 /// How often new output is sent.
