@@ -434,15 +434,7 @@ fn peers_where(replica: &HealthContext, keep: impl Fn(&PeerView, Duration) -> bo
 
 /// Asks every other member for its own report.
 async fn poll_peers(replica: &Arc<HealthContext>, timeout: Duration) {
-    let members: Vec<(u64, String)> = {
-        let m = replica.raft.metrics().borrow_watched().clone();
-        m.membership_config
-            .membership()
-            .nodes()
-            .filter(|(id, _)| **id != replica.node_id)
-            .map(|(id, n)| (*id, n.addr.clone()))
-            .collect()
-    };
+    let members = crate::raft::other_members(&replica.raft, replica.node_id);
     let calls = members.into_iter().map(|(id, addr)| {
         let replica = replica.clone();
         async move {

@@ -162,3 +162,15 @@ pub async fn hand_over_leadership(
         }
     }
 }
+
+/// Every member (voter or learner) but `me`, with its address, as Raft's membership has them.
+pub fn other_members(raft: &Raft, me: NodeId) -> Vec<(NodeId, String)> {
+    use openraft::async_runtime::WatchReceiver;
+    let m = raft.metrics().borrow_watched().clone();
+    m.membership_config
+        .membership()
+        .nodes()
+        .filter(|(id, _)| **id != me)
+        .map(|(id, n)| (*id, n.addr.clone()))
+        .collect()
+}

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use openraft::async_runtime::WatchReceiver;
 use tarpc::context::Context;
 
 use super::live_output::{MAX_CHUNKS_PER_CALL, MAX_CHUNK_BYTES, MAX_READ_BYTES};
@@ -124,15 +123,7 @@ impl Replica {
         fencing_token: u64,
         offset: u64,
     ) -> Vec<OutputRead> {
-        let members: Vec<(u64, String)> = {
-            let m = self.raft.metrics().borrow_watched().clone();
-            m.membership_config
-                .membership()
-                .nodes()
-                .filter(|(id, _)| **id != self.id)
-                .map(|(id, n)| (*id, n.addr.clone()))
-                .collect()
-        };
+        let members = crate::raft::other_members(&self.raft, self.id);
         let wait = ctx
             .deadline
             .saturating_duration_since(std::time::Instant::now())
