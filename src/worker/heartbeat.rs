@@ -184,10 +184,14 @@ impl Beater {
         match result {
             Ok(reply) => {
                 for a in reply.adopt {
-                    tracing::warn!(
+                    // Usually the grant's reply is still on its way to the lease loop (this
+                    // heartbeat overtook it), sometimes it was lost; the lease loop starts each
+                    // fencing token once either way. Not a warning: it happens in normal runs.
+                    tracing::info!(
                         task = %a.task,
                         fencing_token = a.fencing_token,
-                        "the leader says this worker holds a lease it never received; adopting it"
+                        "the leader says this worker holds a lease it has not started (its grant \
+                         reply is on its way or was lost): starting it"
                     );
                     let _ = self.adopt.send(a);
                 }
