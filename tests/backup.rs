@@ -144,24 +144,7 @@ fn a_backup_under_load_restores_into_a_new_cluster_with_everything_intact() {
     assert_eq!(restored.state, backup.state, "the whole state");
 
     // It grows back to three replicas and serves.
-    let mut others: Vec<TestNode> = (1..3)
-        .map(|i| {
-            TestNode::new(
-                restored_dir.path(),
-                11 + i as u64,
-                ports[i],
-                vec![
-                    "--config".into(),
-                    rconfig.display().to_string(),
-                    "--peers".into(),
-                    rpeers.clone(),
-                ],
-            )
-        })
-        .collect();
-    for n in &mut others {
-        n.start();
-    }
+    let others = join_new_nodes(restored_dir.path(), 12, &ports[1..3], &rconfig, &rpeers);
     let all = format!("{},{},{}", rpeers, others[0].addr, others[1].addr);
     wait_for_voters(&rpeers, 3, Duration::from_secs(60));
     let _w2 = TestWorker::start(restored_dir.path(), "w2", &all, &rconfig, &[]);

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -41,11 +40,10 @@ fn follow(peers: &str, id: u64) -> (std::process::Child, mpsc::Receiver<(u64, St
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start fleet logs");
-    let out = child.stdout.take().unwrap();
+    let lines = stdout_lines(&mut child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { return };
+        for line in lines {
             if tx.send((now_ms(), line)).is_err() {
                 return;
             }

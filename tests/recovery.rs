@@ -142,26 +142,7 @@ fn a_survivor_recovers_as_a_one_node_cluster_grows_back_and_serves() {
 
     // Grows back to three with fresh replicas, and serves.
     let ports = free_ports(2);
-    let mut fresh: Vec<TestNode> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            TestNode::new(
-                &dir,
-                4 + i as u64,
-                *p,
-                vec![
-                    "--config".into(),
-                    config.display().to_string(),
-                    "--peers".into(),
-                    survivor.clone(),
-                ],
-            )
-        })
-        .collect();
-    for n in &mut fresh {
-        n.start();
-    }
+    let fresh = join_new_nodes(&dir, 4, &ports, &config, &survivor);
     wait_for_voters(&survivor, 3, Duration::from_secs(60));
     let all = format!("{survivor},{},{}", fresh[0].addr, fresh[1].addr);
     let _w2 = TestWorker::start(&dir, "w2", &all, &config, &[]);

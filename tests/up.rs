@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -32,13 +31,7 @@ fn run_up_with(
         .stderr(Stdio::null())
         .spawn()
         .expect("start fleet up");
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
-            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
-        }
-    });
+    let rx = stdout_lines(&mut child);
     (child, rx)
 }
 

@@ -731,3 +731,56 @@ pub fn wait_for_voters(peers: &str, n: usize, timeout: Duration) -> Value {
         }
     })
 }
+
+/// Starts `ports.len()` new replicas (ids from `first_id`, data under `dir`) that join the
+/// cluster at `peers` with `config`; returns them started.
+pub fn join_new_nodes(
+    dir: &Path,
+    first_id: u64,
+    ports: &[u16],
+    config: &Path,
+    peers: &str,
+) -> Vec<TestNode> {
+    let mut nodes: Vec<TestNode> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            TestNode::new(
+                dir,
+                first_id + i as u64,
+                *p,
+                vec![
+                    "--config".into(),
+                    config.display().to_string(),
+                    "--peers".into(),
+                    peers.to_string(),
+                ],
+            )
+        })
+        .collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    nodes
+}
+
+/// The lines `child` writes to its (piped) standard output, as they come.
+pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out)
+            .split(b'\n')
+            .map_while(Result::ok)
+        {
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
