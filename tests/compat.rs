@@ -10,6 +10,10 @@ use std::time::Duration;
 use common::*;
 
 /// Unpacks the format-1 data directory fixture (node 1's) into `dir`.
+///
+/// The fixture's tasks finished when it was written (2026-12-02), and a leader purges finished
+/// tasks past `scheduler.retention_ms` (24 hours by default) as soon as it starts, so the nodes
+/// of these tests run with [`KEEP_FIXTURE`]: the longest retention fleet accepts.
 fn untar_format_1(dir: &std::path::Path) {
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -23,12 +27,26 @@ fn untar_format_1(dir: &std::path::Path) {
     assert!(untar.success());
 }
 
+/// Config for the fixture's node: the test timings, and the longest retention (365 days) so the
+/// fixture's finished tasks are not purged for their age.
+const KEEP_FIXTURE: &str = "[scheduler]\nretention_ms = 31536000000\n";
+
+/// Node 1 of the fixture, on a free port, with a config that keeps the fixture's tasks.
+fn fixture_node(dir: &std::path::Path) -> (TestNode, std::path::PathBuf) {
+    let config = test_config(dir, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replacen("[scheduler]\n", KEEP_FIXTURE, 1);
+    std::fs::write(&config, text).unwrap();
+    let port = free_ports(1)[0];
+    let args = vec!["--config".to_string(), config.display().to_string()];
+    (TestNode::new(dir, 1, port, args), config)
+}
+
 #[test]
 fn a_data_directory_of_state_format_1_opens_with_its_tasks_and_new_attempts_get_names() {
     let dir = tempfile::tempdir().unwrap();
     untar_format_1(dir.path());
-    let port = free_ports(1)[0];
-    let mut node = TestNode::new(dir.path(), 1, port, vec![]);
+    let (mut node, config) = fixture_node(dir.path());
     node.start();
     let peers = node.addr.clone();
     let t = wait_for_state(&peers, 1, "succeeded", Duration::from_secs(20));
@@ -42,7 +60,6 @@ fn a_data_directory_of_state_format_1_opens_with_its_tasks_and_new_attempts_get_
     assert_eq!(show_task(&peers, 4).unwrap()["state"], "dead");
 
     // New work on the old data: the attempt records the worker by the name it goes by.
-    let config = test_config(dir.path(), "");
     let _w = TestWorker::start(dir.path(), "renamed", &peers, &config, &[]);
     let id = submit_task(
         &peers,
@@ -85,8 +102,7 @@ fn files_under(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::P
 fn a_data_directory_of_a_newer_format_is_refused_and_left_byte_for_byte_untouched() {
     let dir = tempfile::tempdir().unwrap();
     untar_format_1(dir.path());
-    let port = free_ports(1)[0];
-    let mut node = TestNode::new(dir.path(), 1, port, vec![]);
+    let (mut node, _config) = fixture_node(dir.path());
     let format_file = node.data_dir.join("FORMAT");
     assert!(
         !format_file.exists(),
