@@ -517,5 +517,25 @@ impl SchedulerCore {
     }
 }
 
+/// A worker is leaving: an expiry for every lease `state` holds for it, under that lease's
+/// fencing token (killed attempts, a lease whose grant reply was lost). `state` must be the
+/// state of a leader that caught up with its term: on a lagging one, a lease granted to the
+/// worker in an earlier term would be missed, and an expiry proposed for a lease that already
+/// ended reaches the log behind whatever ended it (it is refused then, by its token).
+pub fn hand_back(state: &State, worker: WorkerId, rng: &mut impl Rng) -> Vec<Command> {
+    state
+        .leases()
+        .filter(|(_, l)| l.worker == worker)
+        .map(|(t, l)| {
+            Command::expire(
+                t.id,
+                l.fencing_token,
+                format!("handed back by worker {} on shutdown", worker.0),
+                rng.random_range(0..=1000),
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests;

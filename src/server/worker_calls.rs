@@ -353,26 +353,16 @@ impl Replica {
                 })
                 .await;
         }
-        let held: Vec<(crate::state::TaskId, u64)> = self
+        // The leases are read from the applied state, so a new leader must have caught up
+        // with its term first (the error is retryable; the worker's client retries).
+        self.scheduler_ready()?;
+        let commands = self
             .sm
             .read(|s| {
-                s.leases()
-                    .filter(|(_, l)| l.worker == worker)
-                    .map(|(t, l)| (t.id, l.fencing_token))
-                    .collect()
+                self.random
+                    .with(|r| crate::scheduler::core::hand_back(s, worker, r))
             })
             .await;
-        let commands = held
-            .iter()
-            .map(|(task, token)| {
-                Command::expire(
-                    *task,
-                    *token,
-                    format!("handed back by worker {} on shutdown", worker.0),
-                    self.random.range(0..=1000),
-                )
-            })
-            .collect();
         let outputs = self.proposer.propose_many(commands).await;
         if let Some(Err(e)) = outputs.iter().find(|r| r.is_err()) {
             if e.is_retryable() {

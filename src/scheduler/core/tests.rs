@@ -387,6 +387,50 @@ fn a_draining_worker_is_answered_empty_and_its_undelivered_leases_are_handed_bac
 }
 
 #[test]
+fn a_leaving_worker_hands_back_its_own_leases_under_their_tokens() {
+    let mut l = Leader::new(cfg());
+    for _ in 0..3 {
+        l.submit("default");
+    }
+    l.advance(GRACE);
+    let p1 = l.poll(worker(1), 2, 10_000);
+    let replies = l.iterate();
+    let p2 = l.poll(worker(2), 1, 10_000);
+    let replies: Vec<Reply> = replies.into_iter().chain(l.iterate()).collect();
+    let leased = |p: PollId| -> Vec<(TaskId, u64)> {
+        let r = replies.iter().find(|r| r.poll == p).expect("answered");
+        let leases = r.result.as_ref().expect("granted");
+        leases.iter().map(|x| (x.task, x.fencing_token)).collect()
+    };
+    let (mut w1, w2) = (leased(p1), leased(p2));
+    w1.sort();
+    assert_eq!((w1.len(), w2.len()), (2, 1), "{replies:?}");
+    let back = hand_back(&l.sm.state, WorkerId(1), &mut l.rng);
+    let mut expired: Vec<(TaskId, u64)> = back
+        .iter()
+        .map(|c| match c {
+            Command::ExpireLease {
+                task,
+                fencing_token,
+                reason,
+                ..
+            } => {
+                assert_eq!(reason, "handed back by worker 1 on shutdown");
+                (*task, *fencing_token)
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    expired.sort();
+    assert_eq!(expired, w1);
+    assert!(!expired.iter().any(|(t, _)| w2[0].0 == *t));
+    // Applied, only worker 1's tasks are ready again; worker 2 keeps its lease.
+    assert!(l.apply(back).iter().all(Result::is_ok));
+    assert_eq!(l.sm.state.leases().count(), 1);
+    assert!(hand_back(&l.sm.state, WorkerId(1), &mut l.rng).is_empty());
+}
+
+#[test]
 fn stopping_to_lead_answers_every_request_with_the_error() {
     let mut l = Leader::new(cfg());
     let p1 = l.poll(worker(1), 1, 10_000);
