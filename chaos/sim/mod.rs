@@ -174,6 +174,8 @@ pub struct Outcome {
     pub partitions: u64,
     pub clock_steps: u64,
     pub worker_crashes: u64,
+    /// Workers stopped as by SIGTERM (drain, then leave).
+    pub worker_stops: u64,
     pub unsynced_lost: u64,
     pub submitted: u64,
     pub executions: u64,
@@ -373,8 +375,7 @@ async fn world(seed: u64, args: SimArgs) -> Outcome {
     let _ = client.await;
     let _ = runs.await;
     heal(&w).await;
-    pause_schedules(&w).await;
-    let converged = settle(&w).await;
+    let converged = pause_schedules(&w).await && settle(&w).await;
     observer.abort();
     let mut violations = finish(&w, converged).await;
     violations.extend(
@@ -627,18 +628,25 @@ fn run_records(s: &fleet::state::State) -> Vec<crate::history::RunRecord> {
         .collect()
 }
 
-/// Pauses the schedules, so their watermarks stop before they are read back.
-async fn pause_schedules(w: &Arc<World>) {
+/// Pauses the schedules, so their watermarks stop before they are read back. False when the
+/// healed cluster did not commit the pauses within 120 s (a run that broke its replicas, such
+/// as a state invariant's panic, must end with a verdict rather than retry forever).
+async fn pause_schedules(w: &Arc<World>) -> bool {
     let mut guess = 1;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     for (name, ..) in SCHEDULES {
         let c = Command::PauseSchedule {
             name: name.into(),
             paused: true,
         };
         while propose(w, &mut guess, c.clone()).await.is_err() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    true
 }
 
 /// The workload: tasks of four kinds submitted to the leader the client believes in, retried
@@ -790,7 +798,7 @@ async fn faults(w: &Arc<World>, duration: Duration) {
     while tokio::time::Instant::now() < end {
         let calm = w.draw(|r| r.random_range(500..3_000));
         tokio::time::sleep(Duration::from_millis(calm)).await;
-        let (fault, hold) = w.draw(|r| (r.random_range(0..9u8), r.random_range(500..5_000u64)));
+        let (fault, hold) = w.draw(|r| (r.random_range(0..10u8), r.random_range(500..5_000u64)));
         let n = w.args.replicas;
         let victim: NodeId = match (w.draw(|r| r.random_bool(0.5)), w.leader()) {
             (true, Some(l)) => l.id,
@@ -808,6 +816,7 @@ async fn faults(w: &Arc<World>, duration: Duration) {
             5 => clock_step(w, victim, hold).await,
             6 => worker_dies(w, hold).await,
             8 => worker_frozen(w, hold).await,
+            9 => worker_stops(w, hold).await,
             _ => worker_cut_off(w, hold).await,
         }
     }
@@ -886,6 +895,22 @@ async fn worker_dies(w: &Arc<World>, hold: Duration) {
     }
     w.stat(|s| s.worker_crashes += 1);
     tokio::time::sleep(hold.min(Duration::from_secs(2))).await;
+    w.start_worker();
+}
+
+/// A worker stopped as by SIGTERM (a deploy): it drains for up to a third of `hold` (0.2-1.7 s,
+/// so long tasks often do not end in time and are killed), leaves, and a new worker takes its
+/// place.
+async fn worker_stops(w: &Arc<World>, hold: Duration) {
+    let id = some_worker(w).info.id.0;
+    let Some(wk) = w.workers.lock().expect("workers").remove(&id) else {
+        return;
+    };
+    let left = wk.stop_gracefully(hold / 3).await;
+    w.rec
+        .trace
+        .event(format_args!("worker {id} stopped, handed back: {left:?}"));
+    w.stat(|s| s.worker_stops += 1);
     w.start_worker();
 }
 
@@ -990,8 +1015,8 @@ async fn finish(w: &Arc<World>, converged: bool) -> Vec<String> {
     let mut out = Vec::new();
     if !converged {
         out.push(
-            "[converge] the replicas did not all end every acknowledged task and agree on the \
-             state within 120 s after healing"
+            "[converge] the healed replicas did not commit, end every acknowledged task and agree \
+             on the state within 120 s after healing"
                 .to_string(),
         );
     }
@@ -1009,11 +1034,13 @@ async fn finish(w: &Arc<World>, converged: bool) -> Vec<String> {
                     .map(|(n, p)| (n.clone(), p.slots))
                     .collect::<BTreeMap<_, _>>(),
                 run_records(s),
+                handed_back_by_others(s),
             )
         })
         .await;
     match read {
-        Ok((tasks, schedules, pools, runs)) => {
+        Ok((tasks, schedules, pools, runs, wrong)) => {
+            out.extend(wrong);
             let mut h = w.rec.h.lock().expect("history");
             h.tasks = tasks;
             h.schedules = schedules;
@@ -1023,6 +1050,33 @@ async fn finish(w: &Arc<World>, converged: bool) -> Vec<String> {
         Err(e) => out.push(format!("[converge] final read failed: {e}")),
     }
     out
+}
+
+/// The simulator's assertion on hand-backs: a leaving worker's hand-back ends only that
+/// worker's leases. An attempt lost as "handed back by worker N" ran on worker N.
+fn handed_back_by_others(s: &fleet::state::State) -> Vec<String> {
+    s.all_tasks()
+        .flat_map(|t| t.attempts.iter().map(move |a| (t.id, a)))
+        .filter_map(|(task, a)| {
+            let Some(fleet::state::AttemptOutcome::Lost { reason }) = &a.outcome else {
+                return None;
+            };
+            let by: u64 = reason
+                .strip_prefix("handed back by worker ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            (by != a.worker.0).then(|| {
+                format!(
+                    "[hand-back-of-another] task {task}: the attempt with fencing token {} ran \
+                     on worker {} but was ended as {reason:?}",
+                    a.fencing_token, a.worker.0
+                )
+            })
+        })
+        .take(5)
+        .collect()
 }
 
 /// `chaos sim`: one seed, or many in parallel; exit 0 when every seed passed.
@@ -1147,7 +1201,8 @@ fn print_one(o: &Outcome) {
     );
     println!(
         "  messages {} (lost {}, duplicated {}, cut {}), replica crashes {} ({} unsynced writes \
-         lost), partitions {}, clock steps {}, worker crashes {}, tasks {}, executions {}",
+         lost), partitions {}, clock steps {}, worker crashes {}, worker stops {}, tasks {}, \
+         executions {}",
         o.messages,
         o.lost,
         o.duplicated,
@@ -1157,6 +1212,7 @@ fn print_one(o: &Outcome) {
         o.partitions,
         o.clock_steps,
         o.worker_crashes,
+        o.worker_stops,
         o.submitted,
         o.executions
     );
@@ -1176,7 +1232,8 @@ fn print_summary(results: &[Outcome], took: Duration) {
     println!(
         "{} seeds in {:.1} s: {:.0} seeds/min; {:.0} simulated s per wall s per job; per seed: \
          {:.0} messages ({:.0} lost, {:.0} duplicated, {:.0} cut), {:.1} replica crashes, {:.1} \
-         partitions, {:.1} clock steps, {:.1} worker crashes, {:.0} tasks, {:.0} executions",
+         partitions, {:.1} clock steps, {:.1} worker crashes, {:.1} worker stops, {:.0} tasks, \
+         {:.0} executions",
         results.len(),
         took.as_secs_f64(),
         results.len() as f64 / took.as_secs_f64() * 60.0,
@@ -1189,6 +1246,7 @@ fn print_summary(results: &[Outcome], took: Duration) {
         sum(|o| o.partitions) / n,
         sum(|o| o.clock_steps) / n,
         sum(|o| o.worker_crashes) / n,
+        sum(|o| o.worker_stops) / n,
         sum(|o| o.submitted) / n,
         sum(|o| o.executions) / n,
     );

@@ -20,7 +20,7 @@ use fleet::scheduler::core::{Bugs as CoreBugs, CoreConfig};
 use fleet::scheduler::scheduling_loop::LoopContext;
 use fleet::scheduler::Scheduler;
 use fleet::shutdown::{self, Trigger};
-use fleet::state::{Bugs as StateBugs, Command, CommandOutput, State, TaskState};
+use fleet::state::{Bugs as StateBugs, Command, CommandOutput, State, TaskState, WorkerId};
 use openraft::async_runtime::WatchReceiver;
 use tokio::task::JoinHandle;
 
@@ -246,6 +246,33 @@ impl Node {
                 Err(e) => Err(e),
             })
             .collect())
+    }
+
+    /// A worker leaving: every lease the state holds for it is handed back (expired), as
+    /// `server::worker_calls::worker_leave` does. Returns how many were handed back.
+    pub async fn leave(&self, worker: WorkerId) -> Result<u32, Error> {
+        self.ready()?;
+        let commands = self
+            .cx
+            .sm
+            .read(|s| {
+                self.cx
+                    .random
+                    .with(|r| fleet::scheduler::core::hand_back(s, worker, r))
+            })
+            .await;
+        let outputs = self.cx.proposer.propose_many(commands).await;
+        if let Some(Err(e)) = outputs.iter().find(|r| r.is_err()) {
+            if e.is_retryable() {
+                return Err(e.clone());
+            }
+        }
+        let now = self.cx.clock.now();
+        self.cx
+            .sm
+            .read(|s| self.cx.scheduler.core().worker_left(worker, now, s))
+            .await;
+        Ok(outputs.iter().filter(|r| r.is_ok()).count() as u32)
     }
 
     /// A client's command, at the leader (no forwarding: the client follows the hint).

@@ -5,6 +5,7 @@
 //! them for the real harness.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,6 +58,11 @@ pub struct Worker {
     frozen: tokio::sync::watch::Sender<bool>,
     /// `--bug worker-ignores-lapse`: no lease lapses here.
     ignores_lapse: bool,
+    /// Set when the worker is told to stop: no new lease requests; leases already on their
+    /// way (a request in flight, an adoption) still run.
+    draining: AtomicBool,
+    /// Heartbeats answered, for the drain (it ends after one sent during it was answered).
+    answered: AtomicU64,
 }
 
 impl Worker {
@@ -92,6 +98,8 @@ impl Worker {
             loops: Mutex::new(Vec::new()),
             frozen: tokio::sync::watch::Sender::new(false),
             ignores_lapse,
+            draining: AtomicBool::new(false),
+            answered: AtomicU64::new(0),
         });
         let loops = vec![
             tokio::spawn(w.clone().lease_loop()),
@@ -117,6 +125,73 @@ impl Worker {
             e.timer.abort();
             self.record(ExecKind::Killed, task, &e.key, e.attempt, e.token, None);
         }
+    }
+
+    /// Stops as `fleet worker` does on SIGTERM: no new leases; running attempts get up to
+    /// `drain` to end (and leases on their way run too), the rest are killed unreported; the
+    /// reports are flushed; then the worker leaves, so the leader hands back what it still
+    /// holds, and its loops stop. Returns how many leases were handed back (`None`: no
+    /// replica answered the leave).
+    pub async fn stop_gracefully(self: &Arc<Self>, drain: Duration) -> Option<u32> {
+        self.draining.store(true, Ordering::Release);
+        let answered_before = self.answered.load(Ordering::Acquire);
+        let deadline = tokio::time::Instant::now() + drain;
+        let heard_by = tokio::time::Instant::now() + Duration::from_millis(HEARTBEAT_MS * 3);
+        while tokio::time::Instant::now() < deadline {
+            let now = tokio::time::Instant::now();
+            let heard =
+                self.answered.load(Ordering::Acquire) >= answered_before + 2 || now >= heard_by;
+            if heard && self.running() == 0 {
+                break;
+            }
+            // The drain's pace, as the real worker's: re-check every 50 ms.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left: Vec<(TaskId, Exec)> =
+            self.with(|i| std::mem::take(&mut i.running).into_iter().collect());
+        for (task, e) in left {
+            e.timer.abort();
+            self.record(ExecKind::Killed, task, &e.key, e.attempt, e.token, None);
+        }
+        let flush_by = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.with(|i| !i.reports.is_empty()) && tokio::time::Instant::now() < flush_by {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.leave().await;
+        self.crash();
+        left
+    }
+
+    /// Tells the cluster this worker leaves, retried for up to 10 s as `fleet worker`'s client.
+    async fn leave(&self) -> Option<u32> {
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < give_up {
+            let target = self.with(|i| i.guess);
+            let r = self
+                .fabric
+                .call(
+                    "leave",
+                    self.endpoint,
+                    target,
+                    Duration::from_millis(2_000),
+                    self.info.id,
+                    |n, id| async move { n.leave(id).await },
+                )
+                .await;
+            match r {
+                Ok(Ok(n)) => return Some(n),
+                Ok(Err(e)) => self.retarget(Some(&e)),
+                Err(_) => self.retarget(None),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+
+    fn info_now(&self) -> WorkerInfo {
+        let mut info = self.info.clone();
+        info.draining = self.draining.load(Ordering::Acquire);
+        info
     }
 
     pub fn freeze(&self, frozen: bool) {
@@ -161,13 +236,16 @@ impl Worker {
     async fn lease_loop(self: Arc<Self>) {
         loop {
             self.thaw().await;
+            if self.draining.load(Ordering::Acquire) {
+                return;
+            }
             let free = SLOTS.saturating_sub(self.running() as u32);
             if free == 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
             let target = self.with(|i| i.guess);
-            let info = self.info.clone();
+            let info = self.info_now();
             let r = self
                 .fabric
                 .call(
@@ -331,7 +409,7 @@ impl Worker {
                     .collect()
             });
             let target = self.with(|i| i.guess);
-            let mut info = self.info.clone();
+            let mut info = self.info_now();
             info.running = held.len() as u32;
             let sent_at = tokio::time::Instant::now();
             let r = self
@@ -347,6 +425,7 @@ impl Worker {
                 .await;
             match r {
                 Ok(Ok(reply)) => {
+                    self.answered.fetch_add(1, Ordering::AcqRel);
                     for (h, v) in held.iter().zip(&reply.verdicts) {
                         match v {
                             LeaseVerdict::Extended => self.with(|i| {
