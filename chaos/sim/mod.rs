@@ -208,6 +208,10 @@ fn install_panic_hook() {
     });
 }
 
+/// Simulated time a run may take past its `--duration` (healing, converging and judging take
+/// at most about 4 minutes of it) before it is declared hung.
+const HANG_AFTER: Duration = Duration::from_secs(600);
+
 /// Runs one seed on this thread (a fresh paused runtime) and judges it.
 pub fn run_seed(seed: u64, args: &SimArgs) -> Outcome {
     install_panic_hook();
@@ -222,8 +226,23 @@ pub fn run_seed(seed: u64, args: &SimArgs) -> Outcome {
         .build()
         .expect("a tokio runtime");
     let args2 = args.clone();
+    // A run that does not end (a retry loop with nothing to retry against) is cut off in
+    // simulated time, with a verdict, rather than hanging the whole batch.
+    let limit = args.duration + HANG_AFTER;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        rt.block_on(world(seed, args2))
+        rt.block_on(async {
+            match tokio::time::timeout(limit, world(seed, args2)).await {
+                Ok(o) => o,
+                Err(_) => Outcome {
+                    seed,
+                    violations: vec![format!(
+                        "[hang] the run did not end within {} simulated seconds",
+                        limit.as_secs()
+                    )],
+                    ..Default::default()
+                },
+            }
+        })
     }));
     rt.shutdown_background();
     fleet::raft::runtime::seed_thread(None);
