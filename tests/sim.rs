@@ -32,17 +32,26 @@ fn a_seed_replays_the_same_trace() {
 /// - a worker whose heartbeats were lost (a lossy link) for longer than the visibility timeout
 ///   ran its attempt to the end while another worker ran the task (fixed: the worker kills an
 ///   attempt whose lease lapsed, `worker::heartbeat::lapse_after`; `--bug
-///   worker-ignores-lapse` switches the simulated workers back).
+///   worker-ignores-lapse` switches the simulated workers back);
+/// - a heartbeat answered while the leader was proposing the expiry of one of the worker's
+///   leases offered that lease for adoption (or extended it); the worker started it, the
+///   expiry ended it moments later, the task went to another worker, and the short attempt ran
+///   to its end before the next heartbeat could fence it (fixed: the scheduler core neither
+///   extends nor offers a lease whose expiry is pending, `--bug
+///   heartbeat-ignores-pending-expiry` switches it back).
 #[test]
 fn the_regression_seeds_pass() {
-    for seed in ["5070", "5130"] {
+    for (seed, bug) in [
+        ("5006", "worker-ignores-lapse"),
+        ("90811", "heartbeat-ignores-pending-expiry"),
+    ] {
         let (ok, text) = sim(&["--seed", seed]);
         assert!(ok, "seed {seed}: {text}");
         assert!(text.contains("invariants: OK"), "{text}");
-        let (ok, text) = sim(&["--seed", seed, "--bug", "worker-ignores-lapse"]);
+        let (ok, text) = sim(&["--seed", seed, "--bug", bug]);
         assert!(
             !ok && text.contains("[overlap]"),
-            "seed {seed} without the fix: {text}"
+            "seed {seed} without the fix ({bug}): {text}"
         );
     }
 }
@@ -54,12 +63,12 @@ fn the_simulator_finds_the_reintroduced_bugs() {
     for (bug, seed, violation) in [
         (
             "grant-skips-recheck",
-            "5006",
+            "5001",
             "[panic] state invariant broken",
         ),
         (
             "heartbeat-extends-expired",
-            "5013",
+            "5005",
             "[lease-extended-after-expiry]",
         ),
     ] {

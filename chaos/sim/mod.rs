@@ -43,6 +43,8 @@ use worker::Worker;
 /// The wall clock at a run's start (any fixed instant: the run must not depend on the host).
 const EPOCH_MS: u64 = 1_800_000_000_000;
 const CLIENT: Endpoint = 900;
+/// The reader's endpoint (linearizable reads, [`reader`]).
+const READER: Endpoint = 901;
 const WORKER_ENDPOINTS: Endpoint = 1_000;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -67,8 +69,8 @@ pub struct SimArgs {
     pub workers: u64,
     /// Re-introduce a known bug class (test only), to show the simulator finds it:
     /// expire-ignores-token, grant-skips-recheck, heartbeat-extends-expired,
-    /// worker-ignores-lapse.
-    #[arg(long = "bug", value_parser = ["expire-ignores-token", "grant-skips-recheck", "heartbeat-extends-expired", "worker-ignores-lapse"])]
+    /// worker-ignores-lapse, heartbeat-ignores-pending-expiry.
+    #[arg(long = "bug", value_parser = ["expire-ignores-token", "grant-skips-recheck", "heartbeat-extends-expired", "worker-ignores-lapse", "heartbeat-ignores-pending-expiry"])]
     pub bugs: Vec<String>,
     /// Run each seed twice and require the same event trace (determinism).
     #[arg(long)]
@@ -93,6 +95,9 @@ impl SimArgs {
                 "grant-skips-recheck" => b.state.grant_skips_recheck = true,
                 "heartbeat-extends-expired" => b.core.heartbeat_extends_expired = true,
                 "worker-ignores-lapse" => b.worker_ignores_lapse = true,
+                "heartbeat-ignores-pending-expiry" => {
+                    b.core.heartbeat_ignores_pending_expiry = true
+                }
                 _ => unreachable!("clap checked the name"),
             }
         }
@@ -176,6 +181,8 @@ pub struct Outcome {
     pub worker_crashes: u64,
     /// Workers stopped as by SIGTERM (drain, then leave).
     pub worker_stops: u64,
+    /// Linearizable reads answered and checked against real time.
+    pub reads: u64,
     pub unsynced_lost: u64,
     pub submitted: u64,
     pub executions: u64,
@@ -388,11 +395,13 @@ async fn world(seed: u64, args: SimArgs) -> Outcome {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let client = tokio::spawn(client(w.clone(), stop_rx.clone()));
     let runs = tokio::spawn(start_runs(w.clone(), stop_rx.clone()));
-    let observer = tokio::spawn(observe(w.clone(), stop_rx));
+    let observer = tokio::spawn(observe(w.clone(), stop_rx.clone()));
+    let reads = tokio::spawn(reader(w.clone(), stop_rx));
     faults(&w, args.duration).await;
     let _ = stop_tx.send(true);
     let _ = client.await;
     let _ = runs.await;
+    let _ = reads.await;
     heal(&w).await;
     let converged = pause_schedules(&w).await && settle(&w).await;
     observer.abort();
@@ -784,6 +793,94 @@ async fn propose(w: &Arc<World>, guess: &mut NodeId, c: Command) -> Result<Comma
             *guess = *guess % w.args.replicas + 1;
             Err(f.to_string())
         }
+    }
+}
+
+/// A second client: linearizable reads of the tasks (ReadIndex at the leader), judged against
+/// real time. A read must show every task whose submission was acknowledged before the read
+/// was sent, and no task may look younger to a read than it did to a read answered before this
+/// one was sent (a final state stays final, attempts never disappear). Its own random source,
+/// so the workload's and the faults' draws stay as they are.
+async fn reader(w: Arc<World>, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut rng = StdRng::seed_from_u64(w.seed ^ 0x7ead);
+    let mut guess: NodeId = 1;
+    // task -> (final state or "", attempts, when the read that saw it was answered)
+    let mut seen: BTreeMap<u64, (&'static str, usize, u64)> = BTreeMap::new();
+    let mut found = 0;
+    while !*stop.borrow() && found < 3 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..400))).await;
+        let sent_ms = w.rec.now();
+        let acked: Vec<(u64, u64)> = {
+            let h = w.rec.h.lock().expect("history");
+            h.submissions
+                .iter()
+                .filter_map(|s| match (s.acked, s.acked_at_ms) {
+                    (Some(id), Some(at)) if at < sent_ms => Some((id, at)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let ids: Vec<u64> = acked.iter().map(|(id, _)| *id).collect();
+        let r = w
+            .fabric
+            .call(
+                "read",
+                READER,
+                guess,
+                Duration::from_secs(2),
+                ids,
+                |n, ids| async move {
+                    n.read(move |s| {
+                        ids.iter()
+                            .map(|id| {
+                                s.task(fleet::state::TaskId(*id)).map(|t| {
+                                    let fin = if t.state.is_final() {
+                                        t.state.as_str()
+                                    } else {
+                                        ""
+                                    };
+                                    (fin, t.attempts.len())
+                                })
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .await
+                    .map(|v| (v, n.id))
+                },
+            )
+            .await;
+        let (view, by) = match r {
+            Ok(Ok(v)) => v,
+            _ => {
+                guess = guess % w.args.replicas + 1;
+                continue;
+            }
+        };
+        let answered_ms = w.rec.now();
+        w.stat(|s| s.reads += 1);
+        let mut wrong = Vec::new();
+        for ((id, acked_at), now) in acked.iter().zip(view) {
+            let Some((fin, attempts)) = now else {
+                wrong.push(format!(
+                    "[linearizable] a read sent at {sent_ms} ms and answered by replica {by} \
+                     does not show task {id}, whose submission was acknowledged at {acked_at} ms"
+                ));
+                continue;
+            };
+            if let Some((was, was_attempts, at)) = seen.get(id) {
+                if *at < sent_ms && ((!was.is_empty() && *was != fin) || attempts < *was_attempts) {
+                    wrong.push(format!(
+                        "[linearizable] task {id}: a read answered at {at} ms saw it {:?} with \
+                         {was_attempts} attempts; a later read (sent at {sent_ms} ms, replica \
+                         {by}) sees {:?} with {attempts}",
+                        was, fin
+                    ));
+                }
+            }
+            seen.insert(*id, (fin, attempts, answered_ms));
+        }
+        found += wrong.len();
+        w.violations.lock().expect("violations").extend(wrong);
     }
 }
 
@@ -1221,7 +1318,7 @@ fn print_one(o: &Outcome) {
     println!(
         "  messages {} (lost {}, duplicated {}, cut {}), replica crashes {} ({} unsynced writes \
          lost), partitions {}, clock steps {}, worker crashes {}, worker stops {}, tasks {}, \
-         executions {}",
+         executions {}, reads checked {}",
         o.messages,
         o.lost,
         o.duplicated,
@@ -1233,7 +1330,8 @@ fn print_one(o: &Outcome) {
         o.worker_crashes,
         o.worker_stops,
         o.submitted,
-        o.executions
+        o.executions,
+        o.reads
     );
     if o.violations.is_empty() {
         println!("  invariants: OK");
@@ -1252,7 +1350,7 @@ fn print_summary(results: &[Outcome], took: Duration) {
         "{} seeds in {:.1} s: {:.0} seeds/min; {:.0} simulated s per wall s per job; per seed: \
          {:.0} messages ({:.0} lost, {:.0} duplicated, {:.0} cut), {:.1} replica crashes, {:.1} \
          partitions, {:.1} clock steps, {:.1} worker crashes, {:.1} worker stops, {:.0} tasks, \
-         {:.0} executions",
+         {:.0} executions, {:.0} reads checked",
         results.len(),
         took.as_secs_f64(),
         results.len() as f64 / took.as_secs_f64() * 60.0,
@@ -1268,5 +1366,6 @@ fn print_summary(results: &[Outcome], took: Duration) {
         sum(|o| o.worker_stops) / n,
         sum(|o| o.submitted) / n,
         sum(|o| o.executions) / n,
+        sum(|o| o.reads) / n,
     );
 }

@@ -42,6 +42,10 @@ pub struct Bugs {
     /// A heartbeat extends a lease whose expiry was already applied: the verdict checks the
     /// task's last attempt instead of its live lease.
     pub heartbeat_extends_expired: bool,
+    /// A heartbeat extends (or offers for adoption) a lease whose expiry the leader already
+    /// decided and is proposing: the worker runs on, or starts, an attempt that the expiry
+    /// ends moments later (the simulator's finding of seed 90811, fixed).
+    pub heartbeat_ignores_pending_expiry: bool,
 }
 
 /// What the core needs from the configuration.
@@ -143,6 +147,10 @@ pub struct SchedulerCore {
     polls: VecDeque<PollRequest>,
     /// The term this core has started (None: not leading).
     term: Option<u64>,
+    /// Fencing tokens of the leases whose expiry [`SchedulerCore::tick`] decided and the shell
+    /// is proposing, until [`SchedulerCore::expiries_applied`]: a heartbeat in that window
+    /// neither extends nor offers them (the expiry is about to end them).
+    expiring: BTreeSet<u64>,
     next_tick_ms: u64,
     next_purge_ms: u64,
 }
@@ -155,6 +163,7 @@ impl SchedulerCore {
             workers: WorkerRegistry::default(),
             polls: VecDeque::new(),
             term: None,
+            expiring: BTreeSet::new(),
             next_tick_ms: 0,
             next_purge_ms: 0,
         }
@@ -206,6 +215,7 @@ impl SchedulerCore {
     /// (the caller retries at the leader). Returns the replies and whether the core was leading.
     pub fn stop_leading(&mut self, now: Now, error: &Error) -> (Vec<Reply>, bool) {
         let was = self.term.take().is_some();
+        self.expiring.clear();
         self.next_tick_ms = now.mono_ms + self.cfg.tick_ms;
         let replies = self
             .polls
@@ -225,6 +235,7 @@ impl SchedulerCore {
         self.tracker
             .start_term(now.mono_ms, self.cfg.failover_grace_ms);
         self.workers.clear();
+        self.expiring.clear();
         self.sync(now, state);
         self.term = Some(term);
     }
@@ -255,6 +266,8 @@ impl SchedulerCore {
         self.next_tick_ms = now.mono_ms + self.cfg.tick_ms;
         self.sync(now, state);
         let expiries = self.tracker.expired(now.mono_ms, self.cfg.liveness_ms);
+        self.expiring
+            .extend(expiries.iter().map(|e| e.fencing_token));
         let expire = expiries
             .iter()
             .map(|e| {
@@ -299,6 +312,9 @@ impl SchedulerCore {
         expiries: &[Expiry],
         outputs: &[Result<CommandOutput, Error>],
     ) -> (Vec<Reply>, BTreeSet<WorkerId>) {
+        for e in expiries {
+            self.expiring.remove(&e.fencing_token);
+        }
         let silenced: BTreeSet<WorkerId> = expiries
             .iter()
             .zip(outputs)
@@ -467,6 +483,7 @@ impl SchedulerCore {
         let adopt: Vec<LeasedTask> = state
             .leases()
             .filter(|(_, l)| l.worker == id && !named.contains(&l.fencing_token))
+            .filter(|(_, l)| !self.expiry_pending(l.fencing_token))
             .map(|(t, l)| LeasedTask {
                 task: t.id,
                 attempt: l.attempt,
@@ -488,10 +505,20 @@ impl SchedulerCore {
         HeartbeatReply { verdicts, adopt }
     }
 
+    /// Whether this lease's expiry was decided and is being proposed (see `expiring`).
+    fn expiry_pending(&self, fencing_token: u64) -> bool {
+        !self.cfg.bugs.heartbeat_ignores_pending_expiry && self.expiring.contains(&fencing_token)
+    }
+
     fn verdict(&self, state: &State, worker: WorkerId, held: &HeldLease) -> LeaseVerdict {
         let Some(t) = state.task(held.task) else {
             return LeaseVerdict::Fenced;
         };
+        // Its expiry is on its way to the log: the worker must stop, not run on until its next
+        // heartbeat (should the expiry not commit, the killed attempt's report ends it).
+        if self.expiry_pending(held.fencing_token) {
+            return LeaseVerdict::Fenced;
+        }
         let holds = t
             .lease
             .as_ref()

@@ -430,6 +430,47 @@ fn a_leaving_worker_hands_back_its_own_leases_under_their_tokens() {
     assert!(hand_back(&l.sm.state, WorkerId(1), &mut l.rng).is_empty());
 }
 
+/// Between deciding an expiry and its apply, a heartbeat neither extends the lease nor offers
+/// it for adoption (the simulator's seed 90811: an adopted lease ended moments later while a
+/// short attempt ran to its end); after the apply, the worker is fenced as usual.
+#[test]
+fn a_lease_whose_expiry_is_being_proposed_is_fenced_and_not_offered() {
+    for bug in [false, true] {
+        let mut c = cfg();
+        c.bugs.heartbeat_ignores_pending_expiry = bug;
+        let mut l = Leader::new(c);
+        let w1 = worker(1);
+        let t = l.submit("default");
+        l.advance(GRACE);
+        let p = l.poll(w1.clone(), 1, 10_000);
+        let replies = l.iterate();
+        let r = replies.iter().find(|r| r.poll == p).expect("answered");
+        let token = r.result.as_ref().unwrap()[0].fencing_token;
+        l.advance(VISIBILITY + 100);
+        let now = l.now();
+        let work = l.core.tick(now, &l.sm.state, &mut l.rng).expect("due");
+        assert_eq!(work.expire.len(), 1, "{work:?}");
+        // The expiry is in flight: the state still holds the lease.
+        let named = l.heartbeat(&w1, &[(t, token)]);
+        let unnamed = l.heartbeat(&w1, &[]);
+        if bug {
+            assert_eq!(named.verdicts, vec![LeaseVerdict::Extended]);
+            assert_eq!(unnamed.adopt.len(), 1);
+            continue;
+        }
+        assert_eq!(named.verdicts, vec![LeaseVerdict::Fenced]);
+        assert!(unnamed.adopt.is_empty(), "{unnamed:?}");
+        let outputs = l.apply(work.expire);
+        let now = l.now();
+        l.core
+            .expiries_applied(now, &l.sm.state, &work.expiries, &outputs);
+        assert_eq!(
+            l.heartbeat(&w1, &[(t, token)]).verdicts,
+            vec![LeaseVerdict::Fenced]
+        );
+    }
+}
+
 #[test]
 fn stopping_to_lead_answers_every_request_with_the_error() {
     let mut l = Leader::new(cfg());
