@@ -254,6 +254,20 @@ pub enum TaskCommand {
         /// The task id.
         id: u64,
     },
+    /// End a running attempt and run the task again (a hung attempt, a bad host): the attempt
+    /// is recorded as lost, the worker is fenced at its next heartbeat and kills it, and the
+    /// task is retried by its retry policy (backoff included; dead when no attempt is left).
+    Requeue {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The task id.
+        id: u64,
+        /// The fencing token of the attempt to end (`fleet task show` lists them). Without it,
+        /// the running attempt is read first; either way, an attempt that ended meanwhile is
+        /// left alone and the command fails, so it never ends an attempt you did not see.
+        #[arg(long)]
+        token: Option<u64>,
+    },
     /// List tasks (linearizable unless --stale).
     List {
         #[command(flatten)]

@@ -1,6 +1,6 @@
 //! The task lifecycle end to end with real replicas and real workers: exactly-once runs of
-//! 1,000 tasks, execution timeouts with backoff into the dead-letter state and back, cancel of
-//! a running attempt, and a draining worker.
+//! 1,000 tasks, execution timeouts with backoff into the dead-letter state and back, cancel and
+//! requeue of a running attempt, and a draining worker.
 
 mod common;
 
@@ -264,4 +264,118 @@ fn sigterm_drains_and_a_second_signal_hands_leases_back() {
         .as_str()
         .unwrap_or_default();
     assert!(reason.contains("handed back"), "{t}");
+}
+
+#[test]
+fn requeue_kills_the_attempt_it_names_and_runs_the_task_again_after_the_visibility_timeout() {
+    let (c, config, peers) = start_fleet(3, 5200);
+    let dir = c.dir.path().to_path_buf();
+    let _w = TestWorker::start(&dir, "w1", &peers, &config, &["--concurrency", "2"]);
+    let marks = dir.join("marks");
+    let cmd = marker_command(&marks, "exec sleep 600");
+    let mut args = vec![
+        "submit",
+        "--peers",
+        &peers,
+        "--visibility-timeout",
+        "4s",
+        "--max-attempts",
+        "3",
+        "--backoff-initial",
+        "100ms",
+        "--",
+    ];
+    args.extend(cmd.iter().map(String::as_str));
+    let id = fleet_json(&args).unwrap()["id"].as_u64().unwrap();
+    let first = wait_until("attempt 1 to start", Duration::from_secs(20), || {
+        read_marks(&marks)
+            .first()
+            .cloned()
+            .ok_or_else(|| "no mark".to_string())
+    });
+    let ids = id.to_string();
+
+    // Without --token: the running attempt is read, then requeued by its token.
+    let out = fleet_json(&["task", "requeue", &ids, "--peers", &peers]).unwrap();
+    assert_eq!(out["fencing_token"].as_u64(), Some(first.token), "{out}");
+    assert_eq!(out["state"], "failed", "{out}");
+    wait_until(
+        "the requeued attempt's process to be killed (fenced at the next heartbeat)",
+        Duration::from_secs(10),
+        || {
+            if alive(first.pid) {
+                Err("alive".into())
+            } else {
+                Ok(())
+            }
+        },
+    );
+    let second = wait_until("attempt 2 to start", Duration::from_secs(30), || {
+        read_marks(&marks)
+            .get(1)
+            .cloned()
+            .ok_or_else(|| "one mark".to_string())
+    });
+    assert!(second.token > first.token);
+    let t = show_task(&peers, id).unwrap();
+    let a = &t["attempts"];
+    assert_eq!(
+        a[0]["outcome"]["lost"]["reason"], "requeued by an operator",
+        "{t}"
+    );
+    // The task was held back for the visibility timeout (4 s), not its 100 ms backoff: the
+    // old attempt could still have been running until then.
+    let gap = a[1]["started_at_ms"].as_u64().unwrap() - a[0]["ended_at_ms"].as_u64().unwrap();
+    assert!(
+        gap >= 4_000,
+        "attempt 2 started {gap} ms after the requeue: {t}"
+    );
+
+    // The same command again (typed twice, or retried after a lost answer): it names an
+    // attempt a requeue already ended, so it succeeds without touching the running one.
+    let again = fleet_json(&[
+        "task",
+        "requeue",
+        &ids,
+        "--token",
+        &first.token.to_string(),
+        "--peers",
+        &peers,
+    ])
+    .unwrap();
+    assert_eq!(again["state"], "running", "{again}");
+    assert!(alive(second.pid), "the running attempt was not touched");
+    let t = show_task(&peers, id).unwrap();
+    assert!(t["attempts"][1]["outcome"].is_null(), "{t}");
+    assert_eq!(
+        t["lease"]["fencing_token"].as_u64(),
+        Some(second.token),
+        "{t}"
+    );
+
+    // An attempt that ended otherwise is left alone, and the error says so; a task with no
+    // running attempt has nothing to requeue.
+    let done = submit_task(&peers, &[], &["true".to_string()]);
+    let t = wait_for_state(&peers, done, "succeeded", Duration::from_secs(20));
+    let token = t["attempts"][0]["fencing_token"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let d = done.to_string();
+    let err =
+        fleet_json(&["task", "requeue", &d, "--token", &token, "--peers", &peers]).unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "the attempt with fencing token {token} already ended (succeeded)"
+        )) && err.contains("nothing was changed"),
+        "{err}"
+    );
+    let err = fleet_json(&["task", "requeue", &d, "--peers", &peers]).unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "task {done} is succeeded and has no running attempt"
+        )),
+        "{err}"
+    );
+    assert_eq!(show_task(&peers, done).unwrap()["state"], "succeeded");
 }

@@ -1,4 +1,4 @@
-//! `fleet task list|show|cancel|retry` and `fleet queue stats`.
+//! `fleet task list|show|cancel|retry|requeue` and `fleet queue stats`.
 
 use anyhow::bail;
 
@@ -30,6 +30,7 @@ pub async fn task(config: &Config, cmd: TaskCommand) -> anyhow::Result<()> {
         TaskCommand::Show { client, id, stale } => show(config, &client, id, stale).await,
         TaskCommand::Cancel { client, id } => change_task(config, &client, id, true).await,
         TaskCommand::Retry { client, id } => change_task(config, &client, id, false).await,
+        TaskCommand::Requeue { client, id, token } => requeue(config, &client, id, token).await,
     }
 }
 
@@ -206,6 +207,99 @@ async fn change_task(
         &serde_json::json!({"id": id, "state": state}),
         &format!("task {id} is {}", state.as_str()),
     )
+}
+
+/// `task requeue`: ends the attempt named by `token` (or the one running now) and prints what
+/// became of the task.
+async fn requeue(
+    config: &Config,
+    args: &ClientArgs,
+    id: u64,
+    token: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut c = connect(config, args)?.with_min_protocol(crate::rpc::REQUEUE_PROTOCOL);
+    let token = match token {
+        Some(t) => t,
+        None => {
+            let task = read_task(&mut c, id).await?;
+            match &task.lease {
+                Some(l) => l.fencing_token,
+                None => bail!(
+                    "task {id} is {} and has no running attempt: nothing to requeue",
+                    task.state.as_str()
+                ),
+            }
+        }
+    };
+    let result = c
+        .call(|cl, ctx| async move { cl.requeue_task(ctx, TaskId(id), token, 0).await })
+        .await;
+    let state = match result {
+        Ok(state) => state,
+        Err(e) if matches!(e.downcast_ref(), Some(crate::error::Error::StaleToken(_))) => {
+            // That attempt is not the live lease. It may have been ended by this very command
+            // (a try whose answer was lost, then retried): say what became of it.
+            let task = read_task(&mut c, id).await?;
+            let ended = task.attempts.iter().find(|a| a.fencing_token == token);
+            match ended.and_then(|a| a.outcome.as_ref()) {
+                Some(crate::state::AttemptOutcome::Lost { reason })
+                    if reason == crate::rpc::REQUEUE_REASON =>
+                {
+                    task.state
+                }
+                Some(outcome) => bail!(
+                    "task {id}: the attempt with fencing token {token} already ended ({outcome}); \
+                     nothing was changed. The task is {}{}",
+                    task.state.as_str(),
+                    running_now(&task)
+                ),
+                None => bail!(
+                    "task {id} has no running attempt with fencing token {token}; nothing was \
+                     changed. The task is {}{} (`fleet task show {id}` lists its attempts)",
+                    task.state.as_str(),
+                    running_now(&task)
+                ),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    let then = match state {
+        TaskState::Failed => "it runs again after its retry backoff",
+        TaskState::Dead => "it had no attempt left and is dead (`fleet task retry` runs it again)",
+        TaskState::Cancelled => "it was cancelled, so it does not run again",
+        _ => "an attempt ended by a requeue runs again by the task's retry policy",
+    };
+    report(
+        args,
+        &serde_json::json!({"id": id, "fencing_token": token, "state": state}),
+        &format!(
+            "task {id}: the attempt with fencing token {token} ended (requeued); the task is {}: \
+             {then}",
+            state.as_str()
+        ),
+    )
+}
+
+/// A linearizable read of one task; an error when it does not exist.
+async fn read_task(c: &mut crate::client::Client, id: u64) -> anyhow::Result<Task> {
+    c.call(|cl, ctx| async move {
+        cl.get_task(ctx, TaskId(id), ReadMode::Linearizable, 0)
+            .await
+    })
+    .await?
+    .value
+    .ok_or_else(|| anyhow::anyhow!("task {id} not found"))
+}
+
+/// ", running attempt N (fencing token T)" when the task has a live lease.
+fn running_now(task: &Task) -> String {
+    match (&task.lease, task.attempts.last()) {
+        (Some(l), Some(a)) => format!(
+            ", running attempt {} (fencing token {}); requeue it with --token {}",
+            a.number, l.fencing_token, l.fencing_token
+        ),
+        _ => String::new(),
+    }
 }
 
 /// `fleet queue stats`.

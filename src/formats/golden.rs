@@ -506,6 +506,11 @@ fn rpc_messages_match_their_fixture() {
             offset: 100,
             hop: 0,
         },
+        FleetServiceRequest::RequeueTask {
+            id: TaskId(1),
+            fencing_token: 3,
+            hop: 1,
+        },
     ];
     let responses = [
         FleetServiceResponse::LeaseTasks(Ok(vec![lease.clone()])),
@@ -534,6 +539,7 @@ fn rpc_messages_match_their_fixture() {
             data: b"line 1\n".to_vec(),
             complete: false,
         }))),
+        FleetServiceResponse::RequeueTask(Ok(crate::state::TaskState::Failed)),
     ];
     let cfg = bincode::config::standard();
     let mut items: Vec<Vec<u8>> = requests

@@ -118,7 +118,7 @@ pub const CATALOG: &[Def] = &[
     Def { name: LEASE_EXTENDED, kind: Counter, labels: &[], unit: None,
         help: "Lease extensions by worker heartbeats (one per lease per heartbeat)." },
     Def { name: LEASE_EXPIRED, kind: Counter, labels: &["cause"], unit: None,
-        help: "Leases taken back by the leader: cause visibility_timeout (no heartbeat for the lease), worker_lost (no heartbeat from the worker), handed_back (a draining or departing worker)." },
+        help: "Leases taken back by the leader: cause visibility_timeout (no heartbeat for the lease), worker_lost (no heartbeat from the worker), handed_back (a draining or departing worker), requeued (fleet task requeue)." },
     Def { name: LEASE_FENCED, kind: Counter, labels: &["call"], unit: None,
         help: "Heartbeats (call=heartbeat) or reports (call=report) rejected for a stale fencing token: a worker acted on a lease it had lost." },
     Def { name: WORKERS, kind: Gauge, labels: &["state"], unit: None,

@@ -173,7 +173,12 @@ fn own_gauges(node: &str, status: &ClusterStatus, leading: bool, sampled: &mut S
 fn zero_counters() {
     metrics::counter!(SCHEDULER_HEARTBEAT).increment(0);
     metrics::counter!(LEASE_EXTENDED).increment(0);
-    for cause in ["visibility_timeout", "worker_lost", "handed_back"] {
+    for cause in [
+        "visibility_timeout",
+        "worker_lost",
+        "handed_back",
+        "requeued",
+    ] {
         metrics::counter!(LEASE_EXPIRED, "cause" => cause).increment(0);
     }
     for call in ["heartbeat", "report"] {

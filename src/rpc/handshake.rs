@@ -27,8 +27,9 @@ pub const MAGIC: &[u8; 6] = b"FLEET\0";
 /// [`FleetService`](super::FleetService)'s messages. Version 2 added [`Role::Worker`] and the
 /// clock fault; version 3 the auth token; version 4 the reachability fields of the health
 /// report; version 5 schedules and pools; version 6 workflows, runs and `submit --after`;
-/// version 7 backups (`backup_chunk`); version 8 live output (`append_output`, `read_output`).
-pub const PROTOCOL_VERSION: u16 = 8;
+/// version 7 backups (`backup_chunk`); version 8 live output (`append_output`, `read_output`);
+/// version 9 `requeue_task`.
+pub const PROTOCOL_VERSION: u16 = 9;
 /// The oldest protocol version this build still speaks: a cluster can be upgraded (and rolled
 /// back) one node at a time between builds whose ranges overlap. A connection uses the newest
 /// version both ends speak; a call that the other end's version lacks is not sent to it.

@@ -543,10 +543,21 @@ pub trait FleetService {
         offset: u64,
         hop: u8,
     ) -> Result<Option<OutputRead>, Error>;
+
+    // --- requeue (protocol 9; a task command: on the leader, forwarded once from elsewhere) ---
+    /// Ends the attempt that holds `fencing_token` as lost ([`REQUEUE_REASON`]) and retries the
+    /// task by its retry policy, as a lease expiry does; returns the task's state afterwards.
+    /// The token names the attempt the caller saw: when that attempt has ended meanwhile (and
+    /// perhaps the task runs again under a newer token) nothing changes and the call fails with
+    /// a stale-token error, so an operator never ends an attempt they did not see.
+    async fn requeue_task(id: TaskId, fencing_token: u64, hop: u8) -> Result<TaskState, Error>;
 }
 
 /// The protocol version that added `append_output` and `read_output`.
 pub const LIVE_OUTPUT_PROTOCOL: u16 = 8;
+/// The protocol version that added `requeue_task`.
+pub const REQUEUE_PROTOCOL: u16 = 9;
+pub use crate::state::REQUEUE_REASON;
 
 /// The largest output chunk a worker may send.
 pub const MAX_CHUNK_BYTES: usize = 256 << 10;

@@ -442,6 +442,16 @@ impl FleetService for Connection {
             .read_output(ctx, task, fencing_token, offset, hop)
             .await
     }
+
+    async fn requeue_task(
+        self,
+        ctx: Context,
+        id: TaskId,
+        fencing_token: u64,
+        hop: u8,
+    ) -> Result<TaskState, Error> {
+        self.replica.requeue_task(ctx, id, fencing_token, hop).await
+    }
 }
 
 impl Replica {
@@ -514,6 +524,23 @@ impl Replica {
         F: FnOnce(FleetServiceClient, Context) -> Fut,
         Fut: Future<Output = Result<Result<T, Error>, tarpc::client::RpcError>>,
     {
+        self.forward_needing(ctx, hop, 0, f).await
+    }
+
+    /// [`Self::forward`] a call that the leader must speak protocol `needs` or later to know:
+    /// a leader still running an older fleet (a rolling upgrade) is not sent it, and the caller
+    /// is told so.
+    pub(crate) async fn forward_needing<T, F, Fut>(
+        &self,
+        ctx: Context,
+        hop: u8,
+        needs: u16,
+        f: F,
+    ) -> Result<T, Error>
+    where
+        F: FnOnce(FleetServiceClient, Context) -> Fut,
+        Fut: Future<Output = Result<Result<T, Error>, tarpc::client::RpcError>>,
+    {
         if hop > 0 {
             return Err(self.not_leader());
         }
@@ -522,7 +549,7 @@ impl Replica {
             return Err(self.not_leader());
         };
         let mut peer = self.pool.get(Some(leader), &addr);
-        let client = match peer.client().await {
+        let (client, protocol) = match peer.connected().await {
             Ok(c) => c,
             // The leader died before this replica noticed: forward to the next one.
             Err(first) => {
@@ -533,7 +560,7 @@ impl Replica {
                 };
                 (leader, addr) = next;
                 peer = self.pool.get(Some(leader), &addr);
-                peer.client().await.map_err(|e| {
+                peer.connected().await.map_err(|e| {
                     Error::Unavailable(format!(
                         "cannot reach the leader (node {leader} at {addr}): {e}"
                     ))
@@ -542,6 +569,12 @@ impl Replica {
         };
         if leader == self.id {
             return Err(self.not_leader());
+        }
+        if protocol < needs {
+            return Err(Error::Unavailable(format!(
+                "the leader (node {leader} at {addr}) speaks protocol {protocol}, which lacks \
+                 this call (protocol {needs} added it): finish upgrading the cluster first"
+            )));
         }
         let mut fwd = tarpc::context::current();
         fwd.deadline = ctx.deadline;
@@ -696,6 +729,51 @@ impl Replica {
         }
         match self.proposer.propose(command).await? {
             CommandOutput::TaskUpdated { state, .. } => Ok(state),
+            other => Err(Error::Internal(format!("unexpected output: {other:?}"))),
+        }
+    }
+
+    /// `requeue_task` (see [`FleetService::requeue_task`]): on the leader, an expiry of the
+    /// attempt the caller named by its fencing token; the state machine refuses it if that
+    /// attempt is no longer the live lease.
+    async fn requeue_task(
+        &self,
+        ctx: Context,
+        id: TaskId,
+        fencing_token: u64,
+        hop: u8,
+    ) -> Result<TaskState, Error> {
+        if !self.raft.is_leader() {
+            let forward = move |c: FleetServiceClient, ctx| async move {
+                c.requeue_task(ctx, id, fencing_token, hop + 1).await
+            };
+            return self
+                .forward_needing(ctx, hop, crate::rpc::REQUEUE_PROTOCOL, forward)
+                .await;
+        }
+        let command = Command::expire(
+            id,
+            fencing_token,
+            crate::rpc::REQUEUE_REASON.into(),
+            self.random.range(0..=1000),
+        );
+        let output = self.proposer.propose(command).await;
+        // The leader's lease tracker forgets the lease now, so the worker's next heartbeat is
+        // answered "fenced" and it kills the attempt.
+        crate::scheduler::scheduling_loop::sync_tracker(&self.sm, &self.scheduler, &self.clock)
+            .await;
+        match output? {
+            CommandOutput::TaskUpdated { state, .. } => {
+                metrics::counter!(crate::metrics::names::LEASE_EXPIRED, "cause" => "requeued")
+                    .increment(1);
+                tracing::warn!(
+                    task = %id,
+                    fencing_token,
+                    state = state.as_str(),
+                    "attempt requeued by an operator"
+                );
+                Ok(state)
+            }
             other => Err(Error::Internal(format!("unexpected output: {other:?}"))),
         }
     }

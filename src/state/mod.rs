@@ -348,7 +348,28 @@ impl Task {
     pub fn attempts_used(&self) -> u32 {
         self.attempts.len() as u32 - self.attempts_before_retry
     }
+
+    /// When the task's last attempt was ended by `fleet task requeue` ([`REQUEUE_REASON`]):
+    /// until when (wall ms) the leader holds the task back. The worker may still run that
+    /// attempt until its next heartbeat is answered "fenced", or, cut off, until the lease
+    /// lapses on its side within one visibility timeout; granting the task before then could
+    /// run it twice at once. A leader's policy, not a replicated rule: the state records only
+    /// the attempt's end.
+    pub fn requeue_hold_until_ms(&self) -> Option<u64> {
+        let a = self.attempts.last()?;
+        match &a.outcome {
+            Some(AttemptOutcome::Lost { reason }) if reason == REQUEUE_REASON => Some(
+                a.ended_at_ms?
+                    .saturating_add(self.spec.visibility_timeout_ms),
+            ),
+            _ => None,
+        }
+    }
 }
+
+/// The outcome reason of an attempt ended by `fleet task requeue` (a [`Command::ExpireLease`]
+/// proposed for an operator, with the fencing token of the attempt the operator saw).
+pub const REQUEUE_REASON: &str = "requeued by an operator";
 
 /// One operation on the state. Decisions that need a clock or randomness were made by the
 /// leader and are carried here; the state machine re-checks each one against the current state
@@ -1244,6 +1265,13 @@ impl State {
         self.picker(&BTreeMap::new()).pick(queues, max, now_ms)
     }
 
+    /// Whether the leader holds `id` back at `now_ms` ([`Task::requeue_hold_until_ms`]).
+    fn held(&self, id: TaskId, now_ms: u64) -> bool {
+        self.tasks[&id]
+            .requeue_hold_until_ms()
+            .is_some_and(|until| now_ms.max(self.clock_ms) < until)
+    }
+
     /// A [`Picker`] for several lease requests at once, with per-queue limits on running
     /// tasks (`[queues.NAME] max_running` in the leader's config).
     pub fn picker<'a>(&'a self, queue_limits: &'a BTreeMap<String, u32>) -> Picker<'a> {
@@ -1439,7 +1467,7 @@ impl Picker<'_> {
                 if found >= max {
                     break;
                 }
-                if self.take(&mut trial, key.2) {
+                if !s.held(key.2, now_ms) && self.take(&mut trial, key.2) {
                     candidates.push(*key);
                     found += 1;
                 }
@@ -1456,7 +1484,7 @@ impl Picker<'_> {
         {
             seq += 1;
             let t = &s.tasks[&id];
-            if queues.contains(&t.spec.queue) && self.take(&mut trial, id) {
+            if queues.contains(&t.spec.queue) && !s.held(id, now_ms) && self.take(&mut trial, id) {
                 candidates.push((Reverse(t.spec.priority), seq, id));
             }
         }
@@ -2053,6 +2081,49 @@ mod tests {
                 current: None
             })
         );
+    }
+
+    #[test]
+    fn a_requeue_holds_the_task_back_and_a_stale_one_changes_nothing() {
+        let mut sm = Sm::new();
+        let mut s = spec(&["true"]);
+        s.retry.backoff_initial_ms = 100;
+        s.visibility_timeout_ms = 5_000;
+        let id = sm.submit_spec(1, 1, s);
+        let first = sm.grant(10, W1, 1).remove(0);
+        let requeue = |token| Command::expire(id, token, REQUEUE_REASON.into(), 1000);
+        assert_eq!(
+            sm.one(1_000, requeue(first.fencing_token)),
+            Ok(CommandOutput::TaskUpdated {
+                id,
+                state: TaskState::Failed
+            })
+        );
+        assert_eq!(sm.task(id).requeue_hold_until_ms(), Some(6_000));
+        // The backoff (100 ms) has passed, but the old attempt may still run until the
+        // worker's next heartbeat or its lease's lapse: the leader does not pick the task.
+        assert!(sm
+            .state
+            .pick_ready(&[DEFAULT_QUEUE.into()], 10, 5_999)
+            .is_empty());
+        assert!(sm.grant(5_999, W2, 1).is_empty());
+        let second = sm.grant(6_000, W2, 1).remove(0);
+        assert_eq!(second.attempt, 2);
+        // The first attempt's token again (a stale or repeated requeue): refused, and the
+        // running attempt keeps its lease.
+        assert_eq!(
+            sm.one(7_000, requeue(first.fencing_token)),
+            Err(CommandError::StaleToken {
+                task: id,
+                given: first.fencing_token,
+                current: Some(second.fencing_token)
+            })
+        );
+        assert_eq!(
+            sm.task(id).lease.as_ref().map(|l| l.fencing_token),
+            Some(second.fencing_token)
+        );
+        assert_eq!(sm.task(id).requeue_hold_until_ms(), None);
     }
 
     #[test]
