@@ -205,10 +205,23 @@ fn roll(
         .map(|n| n.id)
         .filter(|&id| id != leader)
         .collect();
-    for id in followers {
+    for &id in &followers {
         replace_node(c, id, bin);
         eprintln!("{label}: follower {id} replaced");
         stream.wait_progress(5, &format!("follower {id} moved to {label}"));
+    }
+    if label == "upgrade" {
+        // The leader still runs the previous release: a call it lacks (`task requeue`,
+        // protocol 9) is refused by the upgraded follower, naming the leader's version, and
+        // not sent to it.
+        let follower = c.node(followers[0]).addr.clone();
+        let err = fleet_json(&["task", "requeue", "1", "--token", "1", "--peers", &follower])
+            .unwrap_err();
+        assert!(
+            err.contains(&format!("the leader (node {leader} at"))
+                && err.contains("speaks protocol 6, which lacks this call (protocol 9 added it)"),
+            "{err}"
+        );
     }
     for (i, w) in workers.iter_mut().enumerate() {
         w.signal(libc::SIGTERM);

@@ -571,7 +571,8 @@ impl Replica {
             return Err(self.not_leader());
         }
         if protocol < needs {
-            return Err(Error::Unavailable(format!(
+            // Not retryable: retrying cannot help until the leader is upgraded.
+            return Err(Error::Rejected(format!(
                 "the leader (node {leader} at {addr}) speaks protocol {protocol}, which lacks \
                  this call (protocol {needs} added it): finish upgrading the cluster first"
             )));
