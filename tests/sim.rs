@@ -42,8 +42,8 @@ fn a_seed_replays_the_same_trace() {
 #[test]
 fn the_regression_seeds_pass() {
     for (seed, bug) in [
-        ("5006", "worker-ignores-lapse"),
-        ("90811", "heartbeat-ignores-pending-expiry"),
+        ("5129", "worker-ignores-lapse"),
+        ("92862", "heartbeat-ignores-pending-expiry"),
     ] {
         let (ok, text) = sim(&["--seed", seed]);
         assert!(ok, "seed {seed}: {text}");
@@ -63,14 +63,17 @@ fn the_simulator_finds_the_reintroduced_bugs() {
     for (bug, seed, violation) in [
         (
             "grant-skips-recheck",
-            "5001",
+            "5028",
             "[panic] state invariant broken",
         ),
         (
             "heartbeat-extends-expired",
-            "5005",
+            "5000",
             "[lease-extended-after-expiry]",
         ),
+        // Found through the operator's `fleet task requeue`, sent with the token it read a
+        // moment earlier, or sent twice.
+        ("expire-ignores-token", "5000", "[requeue-of-another]"),
     ] {
         let (ok, text) = sim(&["--seed", seed, "--bug", bug]);
         assert!(!ok, "--bug {bug} seed {seed} passed: {text}");

@@ -45,6 +45,8 @@ const EPOCH_MS: u64 = 1_800_000_000_000;
 const CLIENT: Endpoint = 900;
 /// The reader's endpoint (linearizable reads, [`reader`]).
 const READER: Endpoint = 901;
+/// The operator's endpoint (`fleet task requeue`, [`operator`]).
+const OPERATOR: Endpoint = 902;
 const WORKER_ENDPOINTS: Endpoint = 1_000;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -183,6 +185,9 @@ pub struct Outcome {
     pub worker_stops: u64,
     /// Linearizable reads answered and checked against real time.
     pub reads: u64,
+    /// Operator requeues sent, and those that ended the attempt they named.
+    pub requeues: u64,
+    pub requeued: u64,
     pub unsynced_lost: u64,
     pub submitted: u64,
     pub executions: u64,
@@ -286,6 +291,8 @@ struct World {
     next_worker: Mutex<u64>,
     stats: Mutex<Outcome>,
     violations: node::Violations,
+    /// Every (task, fencing token) the operator asked to requeue.
+    requeues: Mutex<std::collections::BTreeSet<(u64, u64)>>,
 }
 
 impl World {
@@ -377,6 +384,7 @@ async fn world(seed: u64, args: SimArgs) -> Outcome {
             ..Default::default()
         }),
         violations: Default::default(),
+        requeues: Default::default(),
     });
     for id in 1..=n {
         w.start_node(id).await;
@@ -396,12 +404,14 @@ async fn world(seed: u64, args: SimArgs) -> Outcome {
     let client = tokio::spawn(client(w.clone(), stop_rx.clone()));
     let runs = tokio::spawn(start_runs(w.clone(), stop_rx.clone()));
     let observer = tokio::spawn(observe(w.clone(), stop_rx.clone()));
-    let reads = tokio::spawn(reader(w.clone(), stop_rx));
+    let reads = tokio::spawn(reader(w.clone(), stop_rx.clone()));
+    let ops = tokio::spawn(operator(w.clone(), stop_rx));
     faults(&w, args.duration).await;
     let _ = stop_tx.send(true);
     let _ = client.await;
     let _ = runs.await;
     let _ = reads.await;
+    let _ = ops.await;
     heal(&w).await;
     let converged = pause_schedules(&w).await && settle(&w).await;
     observer.abort();
@@ -884,6 +894,104 @@ async fn reader(w: Arc<World>, stop: tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// A third client: an operator running `fleet task requeue`. Every 1-3 s they read the running
+/// attempts (linearizable), pick one, take up to a second to type the command, and requeue it
+/// by the fencing token they saw; a call that fails is retried as the CLI retries, and one time
+/// in three they run the same command again a little later (it did not seem to take). By then
+/// the attempt may have ended and the task run again under a newer token: the requeue must
+/// then change nothing. Every (task, token) named is recorded, and [`requeued_unnamed`] judges
+/// that a requeue ended only attempts someone named. Its own random source.
+async fn operator(w: Arc<World>, stop: tokio::sync::watch::Receiver<bool>) {
+    let mut rng = StdRng::seed_from_u64(w.seed ^ 0x0e7a);
+    let mut guess: NodeId = 1;
+    while !*stop.borrow() {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..3_000))).await;
+        let r = w
+            .fabric
+            .call(
+                "read-running",
+                OPERATOR,
+                guess,
+                Duration::from_secs(2),
+                (),
+                |n, ()| async move {
+                    n.read(|s| {
+                        s.leases()
+                            .map(|(t, l)| (t.id.0, l.fencing_token))
+                            .collect::<Vec<_>>()
+                    })
+                    .await
+                },
+            )
+            .await;
+        let running = match r {
+            Ok(Ok(v)) => v,
+            _ => {
+                guess = guess % w.args.replicas + 1;
+                continue;
+            }
+        };
+        if running.is_empty() {
+            continue;
+        }
+        let (task, token) = running[rng.random_range(0..running.len())];
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1_000))).await;
+        requeue(&w, &mut guess, &mut rng, task, token).await;
+        if rng.random_range(0..3) == 0 {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(300..2_000))).await;
+            requeue(&w, &mut guess, &mut rng, task, token).await;
+        }
+    }
+}
+
+/// One `fleet task requeue --token` through the network, retried on retryable errors.
+async fn requeue(w: &Arc<World>, guess: &mut NodeId, rng: &mut StdRng, task: u64, token: u64) {
+    w.requeues.lock().expect("requeues").insert((task, token));
+    w.stat(|s| s.requeues += 1);
+    for _ in 0..4 {
+        let r = w
+            .fabric
+            .call(
+                "requeue",
+                OPERATOR,
+                *guess,
+                Duration::from_secs(3),
+                (task, token),
+                |n, (task, token)| async move {
+                    n.requeue(fleet::state::TaskId(task), token).await
+                },
+            )
+            .await;
+        match r {
+            Ok(Ok(state)) => {
+                w.rec.trace.event(format_args!(
+                    "requeue task {task} token {token} -> {}",
+                    state.as_str()
+                ));
+                w.stat(|s| s.requeued += 1);
+                return;
+            }
+            Ok(Err(Error::StaleToken(_))) => {
+                w.rec
+                    .trace
+                    .event(format_args!("requeue task {task} token {token} -> stale"));
+                return;
+            }
+            Ok(Err(e)) if e.is_retryable() => {
+                *guess = match &e {
+                    Error::NotLeader {
+                        leader_id: Some(l), ..
+                    } => *l,
+                    _ => *guess % w.args.replicas + 1,
+                };
+            }
+            Ok(Err(_)) => return,
+            Err(_) => *guess = *guess % w.args.replicas + 1,
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..300))).await;
+    }
+}
+
 /// What each replica says about leadership, every 100 ms.
 async fn observe(w: Arc<World>, stop: tokio::sync::watch::Receiver<bool>) {
     loop {
@@ -1151,12 +1259,14 @@ async fn finish(w: &Arc<World>, converged: bool) -> Vec<String> {
                     .collect::<BTreeMap<_, _>>(),
                 run_records(s),
                 handed_back_by_others(s),
+                requeue_ended(s),
             )
         })
         .await;
     match read {
-        Ok((tasks, schedules, pools, runs, wrong)) => {
+        Ok((tasks, schedules, pools, runs, wrong, requeued)) => {
             out.extend(wrong);
+            out.extend(requeued_unnamed(w, &requeued));
             let mut h = w.rec.h.lock().expect("history");
             h.tasks = tasks;
             h.schedules = schedules;
@@ -1192,6 +1302,40 @@ fn handed_back_by_others(s: &fleet::state::State) -> Vec<String> {
             })
         })
         .take(5)
+        .collect()
+}
+
+/// The attempts a requeue ended: (task, fencing token).
+fn requeue_ended(s: &fleet::state::State) -> Vec<(u64, u64)> {
+    s.all_tasks()
+        .flat_map(|t| t.attempts.iter().map(move |a| (t.id.0, a)))
+        .filter(|(_, a)| {
+            matches!(&a.outcome, Some(fleet::state::AttemptOutcome::Lost { reason })
+                if reason == fleet::state::REQUEUE_REASON)
+        })
+        .map(|(task, a)| (task, a.fencing_token))
+        .collect()
+}
+
+/// The simulator's assertion on requeues: `fleet task requeue` ends only the attempt the
+/// operator named by its fencing token, never a later attempt of the same task.
+fn requeued_unnamed(w: &World, ended: &[(u64, u64)]) -> Vec<String> {
+    let named = w.requeues.lock().expect("requeues");
+    ended
+        .iter()
+        .filter(|e| !named.contains(e))
+        .take(5)
+        .map(|(task, token)| {
+            let asked: Vec<u64> = named
+                .iter()
+                .filter(|(t, _)| t == task)
+                .map(|(_, k)| *k)
+                .collect();
+            format!(
+                "[requeue-of-another] task {task}: the attempt with fencing token {token} was \
+                 ended by a requeue, but the operator named only tokens {asked:?} of this task"
+            )
+        })
         .collect()
 }
 
@@ -1318,7 +1462,7 @@ fn print_one(o: &Outcome) {
     println!(
         "  messages {} (lost {}, duplicated {}, cut {}), replica crashes {} ({} unsynced writes \
          lost), partitions {}, clock steps {}, worker crashes {}, worker stops {}, tasks {}, \
-         executions {}, reads checked {}",
+         executions {}, reads checked {}, requeues {} ({} ended an attempt)",
         o.messages,
         o.lost,
         o.duplicated,
@@ -1331,7 +1475,9 @@ fn print_one(o: &Outcome) {
         o.worker_stops,
         o.submitted,
         o.executions,
-        o.reads
+        o.reads,
+        o.requeues,
+        o.requeued
     );
     if o.violations.is_empty() {
         println!("  invariants: OK");
@@ -1350,7 +1496,7 @@ fn print_summary(results: &[Outcome], took: Duration) {
         "{} seeds in {:.1} s: {:.0} seeds/min; {:.0} simulated s per wall s per job; per seed: \
          {:.0} messages ({:.0} lost, {:.0} duplicated, {:.0} cut), {:.1} replica crashes, {:.1} \
          partitions, {:.1} clock steps, {:.1} worker crashes, {:.1} worker stops, {:.0} tasks, \
-         {:.0} executions, {:.0} reads checked",
+         {:.0} executions, {:.0} reads checked, {:.1} requeues ({:.1} ended an attempt)",
         results.len(),
         took.as_secs_f64(),
         results.len() as f64 / took.as_secs_f64() * 60.0,
@@ -1367,5 +1513,7 @@ fn print_summary(results: &[Outcome], took: Duration) {
         sum(|o| o.submitted) / n,
         sum(|o| o.executions) / n,
         sum(|o| o.reads) / n,
+        sum(|o| o.requeues) / n,
+        sum(|o| o.requeued) / n,
     );
 }

@@ -20,7 +20,7 @@ use fleet::scheduler::core::{Bugs as CoreBugs, CoreConfig};
 use fleet::scheduler::scheduling_loop::LoopContext;
 use fleet::scheduler::Scheduler;
 use fleet::shutdown::{self, Trigger};
-use fleet::state::{Bugs as StateBugs, Command, CommandOutput, State, TaskState, WorkerId};
+use fleet::state::{Bugs as StateBugs, Command, CommandOutput, State, TaskId, TaskState, WorkerId};
 use openraft::async_runtime::WatchReceiver;
 use tokio::task::JoinHandle;
 
@@ -273,6 +273,31 @@ impl Node {
             .read(|s| self.cx.scheduler.core().worker_left(worker, now, s))
             .await;
         Ok(outputs.iter().filter(|r| r.is_ok()).count() as u32)
+    }
+
+    /// `fleet task requeue` at the leader, as `server::service`'s `requeue_task` does: an
+    /// expiry of the attempt the operator named by its fencing token, then the tracker sync
+    /// that makes the worker's next heartbeat "fenced".
+    pub async fn requeue(&self, task: TaskId, fencing_token: u64) -> Result<TaskState, Error> {
+        let (_, leader) = self.leadership();
+        if leader != Some(self.id) {
+            return Err(self.not_leader());
+        }
+        let command = self
+            .cx
+            .random
+            .with(|r| fleet::scheduler::core::requeue(task, fencing_token, r));
+        let output = self.cx.proposer.propose(command).await;
+        fleet::scheduler::scheduling_loop::sync_tracker(
+            &self.cx.sm,
+            &self.cx.scheduler,
+            &self.cx.clock,
+        )
+        .await;
+        match output? {
+            CommandOutput::TaskUpdated { state, .. } => Ok(state),
+            other => Err(Error::Internal(format!("{other:?}"))),
+        }
     }
 
     /// A client's command, at the leader (no forwarding: the client follows the hint).

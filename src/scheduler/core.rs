@@ -564,5 +564,18 @@ pub fn hand_back(state: &State, worker: WorkerId, rng: &mut impl Rng) -> Vec<Com
         .collect()
 }
 
+/// `fleet task requeue`: an expiry of the attempt the operator named by its fencing token. The
+/// token is the operator's, read seconds ago or sent twice, so this is the one expiry that is
+/// routinely stale when applied: the state machine refuses it then, by its token. The leader
+/// holds the task back afterwards ([`crate::state::Task::requeue_hold_until_ms`]).
+pub fn requeue(task: TaskId, fencing_token: u64, rng: &mut impl Rng) -> Command {
+    Command::expire(
+        task,
+        fencing_token,
+        crate::state::REQUEUE_REASON.into(),
+        rng.random_range(0..=1000),
+    )
+}
+
 #[cfg(test)]
 mod tests;

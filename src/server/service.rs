@@ -752,12 +752,9 @@ impl Replica {
                 .forward_needing(ctx, hop, crate::rpc::REQUEUE_PROTOCOL, forward)
                 .await;
         }
-        let command = Command::expire(
-            id,
-            fencing_token,
-            crate::rpc::REQUEUE_REASON.into(),
-            self.random.range(0..=1000),
-        );
+        let command = self
+            .random
+            .with(|r| crate::scheduler::core::requeue(id, fencing_token, r));
         let output = self.proposer.propose(command).await;
         // The leader's lease tracker forgets the lease now, so the worker's next heartbeat is
         // answered "fenced" and it kills the attempt.

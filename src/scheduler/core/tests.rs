@@ -471,6 +471,47 @@ fn a_lease_whose_expiry_is_being_proposed_is_fenced_and_not_offered() {
     }
 }
 
+/// `fleet task requeue`: the named attempt ends, its worker is fenced at its next heartbeat,
+/// the task is not granted again within one visibility timeout, and the same requeue sent
+/// again once the task runs under a newer token changes nothing.
+#[test]
+fn a_requeue_fences_the_named_attempt_and_holds_the_task_back() {
+    let mut l = Leader::new(cfg());
+    let (w1, w2) = (worker(1), worker(2));
+    let t = l.submit("default");
+    l.advance(GRACE);
+    let p = l.poll(w1.clone(), 1, 60_000);
+    let replies = l.iterate();
+    let r = replies.iter().find(|r| r.poll == p).expect("answered");
+    let token = r.result.as_ref().unwrap()[0].fencing_token;
+    let command = requeue(t, token, &mut l.rng);
+    assert!(l.apply(vec![command.clone()])[0].is_ok());
+    let now = l.now();
+    l.core.sync(now, &l.sm.state);
+    assert_eq!(
+        l.heartbeat(&w1, &[(t, token)]).verdicts,
+        vec![LeaseVerdict::Fenced]
+    );
+    // Past the retry backoff but within the visibility timeout: nothing for worker 2.
+    l.advance(VISIBILITY - 1);
+    let p2 = l.poll(w2.clone(), 1, 60_000);
+    assert!(l.iterate().iter().all(|r| r.poll != p2));
+    l.advance(1);
+    let replies = l.iterate();
+    let r = replies.iter().find(|r| r.poll == p2).expect("granted now");
+    let newer = r.result.as_ref().unwrap()[0].fencing_token;
+    assert!(newer > token);
+    // The same requeue again: refused by its token; worker 2 keeps the task.
+    assert!(matches!(
+        &l.apply(vec![command])[0],
+        Err(Error::StaleToken(_))
+    ));
+    assert_eq!(
+        l.heartbeat(&w2, &[(t, newer)]).verdicts,
+        vec![LeaseVerdict::Extended]
+    );
+}
+
 #[test]
 fn stopping_to_lead_answers_every_request_with_the_error() {
     let mut l = Leader::new(cfg());
