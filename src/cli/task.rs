@@ -264,10 +264,13 @@ async fn requeue(
         Err(e) => return Err(e),
     };
     let then = match state {
-        TaskState::Failed => "it runs again after its retry backoff",
+        TaskState::Failed => {
+            "its worker kills the attempt at its next heartbeat, and the task runs again after \
+             its retry backoff, no sooner than one visibility timeout from the requeue"
+        }
         TaskState::Dead => "it had no attempt left and is dead (`fleet task retry` runs it again)",
         TaskState::Cancelled => "it was cancelled, so it does not run again",
-        _ => "an attempt ended by a requeue runs again by the task's retry policy",
+        _ => "it runs again already",
     };
     report(
         args,
