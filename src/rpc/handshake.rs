@@ -182,16 +182,23 @@ mod tests {
     fn versions_are_negotiated_with_old_and_new_peers() {
         assert_eq!(negotiate(6, 6).unwrap(), 6, "a fleet 6 peer");
         assert_eq!(negotiate(6, 7).unwrap(), 7);
-        assert_eq!(negotiate(6, 9).unwrap(), PROTOCOL_VERSION, "a newer peer");
         assert_eq!(negotiate(6, 8).unwrap(), 8);
+        assert_eq!(negotiate(6, 9).unwrap(), 9);
+        let (newer, newest) = (PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2);
+        assert_eq!(
+            negotiate(6, newer).unwrap(),
+            PROTOCOL_VERSION,
+            "a newer peer"
+        );
         assert!(
-            negotiate(9, 10).is_err(),
+            negotiate(newer, newest).is_err(),
             "a peer that dropped our versions"
         );
         assert!(negotiate(1, 5).is_err(), "a peer older than we speak");
-        let e = negotiate(9, 10).unwrap_err().to_string();
+        let e = negotiate(newer, newest).unwrap_err().to_string();
         assert!(
-            e.contains("versions 9 to 10") && e.contains("versions 6 to 8"),
+            e.contains(&format!("versions {newer} to {newest}"))
+                && e.contains(&format!("versions 6 to {PROTOCOL_VERSION}")),
             "{e}"
         );
     }
