@@ -234,8 +234,8 @@ async fn requeue(
     let result = c
         .call(|cl, ctx| async move { cl.requeue_task(ctx, TaskId(id), token, 0).await })
         .await;
-    let state = match result {
-        Ok(state) => state,
+    let (state, ended) = match result {
+        Ok(state) => (state, "ended (requeued)"),
         Err(e) if matches!(e.downcast_ref(), Some(crate::error::Error::StaleToken(_))) => {
             // That attempt is not the live lease. It may have been ended by this very command
             // (a try whose answer was lost, then retried): say what became of it.
@@ -245,7 +245,7 @@ async fn requeue(
                 Some(crate::state::AttemptOutcome::Lost { reason })
                     if reason == crate::rpc::REQUEUE_REASON =>
                 {
-                    task.state
+                    (task.state, "had already been ended by a requeue")
                 }
                 Some(outcome) => bail!(
                     "task {id}: the attempt with fencing token {token} already ended ({outcome}); \
@@ -276,8 +276,7 @@ async fn requeue(
         args,
         &serde_json::json!({"id": id, "fencing_token": token, "state": state}),
         &format!(
-            "task {id}: the attempt with fencing token {token} ended (requeued); the task is {}: \
-             {then}",
+            "task {id}: the attempt with fencing token {token} {ended}; the task is {}: {then}",
             state.as_str()
         ),
     )
