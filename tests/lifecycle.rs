@@ -115,16 +115,10 @@ fn timeouts_back_off_into_dead_and_retry_brings_the_task_back_and_cancel_kills()
     }
     // Every timed-out process was killed.
     for m in read_marks(&marks) {
-        wait_until(
+        wait_dead(
+            m.pid,
             "a timed-out attempt's process to be gone",
             Duration::from_secs(10),
-            || {
-                if alive(m.pid) {
-                    Err(format!("{m:?} alive"))
-                } else {
-                    Ok(())
-                }
-            },
         );
     }
     let out = fleet_json(&["task", "retry", &id.to_string(), "--peers", &peers]).unwrap();
@@ -149,16 +143,10 @@ fn timeouts_back_off_into_dead_and_retry_brings_the_task_back_and_cancel_kills()
             .ok_or_else(|| "no mark".to_string())
     });
     fleet_json(&["task", "cancel", &id2.to_string(), "--peers", &peers]).unwrap();
-    wait_until(
+    wait_dead(
+        m.pid,
         "the cancelled attempt's process to be killed",
         Duration::from_secs(10),
-        || {
-            if alive(m.pid) {
-                Err("alive".into())
-            } else {
-                Ok(())
-            }
-        },
     );
     let t = wait_until(
         "the attempt to be recorded as cancelled",
@@ -299,16 +287,10 @@ fn requeue_kills_the_attempt_it_names_and_runs_the_task_again_after_the_visibili
     let out = fleet_json(&["task", "requeue", &ids, "--peers", &peers]).unwrap();
     assert_eq!(out["fencing_token"].as_u64(), Some(first.token), "{out}");
     assert_eq!(out["state"], "failed", "{out}");
-    wait_until(
+    wait_dead(
+        first.pid,
         "the requeued attempt's process to be killed (fenced at the next heartbeat)",
         Duration::from_secs(10),
-        || {
-            if alive(first.pid) {
-                Err("alive".into())
-            } else {
-                Ok(())
-            }
-        },
     );
     let second = wait_until("attempt 2 to start", Duration::from_secs(30), || {
         read_marks(&marks)

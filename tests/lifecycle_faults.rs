@@ -71,16 +71,10 @@ fn a_frozen_worker_is_fenced_after_its_visibility_timeout() {
     let marks = dir.join("marks");
     let cmd = marker_command(&marks, "if [ $FLEET_ATTEMPT = 1 ]; then exec sleep 600; fi");
     let (a, _b, id, _, first) = fenced_while_frozen(&dir, &peers, &config, &marks, &cmd);
-    wait_until(
+    wait_dead(
+        first.pid,
         "the stale attempt's process to be killed",
         Duration::from_secs(15),
-        || {
-            if alive(first.pid) {
-                Err("alive".into())
-            } else {
-                Ok(())
-            }
-        },
     );
     wait_until(
         "the stale report to be rejected",

@@ -72,15 +72,8 @@ fn output(t: &serde_json::Value, i: usize) -> String {
         .to_string()
 }
 
-fn wait_dead(pid: i32, what: &str) {
-    wait_until(what, Duration::from_secs(15), || {
-        if alive(pid) {
-            Err(format!("{pid} alive"))
-        } else {
-            Ok(())
-        }
-    });
-}
+/// How long an executor process may take to die after its attempt ended.
+const DEATH: Duration = Duration::from_secs(15);
 
 #[test]
 fn three_hundred_tasks_run_exactly_once_on_a_few_reused_processes() {
@@ -141,7 +134,7 @@ fn a_hung_process_is_killed_by_the_timeout_and_a_crashed_one_replaced() {
     let m = read_marks(&marks);
     assert_eq!(m.len(), 2, "{m:?}");
     assert_ne!(m[0].pid, m[1].pid, "attempt 2 ran on a new process");
-    wait_dead(m[0].pid, "the hung process to be gone");
+    wait_dead(m[0].pid, "the hung process to be gone", DEATH);
     // Output per attempt: attempt 1's output is attempt 1's (the process's start line too:
     // what a process writes before its first result belongs to its first attempt).
     assert!(output(&t, 0).contains("attempt 1"), "{t}");
@@ -165,7 +158,7 @@ fn a_hung_process_is_killed_by_the_timeout_and_a_crashed_one_replaced() {
     let m = read_marks(&marks);
     assert_eq!(m.len(), 4, "{m:?}");
     assert_ne!(m[2].pid, m[3].pid, "attempt 2 ran on a new process");
-    wait_dead(m[2].pid, "the crashed process to be reaped");
+    wait_dead(m[2].pid, "the crashed process to be reaped", DEATH);
 
     // A reported failure keeps the process: the next attempt runs on the same one.
     let fail = submit_task(&peers, &["--max-attempts", "1"], &args("fail", &marks));
@@ -205,6 +198,7 @@ fn a_frozen_workers_late_result_is_fenced_and_its_process_killed() {
     wait_dead(
         first.pid,
         "the fenced attempt's executor process to be killed",
+        DEATH,
     );
     let t = show_task(&peers, id).unwrap();
     let successes = t["attempts"]
@@ -242,7 +236,11 @@ fn a_killed_worker_loses_nothing_and_its_processes_die_with_it() {
     a.kill9();
     let _b = TestWorker::start(&dir, "b", &peers, &config, &["--concurrency", "4"]);
     for pid in before.iter().map(|m| m.pid).collect::<BTreeSet<_>>() {
-        wait_dead(pid, "the killed worker's executor processes to die with it");
+        wait_dead(
+            pid,
+            "the killed worker's executor processes to die with it",
+            DEATH,
+        );
     }
     wait_until("all 60 tasks to succeed", Duration::from_secs(60), || {
         let n = task_ids_in(&peers, "succeeded")?.len();

@@ -289,13 +289,7 @@ fn the_readme_quick_start_and_kill_any_one_replica_as_written() {
     let status = wait_exit(&mut up, &seen);
     assert!(status.success(), "{status:?}");
     for pid in children {
-        wait_until("every child to be gone", Duration::from_secs(5), || {
-            if alive(pid) {
-                Err(format!("pid {pid} still runs"))
-            } else {
-                Ok(())
-            }
-        });
+        wait_dead(pid, "every child to be gone", Duration::from_secs(5));
     }
 }
 

@@ -573,6 +573,17 @@ pub fn alive(pid: i32) -> bool {
     unsafe { libc::kill(pid, 0) == 0 }
 }
 
+/// Waits until process `pid` is gone (`what` names the wait in the failure).
+pub fn wait_dead(pid: i32, what: &str, timeout: Duration) {
+    wait_until(what, timeout, || {
+        if alive(pid) {
+            Err(format!("pid {pid} still runs"))
+        } else {
+            Ok(())
+        }
+    });
+}
+
 /// Writes `n` tasks running `command(i)` as a `submit --file` file.
 pub fn command_file(
     dir: &Path,
