@@ -78,13 +78,6 @@ fn signal(pid: i32, sig: i32) {
     }
 }
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 impl Cluster {
     /// Prepares `replicas` replicas (proxies started, processes not yet) in `dir`.
     pub async fn new(
@@ -123,7 +116,7 @@ impl Cluster {
         peers: Option<String>,
         bootstrap_expect: Option<usize>,
     ) -> anyhow::Result<()> {
-        let real = format!("127.0.0.1:{}", free_port()?);
+        let real = format!("127.0.0.1:{}", crate::ports::free_ports(1)[0]);
         let front = self.net.front(id, real.clone()).await?;
         self.replicas.insert(
             id,

@@ -20,6 +20,7 @@
 mod checker;
 mod cluster;
 mod history;
+mod ports;
 mod proxy;
 mod record;
 mod report;

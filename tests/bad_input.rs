@@ -603,3 +603,51 @@ fn workflow_files_are_checked_with_the_fault_named() {
         );
     }
 }
+
+/// docs/operations.md (Ports): a listen port held by the local end of an outgoing connection
+/// (which is how a port in the kernel's ephemeral range gets taken) stops the replica at once,
+/// naming the address, rather than leaving it running deaf.
+#[test]
+fn a_listen_port_held_by_an_outgoing_connection_is_named_and_the_replica_exits() {
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let outgoing = std::net::TcpStream::connect(target.local_addr().unwrap()).unwrap();
+    let held = outgoing.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = std::process::Command::new(fleet_bin())
+        .args(["join", "--node-id", "1", "--listen", &held])
+        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("node-1"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains(&format!("cannot listen on {held}")) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(outgoing);
+}
+
+/// The tests' own ports come from below the ephemeral range, for the reason above, and are
+/// never handed out twice to the tests of one binary, which run in parallel.
+#[test]
+fn test_ports_are_below_the_ephemeral_range_and_never_handed_out_twice() {
+    let range = listen_port_range();
+    let mut ports = free_ports(50);
+    let base = free_consecutive_ports_and(3, &[100]);
+    ports.extend([base, base + 1, base + 2, base + 100, base + 101, base + 102]);
+    assert!(
+        ports.iter().all(|p| range.contains(p)),
+        "{ports:?} not in {range:?}"
+    );
+    let n = ports.len();
+    ports.sort();
+    ports.dedup();
+    assert_eq!(ports.len(), n, "a port was handed out twice");
+}

@@ -27,53 +27,33 @@ pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(seed)
 }
 
-/// Loopback ports that were free a moment ago.
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
+#[path = "../../chaos/ports.rs"]
+mod ports;
+#[allow(unused_imports)] // each test binary uses some of them
+pub use ports::{
+    free_consecutive_ports, free_consecutive_ports_and, free_ports, listen_port_range,
+};
 
 /// Polls `check` until it returns `Ok`, or fails after `timeout` with the last error.
-/// A base port whose `n` consecutive ports are free right now (for `fleet up`, which takes
-/// consecutive ports).
-pub fn free_consecutive_ports(n: u16) -> u16 {
-    free_consecutive_ports_and(n, &[])
+pub fn wait_until<T>(what: &str, timeout: Duration, check: impl FnMut() -> Result<T, String>) -> T {
+    try_wait_until(what, timeout, check).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// [`free_consecutive_ports`] where the `n` ports at each of `offsets` above the base are free
-/// too (`fleet up` puts its HTTP ports 100 above its RPC ports).
-pub fn free_consecutive_ports_and(n: u16, offsets: &[u16]) -> u16 {
-    for _ in 0..1000 {
-        let base: u16 = rand::rng().random_range(20_000..60_000);
-        let ok: Vec<_> = std::iter::once(0)
-            .chain(offsets.iter().copied())
-            .flat_map(|o| (0..n).map(move |i| base + o + i))
-            .map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
-            .collect();
-        if ok.len() == n as usize * (1 + offsets.len()) {
-            return base;
-        }
-    }
-    panic!("no {n} consecutive free ports");
-}
-
-pub fn wait_until<T>(
+/// [`wait_until`] that returns the timeout as an error, for a caller that adds to it.
+pub fn try_wait_until<T>(
     what: &str,
     timeout: Duration,
     mut check: impl FnMut() -> Result<T, String>,
-) -> T {
+) -> Result<T, String> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(20);
     loop {
         match check() {
-            Ok(v) => return v,
+            Ok(v) => return Ok(v),
             Err(e) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last observation: {e}")
+                return Err(format!(
+                    "timed out after {timeout:?} waiting for {what}; last observation: {e}"
+                ));
             }
             Err(_) => {
                 std::thread::sleep(pause);
@@ -289,8 +269,10 @@ impl TestCluster {
     }
 
     /// Waits until the cluster reports a leader and `voters` voters; returns the status.
+    /// On a timeout it fails with every node's log, which says why (a node that could not
+    /// bind its port, a node that never heard from the others).
     pub fn wait_for_leader(&self, peers: &str, voters: usize, timeout: Duration) -> Value {
-        wait_until("a leader and all voters", timeout, || {
+        try_wait_until("a leader and all voters", timeout, || {
             let s = cluster_status(peers)?;
             let n = s["members"]
                 .as_array()
@@ -302,6 +284,7 @@ impl TestCluster {
                 Err(format!("{s}"))
             }
         })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
     }
 
     /// All logs, for failure messages.
