@@ -20,8 +20,8 @@ pub enum Error {
     /// The request is malformed or names a bad value; retrying will not help.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// The named thing does not exist.
-    #[error("not found: {0}")]
+    /// The named thing does not exist; the text says what ("task 9 not found").
+    #[error("{0}")]
     NotFound(String),
     /// The cluster cannot serve the request now (no quorum, shutting down, timed out);
     /// a retry later may succeed.

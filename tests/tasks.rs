@@ -48,7 +48,14 @@ fn cancel_retry_and_queue_stats_through_a_follower() {
             vec!["task", "retry", "2"],
             "task 2 is queued; retry needs a dead or failed task",
         ),
-        (vec!["task", "cancel", "99"], "task 99 not found"),
+        // Said once: "error: task 99 not found", not "not found: task 99 not found".
+        (vec!["task", "cancel", "99"], "error: task 99 not found"),
+        (vec!["task", "retry", "99"], "error: task 99 not found"),
+        (
+            vec!["task", "requeue", "99", "--token", "1"],
+            "error: task 99 not found",
+        ),
+        (vec!["task", "requeue", "99"], "error: task 99 not found"),
         (
             vec!["task", "list", "--state", "sleeping"],
             "unknown task state \"sleeping\"",
