@@ -79,10 +79,7 @@ fn timeouts_back_off_into_dead_and_retry_brings_the_task_back_and_cancel_kills()
     let _w = TestWorker::start(&dir, "w1", &peers, &config, &["--concurrency", "2"]);
     let marks = dir.join("marks");
     let cmd = marker_command(&marks, "exec sleep 600");
-    let mut args = vec![
-        "submit",
-        "--peers",
-        &peers,
+    let opts = [
         "--timeout",
         "1s",
         "--max-attempts",
@@ -91,10 +88,8 @@ fn timeouts_back_off_into_dead_and_retry_brings_the_task_back_and_cancel_kills()
         "1s",
         "--backoff-multiplier",
         "2",
-        "--",
     ];
-    args.extend(cmd.iter().map(String::as_str));
-    let id = fleet_json(&args).unwrap()["id"].as_u64().unwrap();
+    let id = submit_task(&peers, &opts, &cmd);
     let task = wait_for_state(&peers, id, "dead", Duration::from_secs(60));
     let attempts = task["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 3, "{task}");
@@ -261,20 +256,15 @@ fn requeue_kills_the_attempt_it_names_and_runs_the_task_again_after_the_visibili
     let _w = TestWorker::start(&dir, "w1", &peers, &config, &["--concurrency", "2"]);
     let marks = dir.join("marks");
     let cmd = marker_command(&marks, "exec sleep 600");
-    let mut args = vec![
-        "submit",
-        "--peers",
-        &peers,
+    let opts = [
         "--visibility-timeout",
         "4s",
         "--max-attempts",
         "3",
         "--backoff-initial",
         "100ms",
-        "--",
     ];
-    args.extend(cmd.iter().map(String::as_str));
-    let id = fleet_json(&args).unwrap()["id"].as_u64().unwrap();
+    let id = submit_task(&peers, &opts, &cmd);
     let first = wait_until("attempt 1 to start", Duration::from_secs(20), || {
         read_marks(&marks)
             .first()
